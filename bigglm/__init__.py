@@ -1,0 +1,33 @@
+"""bigglm: the fMRI general linear model, out of core, on Zarr, xarray and Dask.
+
+The public surface, grouped: functions, classes, exceptions.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, StoreError
+
+try:
+    __version__ = version("bigglm")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+# --- functions -------------------------------------------------------------
+# (ingest) convert, open_run, to_nifti            -- bigglm.io
+# (design) design (sub-package)                   -- bigglm.design
+# (engine) fit                                    -- bigglm.glm
+# --- classes ----------------------------------------------------------------
+# (engine) GLMResult                              -- bigglm.glm
+
+__all__ = [
+    # functions
+    # classes
+    # exceptions
+    "BigGLMWarning",
+    "ConfigError",
+    "DesignError",
+    "StoreError",
+    "__version__",
+]
