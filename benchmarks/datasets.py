@@ -113,8 +113,11 @@ def _header(mask: nib.Nifti1Image, spec: Spec) -> nib.Nifti1Header:
     return header
 
 
-def write_run(spec: Spec, root: Path = DATA) -> Run:
-    """Generate the run described by ``spec`` under ``root`` unless it is already there."""
+def write_run(spec: Spec, root: Path = DATA, *, compressed: bool = True) -> Run:
+    """Generate the run described by ``spec`` under ``root`` unless it is already there.
+
+    ``compressed=False`` skips the ``.nii.gz`` copy (the scaling sweep needs only ``.nii``).
+    """
     folder = root / spec.name
     run = Run(
         nii=folder / "bold.nii",
@@ -134,7 +137,8 @@ def write_run(spec: Spec, root: Path = DATA) -> Run:
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), mask_img.affine), run.mask)
     events_table(spec).to_csv(run.events, sep="\t", index=False)
     _write_series(run, mask, mask_img, spec)
-    _gzip(run.nii, run.niigz)
+    if compressed:
+        _gzip(run.nii, run.niigz)
     (folder / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return run
 
@@ -166,8 +170,9 @@ def _write_series(run: Run, mask: np.ndarray, mask_img: nib.Nifti1Image, spec: S
                 )
                 flat[fortran_flat] = values
                 out.write(flat.tobytes())
-            logger.info("%s: %d/%d volumes", run.nii, min(start + BLOCK, spec.n_volumes),
-                        spec.n_volumes)
+            logger.info(
+                "%s: %d/%d volumes", run.nii, min(start + BLOCK, spec.n_volumes), spec.n_volumes
+            )
 
 
 def _gzip(source: Path, target: Path) -> None:

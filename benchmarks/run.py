@@ -1,0 +1,269 @@
+"""Run every benchmark side by side and report ratios.
+
+    python -m benchmarks.run                      # 1x comparisons + scaling 1x, 4x, 16x
+    python -m benchmarks.run --scales 1 4         # a quicker scaling sweep
+
+Generates the data under benchmarks/data/ if absent, runs each step in a fresh subprocess
+(wall time and peak resident memory of its whole process tree, workers included), prints a
+Markdown table, and writes benchmarks/results/results.json and results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from benchmarks.datasets import DATA, Spec, write_run
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("benchmarks")
+
+#: The side-by-side comparisons on the 1x run, in the order they run.
+COMPARISONS = (
+    "read_nii",
+    "read_niigz_raw",
+    "read_niigz_nibabel",
+    "convert_nii",
+    "convert_niigz",
+    "read_store",
+    "bigglm_ols",
+    "bigglm_ar1",
+    "nilearn_ols",
+    "nilearn_ar1",
+    "bigglm_e2e_ols",
+    "bigglm_e2e_ar1",
+)
+
+#: (label, numerator step, denominator step, target): ratios of wall times.
+RATIOS = (
+    ("convert .nii / nibabel read .nii", "convert_nii", "read_nii", "<= 1.5"),
+    ("convert .nii.gz / ISA-L decompression", "convert_niigz", "read_niigz_raw", "<= 1.5"),
+    ("nilearn OLS / bigglm OLS (from store)", "nilearn_ols", "bigglm_ols", ">= 10"),
+    ("nilearn AR(1) / bigglm AR(1) (from store)", "nilearn_ar1", "bigglm_ar1", ">= 20"),
+    ("nilearn OLS / bigglm OLS end to end (.nii.gz)", "nilearn_ols", "bigglm_e2e_ols", ">= 3"),
+    ("nilearn AR(1) / bigglm AR(1) end to end", "nilearn_ar1", "bigglm_e2e_ar1", "-"),
+    ("bigglm OLS / bare store read", "bigglm_ols", "read_store", "<= 2"),
+    ("bigglm AR(1) / bare store read", "bigglm_ar1", "read_store", "<= 2"),
+)
+
+
+@dataclass
+class Measurement:
+    step: str
+    scale: int
+    workers: int
+    seconds: float = 0.0
+    peak_rss_gib: float = 0.0
+    peak_process_gib: float = 0.0
+    output: dict[str, float] = field(default_factory=dict)
+
+
+def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
+    """Total RSS of a process and its descendants, and the largest single one."""
+    sizes = []
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            sizes.append(p.memory_info().rss)
+        except psutil.Error:
+            pass
+    return sum(sizes), max(sizes, default=0)
+
+
+def measure(
+    name: str, run_dir: Path, work: Path, scale: int, workers: int = 0, memory_limit: str = "auto"
+) -> Measurement:
+    """Run one step in a subprocess; sample its process tree's memory every 20 ms."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.steps",
+        name,
+        str(run_dir),
+        str(work),
+        "--workers",
+        str(workers),
+        "--memory-limit",
+        memory_limit,
+    ]
+    result = Measurement(name, scale, workers)
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=ROOT)
+    proc = psutil.Process(child.pid)
+    peaks = [0, 0]
+
+    def sample() -> None:
+        while child.poll() is None:
+            total, largest = _tree_rss(proc)
+            peaks[0], peaks[1] = max(peaks[0], total), max(peaks[1], largest)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = child.wait()
+    result.seconds = time.perf_counter() - start
+    sampler.join()
+    if code != 0:
+        raise SystemExit(f"benchmark step {name} failed with exit status {code}")
+    result.peak_rss_gib, result.peak_process_gib = peaks[0] / 2**30, peaks[1] / 2**30
+    result.output = json.loads((work / f"{name}.json").read_text())
+    logger.info(
+        "%-20s x%-3d w%d %8.1f s  peak %.2f GiB (largest process %.2f GiB)",
+        name,
+        scale,
+        workers,
+        result.seconds,
+        result.peak_rss_gib,
+        result.peak_process_gib,
+    )
+    return result
+
+
+def agreement(work: Path) -> dict[str, float]:
+    """How closely bigglm's z maps match nilearn's on the same data and design."""
+    out = {}
+    for noise in ("ols", "ar1"):
+        ours, theirs = (np.load(work / f"{tool}_{noise}.npy") for tool in ("bigglm", "nilearn"))
+        out[f"{noise}_z_correlation"] = float(np.corrcoef(ours, theirs)[0, 1])
+        out[f"{noise}_z_max_abs_diff"] = float(np.nanmax(np.abs(ours - theirs)))
+    return out
+
+
+def scaling(scales: list[int], workers: list[int], memory_limit: str) -> list[Measurement]:
+    """Fit from the store at growing sizes and worker counts, one worker memory limit."""
+    rows = []
+    for scale in scales:
+        spec = Spec(n_volumes=400 * scale)
+        run = write_run(spec, compressed=scale == 1)
+        work = RESULTS / "work" / spec.name
+        rows.append(measure("convert_nii", run.nii.parent, work, scale))
+        for n in workers:
+            rows.append(measure("bigglm_ols", run.nii.parent, work, scale, n, memory_limit))
+        if scale > 1:  # the 16x NIfTI files alone are ~28 GB each; keep only the store
+            shutil.rmtree(run.nii.parent)
+    return rows
+
+
+def ratio_table(by_step: dict[str, Measurement]) -> list[dict[str, str | float]]:
+    rows: list[dict[str, str | float]] = []
+    for label, top, bottom, target in RATIOS:
+        if top in by_step and bottom in by_step:
+            value = by_step[top].seconds / by_step[bottom].seconds
+            rows.append({"ratio": label, "value": round(value, 2), "target": target})
+    return rows
+
+
+def markdown(
+    measured: list[Measurement], ratios: list[dict[str, str | float]], agree: dict[str, float]
+) -> str:
+    lines = [
+        "| step | size | workers | seconds | peak RSS (GiB) | largest process (GiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in measured:
+        workers = m.workers or "default"
+        lines.append(
+            f"| {m.step} | {m.scale}x | {workers} | {m.seconds:.1f} | "
+            f"{m.peak_rss_gib:.2f} | {m.peak_process_gib:.2f} |"
+        )
+    lines += ["", "| ratio | measured | target |", "|---|---|---|"]
+    lines += [f"| {r['ratio']} | {r['value']} | {r['target']} |" for r in ratios]
+    if agree:
+        lines += ["", "| agreement with nilearn (z maps) | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.6g} |" for k, v in agree.items()]
+    return "\n".join(lines)
+
+
+def plot(measured: list[Measurement], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4.5))
+    ones = [m for m in measured if m.scale == 1 and m.workers == 0]
+    left.barh([m.step for m in ones], [m.seconds for m in ones], color="tab:blue")
+    left.set_xlabel("wall time (s), 1x run")
+    left.invert_yaxis()
+    for n in sorted({m.workers for m in measured if m.workers}):
+        fits = sorted(
+            (m for m in measured if m.step == "bigglm_ols" and m.workers == n),
+            key=lambda m: m.scale,
+        )
+        mid.plot([m.scale for m in fits], [m.seconds for m in fits], "o-", label=f"{n} worker(s)")
+        right.plot(
+            [m.scale for m in fits],
+            [m.peak_process_gib for m in fits],
+            "o-",
+            label=f"{n} worker(s)",
+        )
+    mid.set(
+        xlabel="data size (x 400 volumes)", ylabel="OLS fit time (s)", xscale="log", yscale="log"
+    )
+    right.set(
+        xlabel="data size (x 400 volumes)", ylabel="largest process peak RSS (GiB)", xscale="log"
+    )
+    for ax in (mid, right):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def machine() -> dict[str, str | int | float]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count() or 0,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scales", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
+    parser.add_argument(
+        "--memory-limit", default="512MiB", help="per-worker memory limit in the scaling sweep"
+    )
+    parser.add_argument(
+        "--steps", nargs="*", default=list(COMPARISONS), help="which 1x comparisons to run"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    run = write_run(Spec())
+    work = RESULTS / "work" / Spec().name
+    measured = [measure(name, run.nii.parent, work, 1) for name in args.steps]
+    by_step = {m.step: m for m in measured}
+    agree = agreement(work) if {"nilearn_ar1", "bigglm_ar1", "nilearn_ols"} <= set(by_step) else {}
+    measured += scaling(args.scales, args.workers, args.memory_limit)
+    ratios = ratio_table(by_step)
+    report = {
+        "machine": machine(),
+        "data": {"voxels": 235_375, "volumes": Spec().n_volumes, "tr": Spec().tr},
+        "measurements": [m.__dict__ for m in measured],
+        "ratios": ratios,
+        "agreement": agree,
+    }
+    (RESULTS / "results.json").write_text(json.dumps(report, indent=2))
+    plot(measured, RESULTS / "results.png")
+    print(markdown(measured, ratios, agree))
+    print(f"\nwrote {RESULTS / 'results.json'} and {RESULTS / 'results.png'} (data in {DATA})")
+
+
+if __name__ == "__main__":
+    main()

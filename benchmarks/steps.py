@@ -1,0 +1,211 @@
+"""The measured steps, one per subprocess so that each starts cold and has its own peak RSS.
+
+``python -m benchmarks.steps STEP RUN_DIR WORK_DIR [--workers N] [--memory-limit M]`` runs
+one step and writes ``WORK_DIR/STEP.json`` with what it computed (e.g. the z map's summary)
+for the driver to check; the driver times it from outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+CONTRAST = "faces - houses"
+Step = Callable[[argparse.Namespace], dict[str, float]]
+STEPS: dict[str, Step] = {}
+
+
+def step(func: Step) -> Step:
+    STEPS[func.__name__] = func
+    return func
+
+
+def _design(run_dir: Path) -> pd.DataFrame:
+    """The design both tools fit: bigglm's, written once beside the data."""
+    path = run_dir / "design.csv"
+    if not path.exists():
+        import bigglm
+
+        spec = json.loads((run_dir / "spec.json").read_text())
+        frame_times = bigglm.design.frame_times(spec["n_volumes"], spec["tr"])
+        events = pd.read_csv(run_dir / "events.tsv", sep="\t")
+        design = bigglm.design.make_design(frame_times, events, hrf="glover", drift="cosine")
+        design.to_csv(path)
+    return pd.read_csv(path, index_col=0)
+
+
+def _summary(z: np.ndarray, out: Path) -> dict[str, float]:
+    np.save(out, np.asarray(z, dtype=np.float64))
+    return {"z_max": float(np.nanmax(z)), "z_min": float(np.nanmin(z))}
+
+
+# --- floors ------------------------------------------------------------------
+
+
+@step
+def read_nii(args: argparse.Namespace) -> dict[str, float]:
+    """nibabel reads the whole uncompressed series into memory."""
+    data = np.asarray(nib.load(args.run_dir / "bold.nii").dataobj)
+    return {"gib": data.nbytes / 2**30}
+
+
+@step
+def read_niigz_raw(args: argparse.Namespace) -> dict[str, float]:
+    """Plain ISA-L decompression of the .nii.gz, discarding the bytes."""
+    from isal import igzip
+
+    total = 0
+    buffer = bytearray(16 << 20)
+    with igzip.open(args.run_dir / "bold.nii.gz", "rb") as src:
+        while n := src.readinto(buffer):
+            total += n
+    return {"gib": total / 2**30}
+
+
+@step
+def read_niigz_nibabel(args: argparse.Namespace) -> dict[str, float]:
+    """nibabel reads the whole compressed series into memory (what nilearn does)."""
+    data = np.asarray(nib.load(args.run_dir / "bold.nii.gz").dataobj)
+    return {"gib": data.nbytes / 2**30}
+
+
+@step
+def read_store(args: argparse.Namespace) -> dict[str, float]:
+    """Every chunk of the store read and reduced, with dask's threads: the fit's I/O floor."""
+    import bigglm
+
+    bold = bigglm.open_run(_store(args)).bold
+    total = float(bold.data.sum(dtype=np.float64).compute(scheduler="threads"))
+    return {"sum": total}
+
+
+# --- bigglm ------------------------------------------------------------------
+
+
+def _store(args: argparse.Namespace) -> Path:
+    return args.work_dir / f"{args.run_dir.name}.zarr"
+
+
+def _convert(args: argparse.Namespace, source: str) -> Path:
+    import bigglm
+
+    store = _store(args)
+    if store.exists():
+        shutil.rmtree(store)
+    return bigglm.convert(args.run_dir / source, store, mask=args.run_dir / "mask.nii.gz")
+
+
+@step
+def convert_nii(args: argparse.Namespace) -> dict[str, float]:
+    _convert(args, "bold.nii")
+    return {}
+
+
+@step
+def convert_niigz(args: argparse.Namespace) -> dict[str, float]:
+    _convert(args, "bold.nii.gz")
+    return {}
+
+
+def _fit(args: argparse.Namespace, noise: str, store: Path) -> dict[str, float]:
+    import bigglm
+
+    design = _design(args.run_dir)
+    if args.workers:
+        from distributed import Client, LocalCluster
+
+        with (
+            LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                memory_limit=args.memory_limit,
+                processes=True,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            result = bigglm.fit(store, design, noise=noise, client=client)
+            z = result.contrast(CONTRAST)["z"].values
+    else:
+        result = bigglm.fit(store, design, noise=noise)
+        z = result.contrast(CONTRAST)["z"].values
+    return _summary(z, args.work_dir / f"{args.step}.npy")
+
+
+@step
+def bigglm_ols(args: argparse.Namespace) -> dict[str, float]:
+    """Fit + one t contrast from an existing store, OLS."""
+    return _fit(args, "ols", _store(args))
+
+
+@step
+def bigglm_ar1(args: argparse.Namespace) -> dict[str, float]:
+    """Fit + one t contrast from an existing store, AR(1)."""
+    return _fit(args, "ar1", _store(args))
+
+
+@step
+def bigglm_e2e_ols(args: argparse.Namespace) -> dict[str, float]:
+    """Convert the .nii.gz, fit, contrast: what a user with fMRIPrep output waits for."""
+    return _fit(args, "ols", _convert(args, "bold.nii.gz"))
+
+
+@step
+def bigglm_e2e_ar1(args: argparse.Namespace) -> dict[str, float]:
+    return _fit(args, "ar1", _convert(args, "bold.nii.gz"))
+
+
+# --- nilearn -----------------------------------------------------------------
+
+
+def _nilearn(args: argparse.Namespace, noise: str) -> dict[str, float]:
+    from nilearn.glm.first_level import FirstLevelModel
+
+    spec = json.loads((args.run_dir / "spec.json").read_text())
+    model = FirstLevelModel(
+        t_r=spec["tr"],
+        mask_img=str(args.run_dir / "mask.nii.gz"),
+        noise_model=noise,
+        signal_scaling=False,
+        minimize_memory=True,
+        n_jobs=2,
+    )
+    model.fit(str(args.run_dir / "bold.nii.gz"), design_matrices=[_design(args.run_dir)])
+    z_img = model.compute_contrast(CONTRAST, output_type="z_score")
+    mask = np.asarray(nib.load(args.run_dir / "mask.nii.gz").dataobj).astype(bool)
+    return _summary(np.asarray(z_img.dataobj)[mask], args.work_dir / f"{args.step}.npy")
+
+
+@step
+def nilearn_ols(args: argparse.Namespace) -> dict[str, float]:
+    """nilearn FirstLevelModel from the .nii.gz, OLS, fit + one contrast."""
+    return _nilearn(args, "ols")
+
+
+@step
+def nilearn_ar1(args: argparse.Namespace) -> dict[str, float]:
+    """nilearn FirstLevelModel from the .nii.gz, AR(1), fit + one contrast."""
+    return _nilearn(args, "ar1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("step", choices=sorted(STEPS))
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("work_dir", type=Path)
+    parser.add_argument("--workers", type=int, default=0, help="0: bigglm's default")
+    parser.add_argument("--memory-limit", default="auto")
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    output = STEPS[args.step](args)
+    (args.work_dir / f"{args.step}.json").write_text(json.dumps(output))
+
+
+if __name__ == "__main__":
+    main()
