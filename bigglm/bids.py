@@ -1,0 +1,305 @@
+"""Find the runs of a BIDS derivatives dataset (fMRIPrep layout) and the files that go with them.
+
+For every ``sub-*/[ses-*/]func/*_desc-preproc_bold.nii[.gz]`` under the derivatives
+folder, :func:`find_runs` finds by entity:
+
+- the brain mask ``*_desc-brain_mask.nii[.gz]`` (same entities, same space);
+- the confounds ``*_desc-confounds_timeseries.tsv`` (or fMRIPrep < 20.2's
+  ``*_desc-confounds_regressors.tsv``), which carry no ``space``;
+- the events ``*_events.tsv`` next to the raw bold (``raw`` folder, the dataset root), else
+  in the derivatives, else inherited from the root (``task-<label>_events.tsv``);
+- the repetition time and slice-timing reference time (``RepetitionTime``, ``StartTime``)
+  from the JSON sidecar of the preprocessed bold, else of the raw bold, else inherited.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bigglm.exceptions import ConfigError
+
+__all__ = ["Run", "find_runs", "parse_entities"]
+
+logger = logging.getLogger(__name__)
+
+#: The order BIDS gives entities in a file name.
+_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space", "res", "desc")
+_PREPROC = "desc-preproc_bold"
+_CONFOUNDS = ("desc-confounds_timeseries.tsv", "desc-confounds_regressors.tsv")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One functional run and the files that go with it.
+
+    Attributes
+    ----------
+    bold : Path
+        The (preprocessed) 4D series.
+    subject, task, session, run : str or None
+        BIDS labels (without the ``sub-`` etc. prefixes).
+    events, confounds, mask : Path or None
+        The matching files, when found or given.
+    tr : float or None
+        Repetition time in seconds (sidecar or config); ``None``: read the NIfTI header.
+    start_time : float or None
+        ``StartTime`` from the sidecar: the acquisition time of the reference slice.
+    """
+
+    bold: Path
+    subject: str = "01"
+    task: str | None = None
+    session: str | None = None
+    run: str | None = None
+    events: Path | None = None
+    confounds: Path | None = None
+    mask: Path | None = None
+    tr: float | None = None
+    start_time: float | None = None
+    entities: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def unit(self) -> str:
+        """The group of runs fitted together: ``sub-<label>[_task-<label>]``."""
+        return f"sub-{self.subject}" + (f"_task-{self.task}" if self.task else "")
+
+    @property
+    def name(self) -> str:
+        """A file-name stem unique to this run (BIDS entities, or the bold file's stem)."""
+        keys = [
+            k for k in ("sub", "ses", "task", "acq", "dir", "run", "echo") if k in self.entities
+        ]
+        if keys:
+            return "_".join(f"{k}-{self.entities[k]}" for k in keys)
+        return _stem(self.bold)
+
+
+def parse_entities(path: str | Path) -> dict[str, str]:
+    """The ``key-value`` entities of a BIDS file name, plus its ``suffix``.
+
+    Parameters
+    ----------
+    path : str or Path
+        A BIDS file name or path.
+
+    Returns
+    -------
+    dict
+        Entities in file-name order; the last bare part is stored under ``"suffix"``.
+
+    Examples
+    --------
+    >>> parse_entities("sub-01_ses-2_task-faces_run-1_desc-preproc_bold.nii.gz")
+    {'sub': '01', 'ses': '2', 'task': 'faces', 'run': '1', 'desc': 'preproc', 'suffix': 'bold'}
+    """
+    entities: dict[str, str] = {}
+    for part in _stem(Path(path)).split("_"):
+        key, sep, value = part.partition("-")
+        if sep:
+            entities[key] = value
+        else:
+            entities["suffix"] = part
+    return entities
+
+
+def find_runs(
+    derivatives: str | Path,
+    *,
+    raw: str | Path | None = None,
+    subjects: Sequence[str] | None = None,
+    sessions: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    runs: Sequence[str] | None = None,
+    space: str | None = None,
+) -> list[Run]:
+    """Discover the preprocessed runs of an fMRIPrep derivatives folder.
+
+    Parameters
+    ----------
+    derivatives : str or Path
+        The fMRIPrep output folder (holding ``sub-*`` folders).
+    raw : str or Path, optional
+        The raw BIDS dataset root, where ``*_events.tsv`` and raw sidecars live.
+    subjects, sessions, tasks : sequence of str, optional
+        Labels to keep (without prefixes); ``None`` keeps all.
+    runs : sequence of str, optional
+        Run indices to keep, compared as integers (``"1"`` matches ``run-01``).
+    space : str, optional
+        Output space to keep (e.g. ``"MNI152NLin2009cAsym"``); needed when several exist.
+
+    Returns
+    -------
+    list of Run
+        Sorted by subject, session, task, run.
+
+    Raises
+    ------
+    ConfigError
+        If the folder is missing, nothing matches the filters, a run has no TR, or
+        several spaces are present and ``space`` is not set.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> func = root / "sub-01" / "func"; func.mkdir(parents=True)
+    >>> _ = (func / "sub-01_task-a_desc-preproc_bold.nii.gz").write_bytes(b"")
+    >>> _ = (func / "sub-01_task-a_desc-preproc_bold.json").write_text('{"RepetitionTime": 2}')
+    >>> [(r.subject, r.task, r.tr) for r in find_runs(root)]
+    [('01', 'a', 2.0)]
+    """
+    root = Path(derivatives)
+    if not root.is_dir():
+        raise ConfigError(
+            f"inputs.bids.derivatives: {root} is not a folder; give fMRIPrep's output folder"
+        )
+    raw_root = Path(raw) if raw is not None else None
+    if raw_root is not None and not raw_root.is_dir():
+        raise ConfigError(f"inputs.bids.raw: {raw_root} is not a folder; give the raw BIDS root")
+    candidates = sorted(root.glob(f"sub-*/func/*_{_PREPROC}.nii*"))
+    candidates += sorted(root.glob(f"sub-*/ses-*/func/*_{_PREPROC}.nii*"))
+    wanted = _filters(subjects, sessions, tasks, runs)
+    found = [p for p in candidates if _keep(parse_entities(p), wanted)]
+    found = _one_space(found, space, root)
+    if not found:
+        raise ConfigError(
+            f"inputs.bids: no *_{_PREPROC}.nii.gz under {root} matches the filters {wanted}; "
+            "check the folder and the subjects/sessions/tasks/runs/space filters"
+        )
+    return sorted((_describe(p, root, raw_root) for p in found), key=_sort_key)
+
+
+def _filters(
+    subjects: Sequence[str] | None,
+    sessions: Sequence[str] | None,
+    tasks: Sequence[str] | None,
+    runs: Sequence[str] | None,
+) -> dict[str, list[str]]:
+    given = {"sub": subjects, "ses": sessions, "task": tasks, "run": runs}
+    return {key: [str(v) for v in values] for key, values in given.items() if values is not None}
+
+
+def _keep(entities: dict[str, str], wanted: dict[str, list[str]]) -> bool:
+    for key, values in wanted.items():
+        value = entities.get(key)
+        if value is None:
+            return False
+        if key == "run":
+            if not value.isdigit() or int(value) not in {int(v) for v in values}:
+                return False
+        elif value not in values:
+            return False
+    return True
+
+
+def _one_space(paths: list[Path], space: str | None, root: Path) -> list[Path]:
+    if space is not None:
+        return [p for p in paths if parse_entities(p).get("space") == space]
+    spaces = sorted({parse_entities(p).get("space", "") for p in paths})
+    if len(spaces) > 1:
+        shown = ", ".join(s or "(none)" for s in spaces)
+        raise ConfigError(
+            f"inputs.bids.space: {root} has runs in several spaces ({shown}); "
+            "set 'space' to one of them"
+        )
+    return paths
+
+
+def _describe(bold: Path, root: Path, raw: Path | None) -> Run:
+    entities = parse_entities(bold)
+    sidecar = _sidecar(bold, entities, root, raw)
+    tr = sidecar.get("RepetitionTime")
+    start = sidecar.get("StartTime")
+    return Run(
+        bold=bold,
+        subject=entities["sub"],
+        task=entities.get("task"),
+        session=entities.get("ses"),
+        run=entities.get("run"),
+        events=_events(bold, entities, root, raw),
+        confounds=_first_existing(
+            bold.parent / f"{_prefix(entities, drop=_NO_SPACE)}_{name}" for name in _CONFOUNDS
+        ),
+        mask=_first_existing(
+            bold.parent / f"{_prefix(entities)}_desc-brain_mask{ext}" for ext in (".nii.gz", ".nii")
+        ),
+        tr=float(tr) if tr is not None else None,
+        start_time=float(start) if start is not None else None,
+        entities={k: v for k, v in entities.items() if k != "suffix"},
+    )
+
+
+_NO_SPACE = ("space", "res", "desc", "cohort")
+_NO_DERIVED = ("space", "res", "desc", "cohort", "rec")
+
+
+def _prefix(entities: dict[str, str], drop: Iterable[str] = ("desc",)) -> str:
+    """The ``key-value`` part of a file name, without the dropped entities."""
+    skip = set(drop) | {"suffix"}
+    keys = [k for k in _ORDER if k in entities and k not in skip]
+    keys += [k for k in entities if k not in _ORDER and k not in skip]
+    return "_".join(f"{k}-{entities[k]}" for k in keys)
+
+
+def _raw_func(bold: Path, root: Path, raw: Path | None) -> list[Path]:
+    """Folders where raw-side files for this run may be: the raw func folder, then ours."""
+    relative = bold.parent.relative_to(root)
+    folders = [raw / relative] if raw is not None else []
+    return [*folders, bold.parent]
+
+
+def _events(bold: Path, entities: dict[str, str], root: Path, raw: Path | None) -> Path | None:
+    name = f"{_prefix(entities, drop=_NO_DERIVED)}_events.tsv"
+    inherited = f"task-{entities['task']}_events.tsv" if "task" in entities else None
+    places = [folder / name for folder in _raw_func(bold, root, raw)]
+    if inherited:
+        places += [top / inherited for top in ([raw] if raw is not None else []) + [root]]
+    return _first_existing(places)
+
+
+def _sidecar(bold: Path, entities: dict[str, str], root: Path, raw: Path | None) -> dict[str, Any]:
+    """Merged JSON metadata: inherited root file < raw bold sidecar < preprocessed sidecar."""
+    raw_name = f"{_prefix(entities, drop=_NO_DERIVED)}_bold.json"
+    layers: list[Path] = []
+    if "task" in entities:
+        layers += [top / f"task-{entities['task']}_bold.json" for top in (raw, root) if top]
+    layers += [folder / raw_name for folder in _raw_func(bold, root, raw)]
+    layers.append(bold.parent / f"{_stem(bold)}.json")
+    merged: dict[str, Any] = {}
+    for path in layers:
+        if path.is_file():
+            merged.update(_read_json(path))
+    return merged
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{path}: cannot read the JSON sidecar ({err}); fix or remove it"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a JSON sidecar must hold an object, not {type(data).__name__}")
+    return data
+
+
+def _first_existing(paths: Iterable[Path]) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".tsv", ".json", ".gz"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _sort_key(run: Run) -> tuple[str, ...]:
+    return (run.subject, run.session or "", run.task or "", run.run or "", str(run.bold))

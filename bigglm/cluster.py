@@ -1,0 +1,254 @@
+"""Dask clusters from a profile: local, an existing scheduler, or SLURM/PBS/SGE jobs.
+
+:func:`client_from_profile` is a context manager that starts (or connects to) the cluster
+a :class:`~bigglm.config.ClusterConfig` describes and closes what it started on exit:
+
+- ``local``: a :class:`distributed.LocalCluster` sized to the machine (the default);
+- ``address``: an already running scheduler;
+- ``slurm``, ``pbs``, ``sge``: worker processes that are batch jobs, through
+  dask-jobqueue. Workers get ``--lifetime`` below the walltime (with a stagger, so they do
+  not all leave at once) and restart, so a long fit outlives any single job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bigglm.config import ClusterConfig, walltime_seconds
+from bigglm.exceptions import ConfigError
+
+__all__ = ["client_from_profile", "jobqueue_options", "lifetime_options", "local_options"]
+
+logger = logging.getLogger(__name__)
+
+#: How long to wait for the first worker of a batch cluster before giving up.
+WORKER_TIMEOUT = 600.0
+
+
+def lifetime_options(walltime: str) -> list[str]:
+    """Worker arguments that retire a batch worker before its job's walltime.
+
+    The margin is a tenth of the walltime (at least one minute, at most 15 minutes);
+    workers retire after ``walltime - margin``, staggered by half the margin so they do not
+    all leave together, and restart in a new job.
+
+    Parameters
+    ----------
+    walltime : str
+        The job walltime, ``[D-]HH:MM[:SS]``.
+
+    Returns
+    -------
+    list of str
+        ``["--lifetime", "...s", "--lifetime-stagger", "...s", "--lifetime-restart"]``.
+
+    Examples
+    --------
+    >>> lifetime_options("01:00:00")
+    ['--lifetime', '3240s', '--lifetime-stagger', '180s', '--lifetime-restart']
+    """
+    total = walltime_seconds(walltime)
+    margin = min(max(total // 10, 60), 900)
+    if margin * 2 >= total:
+        raise ConfigError(
+            f"cluster.walltime {walltime!r} is too short for a worker to do useful work; "
+            "give at least '00:05:00'"
+        )
+    stagger = margin // 2
+    return [
+        "--lifetime",
+        f"{total - margin}s",
+        "--lifetime-stagger",
+        f"{stagger}s",
+        "--lifetime-restart",
+    ]
+
+
+def local_options(profile: ClusterConfig) -> dict[str, Any]:
+    """Keyword arguments for :class:`distributed.LocalCluster` from a ``local`` profile.
+
+    Without explicit sizes, one single-threaded worker process per available core (the
+    fit is numpy-heavy and releases the GIL, but processes keep memory accounting simple).
+
+    Parameters
+    ----------
+    profile : ClusterConfig
+        A profile with ``profile: local``.
+
+    Returns
+    -------
+    dict
+        ``n_workers``, ``threads_per_worker``, ``memory_limit``, ``processes``, and
+        ``dashboard_address`` (``None``: no dashboard server).
+
+    Examples
+    --------
+    >>> from bigglm.config import ClusterConfig
+    >>> local_options(ClusterConfig(n_workers=2, threads_per_worker=1))["n_workers"]
+    2
+    """
+    cores = _available_cores()
+    threads = profile.threads_per_worker or 1
+    workers = profile.n_workers or max(1, cores // threads)
+    return {
+        "n_workers": workers,
+        "threads_per_worker": threads,
+        "memory_limit": profile.memory_limit or "auto",
+        "processes": True,
+        "dashboard_address": None,
+    }
+
+
+def jobqueue_options(profile: ClusterConfig) -> dict[str, Any]:
+    """Keyword arguments for a dask-jobqueue cluster class from a batch profile.
+
+    Parameters
+    ----------
+    profile : ClusterConfig
+        A profile with ``profile`` ``slurm``, ``pbs`` or ``sge``.
+
+    Returns
+    -------
+    dict
+        cores, processes, memory, walltime, queue, account, job_extra_directives,
+        worker_extra_args (with ``--lifetime``), python and the optional folders.
+
+    Examples
+    --------
+    >>> from bigglm.config import ClusterConfig
+    >>> opts = jobqueue_options(ClusterConfig(profile="slurm", walltime="02:00:00"))
+    >>> opts["walltime"], opts["worker_extra_args"][:2]
+    ('02:00:00', ['--lifetime', '6480s'])
+    """
+    options: dict[str, Any] = {
+        "cores": profile.cores,
+        "processes": profile.processes,
+        "memory": profile.memory,
+        "walltime": profile.walltime,
+        "job_extra_directives": list(profile.job_extra_directives),
+        "worker_extra_args": lifetime_options(profile.walltime),
+        "python": profile.python or sys.executable,
+        # No fixed dashboard port: several clusters may share a login node.
+        "scheduler_options": {"dashboard_address": ":0"},
+    }
+    if profile.profile == "sge":
+        # SGE has no walltime keyword of its own in dask-jobqueue's template; it is h_rt.
+        options["resource_spec"] = f"h_rt={profile.walltime}"
+    optional = {
+        "queue": profile.queue,
+        "account": profile.account if profile.profile != "sge" else None,
+        "project": profile.account if profile.profile == "sge" else None,
+        "local_directory": profile.local_directory,
+        "log_directory": profile.log_directory,
+        "interface": profile.interface,
+    }
+    options.update({key: value for key, value in optional.items() if value is not None})
+    return options
+
+
+@contextmanager
+def client_from_profile(profile: ClusterConfig | None = None) -> Iterator[Any]:
+    """Start or join the Dask cluster a profile describes; yield a connected client.
+
+    Parameters
+    ----------
+    profile : ClusterConfig, optional
+        The ``cluster`` section of a configuration; ``None`` means ``local``.
+
+    Yields
+    ------
+    distributed.Client
+        A client with at least one worker. The cluster is closed on exit if this
+        function started it; an ``address`` scheduler is left running.
+
+    Raises
+    ------
+    ConfigError
+        If the scheduler cannot be reached or no batch worker starts in time.
+
+    Examples
+    --------
+    >>> from bigglm.config import ClusterConfig
+    >>> with client_from_profile(ClusterConfig(n_workers=1)) as client:  # doctest: +SKIP
+    ...     client.submit(sum, [1, 2]).result()
+    3
+    """
+    from distributed import Client
+
+    profile = profile or ClusterConfig()
+    if profile.profile == "address":
+        with _connect(profile.address or "") as client:
+            yield client
+        return
+    with _start_cluster(profile) as cluster, Client(cluster) as client:
+        if profile.profile != "local":
+            _wait_for_batch_workers(client, profile)
+        logger.info("dask cluster (%s): %s", profile.profile, _describe(client))
+        yield client
+
+
+@contextmanager
+def _connect(address: str) -> Iterator[Any]:
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout="30s")
+    except (OSError, TimeoutError) as err:
+        raise ConfigError(
+            f"cluster.address: cannot reach a Dask scheduler at {address!r} ({err}); "
+            "start one (dask scheduler) or fix the address"
+        ) from None
+    with client:
+        logger.info("dask cluster (address): %s", _describe(client))
+        yield client
+
+
+@contextmanager
+def _start_cluster(profile: ClusterConfig) -> Iterator[Any]:
+    if profile.profile == "local":
+        from distributed import LocalCluster
+
+        with LocalCluster(**local_options(profile)) as cluster:
+            yield cluster
+        return
+    cls = _jobqueue_class(profile.profile)
+    with cls(**jobqueue_options(profile)) as cluster:
+        logger.debug("batch job script:\n%s", cluster.job_script())
+        cluster.scale(jobs=profile.jobs)
+        yield cluster
+
+
+def _jobqueue_class(kind: str) -> Any:
+    import dask_jobqueue as jobqueue
+
+    return {"slurm": jobqueue.SLURMCluster, "pbs": jobqueue.PBSCluster, "sge": jobqueue.SGECluster}[
+        kind
+    ]
+
+
+def _wait_for_batch_workers(client: Any, profile: ClusterConfig) -> None:
+    try:
+        client.wait_for_workers(1, timeout=WORKER_TIMEOUT)
+    except TimeoutError:
+        raise ConfigError(
+            f"no {profile.profile} worker job started within {WORKER_TIMEOUT:.0f} s; check the "
+            f"queue (squeue/qstat), and cluster.queue, cluster.account and cluster.memory"
+        ) from None
+
+
+def _describe(client: Any) -> str:
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    threads = sum(w.get("nthreads", 0) for w in workers.values())
+    return f"{len(workers)} workers, {threads} threads, dashboard {client.dashboard_link}"
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
