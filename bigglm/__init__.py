@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from bigglm import design
 from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, StoreError
 
 try:
@@ -23,6 +24,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     # functions
+    "design",
     # classes
     # exceptions
     "BigGLMWarning",

@@ -1,0 +1,331 @@
+"""Design diagnostics: efficiency of contrasts, collinearity, rank and estimability.
+
+:func:`check_estimable` is what the GLM engine calls before computing a contrast:
+under a rank-deficient design only contrasts in the row space of X have a unique value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike, NDArray
+
+from bigglm.exceptions import DesignError
+
+__all__ = [
+    "check_estimable",
+    "condition_number",
+    "contrast_scale",
+    "correlation_matrix",
+    "dependent_columns",
+    "matrix_rank",
+    "variance_inflation_factors",
+]
+
+DesignLike = pd.DataFrame | ArrayLike
+
+
+def _as_matrix(X: DesignLike) -> tuple[NDArray[np.float64], list[str]]:
+    """The design as a 2-D float array and its column names (``x0 ..`` for arrays)."""
+    if isinstance(X, pd.DataFrame):
+        return X.to_numpy(dtype=np.float64), [str(c) for c in X.columns]
+    values = np.asarray(X, dtype=np.float64)
+    if values.ndim != 2:
+        raise DesignError(f"a design must be 2-D (time x regressor), got shape {values.shape}")
+    return values, [f"x{j}" for j in range(values.shape[1])]
+
+
+def _contrast_rows(
+    contrast: ArrayLike | Mapping[str, float], names: Sequence[str]
+) -> NDArray[np.float64]:
+    """A contrast as a (q, p) matrix; a mapping gives weights by column name."""
+    if isinstance(contrast, Mapping):
+        unknown = [k for k in contrast if k not in names]
+        if unknown:
+            raise DesignError(
+                f"contrast names unknown column {unknown[0]!r}; columns: {list(names)}"
+            )
+        rows = np.array([[float(contrast.get(n, 0.0)) for n in names]])
+    else:
+        rows = np.atleast_2d(np.asarray(contrast, dtype=np.float64))
+        if rows.ndim == 2 and rows.shape[0] == len(names) and rows.shape[1] == 1:
+            rows = rows.T  # a column vector, as the tutorial writes it
+    if rows.ndim != 2 or rows.shape[1] != len(names):
+        raise DesignError(
+            f"contrast has {rows.shape[-1]} weights but the design has {len(names)} "
+            f"columns ({list(names)})"
+        )
+    return rows
+
+
+def contrast_scale(X: DesignLike, contrast: ArrayLike | Mapping[str, float]) -> float:
+    """The design factor ``sqrt(c' (X'X)^+ c)`` of a t contrast.
+
+    The standard error of ``c'b`` is ``sigma * contrast_scale(X, c)``: the larger it
+    is, the less efficient the design is for that contrast.
+
+    Parameters
+    ----------
+    X : pandas.DataFrame or array_like
+        Design, shape ``(n, p)``.
+    contrast : array_like or mapping
+        ``p`` weights (a row or column vector), or ``{column: weight}``.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    DesignError
+        If the contrast does not have one weight per column or has several rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> contrast_scale(np.ones((4, 1)), [1.0])
+    0.5
+    """
+    matrix, names = _as_matrix(X)
+    rows = _contrast_rows(contrast, names)
+    if rows.shape[0] != 1:
+        raise DesignError(f"contrast_scale takes one contrast row, got {rows.shape[0]}")
+    c = rows[0]
+    return float(np.sqrt(c @ np.linalg.pinv(matrix.T @ matrix) @ c))
+
+
+def correlation_matrix(X: pd.DataFrame) -> pd.DataFrame:
+    """Pearson correlations between regressors (NaN for constant columns).
+
+    Parameters
+    ----------
+    X : pandas.DataFrame
+        Design.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Shape ``(p, p)``, labelled by column.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> correlation_matrix(pd.DataFrame({"a": [1.0, 2, 3], "b": [3.0, 2, 1]}))
+         a    b
+    a  1.0 -1.0
+    b -1.0  1.0
+    """
+    return X.astype(np.float64).corr()
+
+
+def _has_constant(columns: NDArray[np.float64]) -> bool:
+    """Whether a constant vector lies in the span of the columns."""
+    if columns.shape[1] == 0:
+        return False
+    ones = np.ones(columns.shape[0])
+    fit = columns @ np.linalg.lstsq(columns, ones, rcond=None)[0]
+    return bool(np.allclose(fit, ones, atol=1e-8))
+
+
+def variance_inflation_factors(X: pd.DataFrame) -> pd.Series:
+    """Variance inflation factor ``1 / (1 - R_j^2)`` of each column.
+
+    ``R_j^2`` is from regressing column ``j`` on all the others; it is centred when the
+    others span a constant, uncentred otherwise (statsmodels'
+    ``variance_inflation_factor(..., standardize=False)``). The value of the constant
+    column itself is the uncentred one and is rarely of interest. Values above ~10
+    flag strong collinearity;
+    ``inf`` means the column is a combination of the others.
+
+    Parameters
+    ----------
+    X : pandas.DataFrame
+        Design.
+
+    Returns
+    -------
+    pandas.Series
+        One value per column.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> X = pd.DataFrame({"a": [1.0, 2, 3, 4], "b": [1.0, 3, 2, 4], "constant": 1.0})
+    >>> variance_inflation_factors(X).round(3).tolist()
+    [2.778, 2.778, 6.556]
+    """
+    matrix, names = _as_matrix(X)
+    out = []
+    for j in range(matrix.shape[1]):
+        y = matrix[:, j]
+        others = np.delete(matrix, j, axis=1)
+        residual = y - others @ np.linalg.lstsq(others, y, rcond=None)[0]
+        centre = y.mean() if _has_constant(others) else 0.0
+        total = float(np.sum((y - centre) ** 2))
+        ratio = float(residual @ residual) / total if total > 0 else 0.0
+        out.append(np.inf if ratio <= 1e-15 else 1.0 / ratio)
+    return pd.Series(out, index=names, name="vif")
+
+
+def matrix_rank(X: DesignLike) -> int:
+    """Numerical rank of the design (singular values above numpy's default tolerance).
+
+    Parameters
+    ----------
+    X : pandas.DataFrame or array_like
+        Design.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> matrix_rank([[1.0, 2.0], [2.0, 4.0]])
+    1
+    """
+    return int(np.linalg.matrix_rank(_as_matrix(X)[0]))
+
+
+def condition_number(X: DesignLike) -> float:
+    """Ratio of the largest to the smallest singular value of the design (inf if singular).
+
+    Parameters
+    ----------
+    X : pandas.DataFrame or array_like
+        Design.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> condition_number([[2.0, 0.0], [0.0, 1.0]])
+    2.0
+    """
+    s = np.linalg.svd(_as_matrix(X)[0], compute_uv=False)
+    return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+
+
+def _null_space(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Unit vectors spanning the null space of X, columns scaled first (p x k)."""
+    norms = np.linalg.norm(matrix, axis=0)
+    scale = np.where(norms > 0, norms, 1.0)
+    _, s, vt = np.linalg.svd(matrix / scale, full_matrices=True)
+    s_full = np.zeros(vt.shape[0])
+    s_full[: s.size] = s
+    tol = max(matrix.shape) * np.finfo(np.float64).eps * max(s.max(initial=0.0), 1.0)
+    null = vt[s_full <= tol].T / scale[:, None]
+    null[norms == 0] = np.where(null[norms == 0] != 0, null[norms == 0], 0.0)
+    return null / np.linalg.norm(null, axis=0, keepdims=True) if null.size else null
+
+
+def _involved(null: NDArray[np.float64], names: Sequence[str]) -> list[list[str]]:
+    """Groups of columns sharing a null direction (overlapping groups merged)."""
+    groups: list[set[int]] = []
+    for k in range(null.shape[1]):
+        members = set(np.flatnonzero(np.abs(null[:, k]) > 1e-8).tolist())
+        for group in [g for g in groups if g & members]:
+            members |= group
+            groups.remove(group)
+        groups.append(members)
+    return [[names[j] for j in sorted(g)] for g in groups]
+
+
+def dependent_columns(X: DesignLike) -> list[list[str]]:
+    """Groups of columns that are linearly dependent (empty if X has full column rank).
+
+    Columns are scaled to unit norm first, so the test does not depend on units. An
+    all-zero column forms a group on its own.
+
+    Parameters
+    ----------
+    X : pandas.DataFrame or array_like
+        Design.
+
+    Returns
+    -------
+    list of list of str
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> X = pd.DataFrame({"a": [1.0, 0, 1], "b": [0.0, 1, 0], "c": [1.0, 2, 0],
+    ...                   "constant": 1.0})
+    >>> dependent_columns(X)
+    [['a', 'b', 'constant']]
+    """
+    matrix, names = _as_matrix(X)
+    return _involved(_null_space(matrix), names)
+
+
+def check_estimable(
+    X: DesignLike,
+    C: ArrayLike | Mapping[str, float],
+    names: Sequence[str] | None = None,
+) -> None:
+    """Raise if a contrast is not estimable under the design.
+
+    ``C b`` has a unique value for every least-squares solution ``b`` exactly when each
+    row of ``C`` is orthogonal to the null space of ``X``. The GLM engine calls this
+    before computing a contrast.
+
+    Parameters
+    ----------
+    X : pandas.DataFrame or array_like
+        Design, ``(n, p)``.
+    C : array_like or mapping
+        A contrast vector ``(p,)``, a matrix ``(q, p)``, or ``{column: weight}``.
+    names : sequence of str, optional
+        Column names for the message (default: the DataFrame's columns, or ``x0 ..``).
+
+    Raises
+    ------
+    DesignError
+        Naming the contrast row and the dependent columns it does not treat as the
+        design allows.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> X = pd.DataFrame({"a": [1.0, 0, 1, 0], "b": [0.0, 1, 0, 1], "constant": 1.0})
+    >>> check_estimable(X, [1, -1, 0])  # a - b: estimable
+    >>> check_estimable(X, [1, 0, 0])
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.DesignError: contrast row 0 is not estimable: ...
+    """
+    matrix, default_names = _as_matrix(X)
+    labels = list(default_names if names is None else names)
+    if len(labels) != matrix.shape[1]:
+        raise DesignError(f"got {len(labels)} names for a design of {matrix.shape[1]} columns")
+    rows = _contrast_rows(C, labels)
+    null = _null_space(matrix)
+    if null.size == 0:
+        return
+    for i, row in enumerate(rows):
+        overlap = row @ null
+        bad = np.abs(overlap) > 1e-8 * max(float(np.linalg.norm(row)), 1e-300)
+        if bad.any():
+            k = int(np.argmax(np.abs(overlap)))
+            relation = _relation(null[:, k], labels)
+            condition = _relation(null[:, k], labels, "w[{}]")
+            involved = ", ".join(repr(n) for g in _involved(null[:, bad], labels) for n in g)
+            raise DesignError(
+                f"contrast row {i} is not estimable: columns {involved} are linearly "
+                f"dependent in the design ({relation} = 0), so a contrast's weights w "
+                f"must satisfy {condition} = 0 "
+                f"and this one gives {overlap[k] / np.max(np.abs(null[:, k])):.3g}; drop one "
+                "of these columns or change the contrast"
+            )
+
+
+def _relation(direction: NDArray[np.float64], names: Sequence[str], term: str = "{}") -> str:
+    """A null direction as text, largest weight 1: ``"1*a + 1*b - 1*constant"``."""
+    scaled = direction / np.max(np.abs(direction))
+    terms = [(w, n) for w, n in zip(scaled, names, strict=True) if abs(w) > 1e-8]
+    text = " ".join(f"{'-' if w < 0 else '+'} {abs(w):.3g}*{term.format(n)}" for w, n in terms)
+    return text[2:] if text.startswith("+ ") else "-" + text[2:]

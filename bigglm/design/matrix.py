@@ -1,0 +1,291 @@
+"""Assemble a run's design matrix: events, confounds, drifts."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike, NDArray
+
+from bigglm.design.confounds import FillNA, load_confounds, scrubbing_regressors
+from bigglm.design.diagnostics import dependent_columns
+from bigglm.design.drift import drift_regressors
+from bigglm.design.events import HRFModel, condition_regressors, read_events
+from bigglm.exceptions import BigGLMWarning, DesignError
+
+__all__ = ["frame_times", "make_design", "make_run_design"]
+
+
+def frame_times(n_scans: int, tr: float, slice_time_ref: float = 0.0) -> NDArray[np.float64]:
+    """Acquisition times of the volumes, ``(arange(n_scans) + slice_time_ref) * tr``.
+
+    Parameters
+    ----------
+    n_scans : int
+        Number of volumes.
+    tr : float
+        Repetition time (s).
+    slice_time_ref : float, default=0.0
+        Fraction of the TR at which each volume is considered acquired (0 = start, as
+        in nilearn's ``FirstLevelModel``; 0.5 after slice-timing correction to the middle
+        slice).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``n_scans`` times in seconds.
+
+    Raises
+    ------
+    DesignError
+        If ``n_scans < 2``, ``tr <= 0`` or ``slice_time_ref`` is outside [0, 1].
+
+    Examples
+    --------
+    >>> frame_times(4, 2.0, slice_time_ref=0.5)
+    array([1., 3., 5., 7.])
+    """
+    if n_scans < 2 or not tr > 0:
+        raise DesignError(f"need n_scans >= 2 and tr > 0, got n_scans={n_scans}, tr={tr}")
+    if not 0.0 <= slice_time_ref <= 1.0:
+        raise DesignError(f"slice_time_ref must be in [0, 1], got {slice_time_ref}")
+    start = slice_time_ref * tr
+    return np.linspace(start, (n_scans - 1 + slice_time_ref) * tr, n_scans)
+
+
+def _check_frame_times(times: ArrayLike) -> NDArray[np.float64]:
+    """Frame times as a float vector, strictly increasing."""
+    out = np.asarray(times, dtype=np.float64)
+    if out.ndim != 1 or out.size < 2 or not np.all(np.isfinite(out)):
+        raise DesignError(
+            f"frame_times must be a 1-D array of at least 2 finite times, got shape {out.shape}"
+        )
+    steps = np.diff(out)
+    if np.any(steps <= 0):
+        row = int(np.flatnonzero(steps <= 0)[0]) + 1
+        raise DesignError(
+            f"frame_times must increase, but frame {row} ({out[row]:g} s) is not after "
+            f"frame {row - 1} ({out[row - 1]:g} s); use bigglm.design.frame_times(n, tr)"
+        )
+    return out
+
+
+def _confound_block(confounds: ArrayLike | pd.DataFrame, n_scans: int) -> pd.DataFrame:
+    """User regressors as a DataFrame (columns ``reg0 ..`` for arrays), checked."""
+    if isinstance(confounds, pd.DataFrame):
+        table = confounds.astype(np.float64)
+        table.columns = [str(c) for c in table.columns]
+    else:
+        values = np.asarray(confounds, dtype=np.float64)
+        values = values[:, None] if values.ndim == 1 else values
+        table = pd.DataFrame(values, columns=[f"reg{k}" for k in range(values.shape[1])])
+    if len(table) != n_scans:
+        raise DesignError(
+            f"confounds have {len(table)} rows but there are {n_scans} frame times; "
+            "give one row per volume"
+        )
+    bad = table.isna().to_numpy()
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        raise DesignError(
+            f"confounds column {table.columns[col]!r} is missing a value in row {row}; "
+            "fill it (bigglm.design.load_confounds fills fMRIPrep's leading n/a)"
+        )
+    return table.reset_index(drop=True)
+
+
+def make_design(
+    frame_times: ArrayLike,
+    events: str | Path | pd.DataFrame | None = None,
+    *,
+    hrf: HRFModel = "glover",
+    drift: str | None = "cosine",
+    high_pass: float = 0.01,
+    drift_order: int = 1,
+    fir_delays: Sequence[int] | None = None,
+    confounds: ArrayLike | pd.DataFrame | None = None,
+    oversampling: int = 50,
+    min_onset: float = -24,
+) -> pd.DataFrame:
+    """Build a first-level design matrix, column for column as nilearn does.
+
+    Columns: the conditions (sorted by name, each with its HRF kernels), then the
+    confounds, then ``drift_1 .. drift_K`` and ``constant``. Given the same arguments
+    as nilearn's ``make_first_level_design_matrix`` (``hrf_model``, ``drift_model``,
+    ``add_regs``), the columns have the same names, order and values (to 1e-6 of
+    each column's largest magnitude).
+
+    Differences from nilearn 0.14.1: a rank-deficient design is returned unchanged with a
+    ``BigGLMWarning`` naming the dependent columns (nilearn silently adds a ridge to its
+    singular values, changing every column), events starting before
+    ``frame_times[0] + min_onset`` are left out (nilearn moves them to its grid start),
+    and bad input raises :class:`~bigglm.DesignError` naming the file, row or column.
+
+    Parameters
+    ----------
+    frame_times : array_like
+        Increasing acquisition times (s), e.g. :func:`frame_times`.
+    events : str, pathlib.Path, pandas.DataFrame or None
+        BIDS events (see :func:`bigglm.design.events.read_events`).
+    hrf : str, callable, list of callables or None, default="glover"
+        ``"spm"``, ``"glover"``, ``"<model> + derivative"``,
+        ``"<model> + derivative + dispersion"``, ``"fir"``, a callable
+        ``f(tr, oversampling)`` (columns ``<condition>_<f.__name__>``) or None.
+    drift : {"cosine", "polynomial", None}, default="cosine"
+        Drift model.
+    high_pass : float, default=0.01
+        Cosine cut-off (Hz).
+    drift_order : int, default=1
+        Polynomial order.
+    fir_delays : sequence of int, optional
+        FIR delays in scans (default ``[0]``); columns ``<condition>_delay_<d>``.
+    confounds : array_like or pandas.DataFrame, optional
+        Extra regressors, one row per frame (array columns are named ``reg0 ..``).
+    oversampling : int, default=50
+        Samples per TR of the convolution grid.
+    min_onset : float, default=-24
+        Events starting before ``frame_times[0] + min_onset`` are left out.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Float64, indexed by frame time.
+
+    Raises
+    ------
+    DesignError
+        For bad frame times, events or confounds, or duplicated column names.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> events = pd.DataFrame({"onset": [0, 20], "duration": [10, 10], "trial_type": ["a", "b"]})
+    >>> X = make_design(frame_times(40, 2.0), events, drift="polynomial", drift_order=2)
+    >>> list(X.columns)
+    ['a', 'b', 'drift_1', 'drift_2', 'constant']
+    """
+    times = _check_frame_times(frame_times)
+    blocks = []
+    if events is not None:
+        blocks.append(
+            condition_regressors(
+                read_events(events),
+                times,
+                hrf=hrf,
+                oversampling=oversampling,
+                fir_delays=fir_delays,
+                min_onset=min_onset,
+            ).reset_index(drop=True)
+        )
+    if confounds is not None:
+        blocks.append(_confound_block(confounds, times.size))
+    blocks.append(
+        drift_regressors(times, drift, high_pass=high_pass, order=drift_order).reset_index(
+            drop=True
+        )
+    )
+    design = pd.concat(blocks, axis=1)
+    duplicated = design.columns[design.columns.duplicated()].unique().tolist()
+    if duplicated:
+        raise DesignError(
+            f"design columns {duplicated} appear twice; rename the condition or confound "
+            "('constant' and 'drift_*' are reserved)"
+        )
+    design.index = pd.Index(times)
+    _warn_if_rank_deficient(design)
+    return design.astype(np.float64)
+
+
+def _warn_if_rank_deficient(design: pd.DataFrame) -> None:
+    """A BigGLMWarning naming the columns of each linear dependency."""
+    groups = dependent_columns(design)
+    if groups:
+        described = "; ".join(" ~ ".join(g) for g in groups)
+        warnings.warn(
+            f"the design is rank deficient: columns {described} are linearly dependent; "
+            "contrasts that separate them are not estimable (bigglm keeps the design "
+            "as is and uses the pseudo-inverse)",
+            BigGLMWarning,
+            stacklevel=3,
+        )
+
+
+def make_run_design(
+    n_scans: int,
+    tr: float,
+    *,
+    events: str | Path | pd.DataFrame | None = None,
+    confounds: str | Path | pd.DataFrame | None = None,
+    confound_columns: Sequence[str] | None = None,
+    sample_mask: ArrayLike | None = None,
+    slice_time_ref: float = 0.0,
+    fill_na: FillNA = "mean",
+    **model: Any,
+) -> pd.DataFrame:
+    """The design of one run from its files: what a YAML config's run entry needs.
+
+    Parameters
+    ----------
+    n_scans : int
+        Volumes in the run.
+    tr : float
+        Repetition time (s).
+    events : str, pathlib.Path or pandas.DataFrame, optional
+        The run's ``events.tsv``.
+    confounds : str, pathlib.Path or pandas.DataFrame, optional
+        The run's ``*_desc-confounds_timeseries.tsv``.
+    confound_columns : sequence of str, optional
+        Names or glob patterns to keep (all columns if omitted).
+    sample_mask : array_like, optional
+        Volumes to keep (bool mask or indices); each other volume gets a spike column.
+    slice_time_ref : float, default=0.0
+        See :func:`frame_times`.
+    fill_na : {"mean", "zero", "next"}, default="mean"
+        Leading ``n/a`` filling, see :func:`bigglm.design.load_confounds`.
+    **model
+        Keyword arguments of :func:`make_design` (``hrf``, ``drift``, ``high_pass``,
+        ``drift_order``, ``fir_delays``, ``oversampling``, ``min_onset``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The design, ``n_scans`` rows.
+
+    Raises
+    ------
+    DesignError
+        For a bad file, a confounds length that differs from ``n_scans``, or an
+        unknown keyword in ``model``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> ev = pd.DataFrame({"onset": [4.0], "duration": [2.0], "trial_type": ["go"]})
+    >>> X = make_run_design(10, 2.0, events=ev, sample_mask=[0, 1, 2, 3, 4, 5, 6, 8, 9],
+    ...                     drift=None)
+    >>> list(X.columns)
+    ['go', 'scrub_7', 'constant']
+    """
+    allowed = {
+        "hrf",
+        "drift",
+        "high_pass",
+        "drift_order",
+        "fir_delays",
+        "oversampling",
+        "min_onset",
+    }
+    unknown = sorted(set(model) - allowed)
+    if unknown:
+        raise DesignError(f"unknown design option(s) {unknown}; allowed: {sorted(allowed)}")
+    blocks = []
+    if confounds is not None:
+        blocks.append(load_confounds(confounds, confound_columns, n_scans=n_scans, fill_na=fill_na))
+    if sample_mask is not None:
+        blocks.append(scrubbing_regressors(sample_mask, n_scans))
+    extra = pd.concat(blocks, axis=1) if blocks else None
+    return make_design(frame_times(n_scans, tr, slice_time_ref), events, confounds=extra, **model)
