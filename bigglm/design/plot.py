@@ -1,0 +1,159 @@
+"""Figures of a design, written as PNG files (matplotlib's Agg backend, no pyplot).
+
+Each function writes atomically (a temporary file in the target folder, then a
+rename) and returns the path, for the report to embed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bigglm.design.diagnostics import correlation_matrix
+from bigglm.design.events import HRFModel
+from bigglm.design.hrf import hrf_basis
+
+__all__ = ["plot_correlation", "plot_design", "plot_hrf"]
+
+
+def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write a figure as PNG atomically and return its path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    handle, tmp = tempfile.mkstemp(suffix=".png", dir=target.parent, prefix=f".{target.name}.")
+    os.close(handle)
+    try:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def plot_design(X: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """The design as a grey-scale image: one row per volume, one column per regressor.
+
+    Each column is scaled by its largest magnitude so that small regressors stay
+    visible (as nilearn's ``plot_design_matrix`` does).
+
+    Parameters
+    ----------
+    X : pandas.DataFrame
+        Design.
+    path : str or os.PathLike
+        Output PNG.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> import pandas as pd, tempfile, pathlib
+    >>> X = pd.DataFrame({"a": [0.0, 1.0, 0.5], "constant": 1.0})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     plot_design(X, pathlib.Path(d) / "design.png").stat().st_size > 0
+    True
+    """
+    values = X.to_numpy(dtype=np.float64)
+    peak = np.abs(values).max(axis=0)
+    scaled = values / np.where(peak > 0, peak, 1.0)
+    figure = Figure(figsize=(1.0 + 0.35 * X.shape[1], 5.0))
+    axes = figure.add_subplot()
+    axes.imshow(scaled, aspect="auto", cmap="gray", interpolation="nearest")
+    axes.set_xticks(range(X.shape[1]), [str(c) for c in X.columns], rotation=60, ha="right")
+    axes.set_ylabel("volume")
+    axes.set_title("Design matrix")
+    return _save(figure, path)
+
+
+def plot_hrf(
+    model: HRFModel,
+    tr: float,
+    path: str | os.PathLike[str],
+    *,
+    oversampling: int = 50,
+) -> Path:
+    """Each kernel of an HRF model against time (s).
+
+    Parameters
+    ----------
+    model : str, callable or sequence of callables
+        An ``hrf=`` model of :func:`bigglm.design.make_design` (not ``"fir"``).
+    tr : float
+        Repetition time (s).
+    path : str or os.PathLike
+        Output PNG.
+    oversampling : int, default=50
+        Samples per TR.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     plot_hrf("glover + derivative", 2.0, pathlib.Path(d) / "hrf.png").exists()
+    True
+    """
+    kernels = hrf_basis(model, tr, oversampling)
+    labels = ["HRF", "time derivative", "dispersion derivative"]
+    figure = Figure(figsize=(6.0, 3.5))
+    axes = figure.add_subplot()
+    for k, kernel in enumerate(kernels):
+        times = np.arange(kernel.size) * tr / oversampling
+        axes.plot(times, kernel, label=labels[k] if k < len(labels) else f"kernel {k}")
+    axes.axhline(0.0, color="0.6", linewidth=0.8)
+    axes.set_xlabel("time after event (s)")
+    axes.set_ylabel("kernel value")
+    axes.set_title(f"HRF: {getattr(model, '__name__', model)}")
+    axes.legend(frameon=False)
+    return _save(figure, path)
+
+
+def plot_correlation(X: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """The regressors' correlation matrix, from -1 (blue) to 1 (red).
+
+    Constant columns (undefined correlation) are left out.
+
+    Parameters
+    ----------
+    X : pandas.DataFrame
+        Design.
+    path : str or os.PathLike
+        Output PNG.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> import pandas as pd, tempfile, pathlib
+    >>> X = pd.DataFrame({"a": [0.0, 1.0, 0.5], "b": [1.0, 0.0, 0.2], "constant": 1.0})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     plot_correlation(X, pathlib.Path(d) / "corr.png").exists()
+    True
+    """
+    varying = X.loc[:, X.std(axis=0) > 0]
+    corr = correlation_matrix(varying)
+    size = 1.5 + 0.4 * corr.shape[0]
+    figure = Figure(figsize=(size + 1.0, size))
+    axes = figure.add_subplot()
+    image = axes.imshow(corr.to_numpy(), vmin=-1.0, vmax=1.0, cmap="RdBu_r")
+    names = [str(c) for c in corr.columns]
+    axes.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    axes.set_title("Regressor correlations")
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    return _save(figure, path)
