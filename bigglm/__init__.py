@@ -9,6 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from bigglm import design
 from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, StoreError
+from bigglm.glm import GLMResult, fit
+from bigglm.io import convert, convert_many, open_run, to_nifti
 
 try:
     __version__ = version("bigglm")
@@ -24,8 +26,14 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     # functions
+    "convert",
+    "convert_many",
     "design",
+    "fit",
+    "open_run",
+    "to_nifti",
     # classes
+    "GLMResult",
     # exceptions
     "BigGLMWarning",
     "ConfigError",

@@ -1,0 +1,480 @@
+"""NIfTI series to bigglm stores: :func:`convert` for one run, :func:`convert_many` for several.
+
+How one run is converted:
+
+1. Validate everything the headers tell (files, shapes, affines, TR, mask grid, the
+   target path) before writing anything.
+2. With a mask given, stream the source once: each block of volumes is reduced to the
+   in-mask voxels and gathered into rows of whole ``bold`` chunks, written as they fill.
+3. With no mask, the EPI mask needs the mean volume, i.e. the whole series, before the
+   first in-mask value is known. The source is still decompressed and read only once:
+   that pass accumulates the mean and spills the decoded volumes (float32) to a
+   temporary file inside the staging directory, and step 2 then reads the spill
+   instead of the source. (Re-reading a ``.nii.gz`` would pay for decompression twice;
+   the spill costs one sequential write and read of the uncompressed series, usually
+   served from the page cache.)
+
+Voxels that are NaN or Inf at any time point are dropped from the mask, with a
+:class:`~bigglm.exceptions.BigGLMWarning` giving their number. Memory is bounded by a
+read block (about 64 MiB of source data) plus one row of ``bold`` chunks, whatever the
+series length.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from bigglm.exceptions import BigGLMWarning, StoreError
+from bigglm.io.mask import compute_epi_mask
+from bigglm.io.nifti import (
+    SourceFile,
+    SourceSeries,
+    VolumeStream,
+    inspect_sources,
+    load_mask,
+)
+from bigglm.io.store import BOLD_CODEC, StoreWriter, check_target, choose_chunks, commit, staging
+from bigglm.typing import ProgressCallback
+
+__all__ = ["convert", "convert_many"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+Sources = PathLike | Sequence[PathLike]
+MaskLike = PathLike | np.ndarray
+
+#: Bytes of decoded float32 volumes read per block (bounds the memory of the read side).
+READ_BLOCK_BYTES = 64 * 1024 * 1024
+
+_SPILL_NAME = "spill.f32"
+
+
+@dataclass
+class _FirstPass:
+    """What a pass over the source learns: per-voxel sum, non-finite flags, provenance."""
+
+    total: np.ndarray
+    nonfinite: np.ndarray
+    provenance: list[dict[str, Any]]
+
+
+def convert(
+    sources: Sources,
+    store: PathLike,
+    *,
+    mask: MaskLike | None = None,
+    tr: float | None = None,
+    overwrite: bool = False,
+    time_chunk: int | None = None,
+    voxel_chunk: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Convert one run of NIfTI volumes to a bigglm store.
+
+    Parameters
+    ----------
+    sources : path or sequence of paths
+        A 4D ``.nii``/``.nii.gz``, or the run's 3D volumes in time order. Integer data
+        are scaled with the header's ``scl_slope``/``scl_inter``; all data are stored as
+        float32.
+    store : path
+        The store to create (conventionally ``*.zarr``).
+    mask : path or numpy.ndarray, optional
+        A 3D mask NIfTI on the same grid (shape and affine), or a boolean array of the
+        volume shape. Default: an EPI mask computed from the mean volume
+        (:func:`bigglm.io.mask.compute_epi_mask`, as nilearn's ``compute_epi_mask``).
+    tr : float, optional
+        Repetition time in seconds. Default: the header's ``pixdim[4]``, converted from
+        its time unit (ms and us are handled).
+    overwrite : bool
+        Replace an existing store (atomically: the old one is removed only once the new
+        one is complete).
+    time_chunk, voxel_chunk : int, optional
+        ``bold`` chunk shape; by default 128 volumes and about 16 MiB per chunk.
+    progress : callable, optional
+        Called with ``(done, total)`` volumes (twice the series length when the mask is
+        computed, which takes a pass to find the mean).
+
+    Returns
+    -------
+    pathlib.Path
+        The absolute path of the store.
+
+    Raises
+    ------
+    StoreError
+        Before anything is written: missing, unreadable or truncated files, a 3D file
+        where a 4D one is needed, volumes on different grids, a mask on another grid, no
+        TR, an existing store without ``overwrite``. A truncated ``.nii.gz`` is only
+        discovered while it is decompressed: then the staging directory is removed and
+        nothing is left at ``store``.
+
+    Warns
+    -----
+    BigGLMWarning
+        When voxels with NaN or Inf values are dropped from the mask.
+
+    Examples
+    --------
+    nibabel's 3-slice test series is too thin for an EPI mask, so give one:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import nibabel, bigglm
+    >>> src = Path(nibabel.__file__).parent / "tests" / "data" / "functional.nii"
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = bigglm.convert(src, Path(tmp) / "run.zarr", mask=np.ones((17, 21, 3), bool))
+    ...     bigglm.open_run(path).bold.shape
+    (20, 1071)
+    """
+    series = inspect_sources(sources, tr=tr)
+    target = Path(store).expanduser().resolve()
+    check_target(target, overwrite=overwrite)
+    given_mask = load_mask(mask, series) if mask is not None else None
+    report = progress or (lambda done, total: None)
+    with staging(target) as stage, _spill_dir(target) as spill_dir:
+        if given_mask is None:
+            spill = Path(spill_dir) / _SPILL_NAME
+            first = _spill_pass(series, spill, report)
+            chosen = _epi_mask(first, series)
+            reader = VolumeStream(_spill_series(series, spill), checksum=False)
+            done = series.n_volumes
+        else:
+            first, chosen, reader, done = None, given_mask, VolumeStream(series), 0
+        chunks = choose_chunks(series.n_volumes, int(chosen.sum()), time_chunk, voxel_chunk)
+        nonfinite = first.nonfinite if first is not None else None
+        writer, bad = _write_pass(series, reader, chosen, chunks, stage, nonfinite, report, done)
+        provenance = first.provenance if first is not None else reader.provenance
+        params = _parameters(series, mask, chunks, bad_voxels=bad)
+        writer.finish(_attributes(series, provenance, params))
+        return commit(stage, target, overwrite=overwrite)
+
+
+def _spill_dir(target: Path) -> tempfile.TemporaryDirectory[str]:
+    """A hidden temporary sibling of ``target`` for the spill file, always removed."""
+    return tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.spill-")
+
+
+def _epi_mask(first: _FirstPass, series: SourceSeries) -> np.ndarray:
+    mask = compute_epi_mask(_mean_volume(first, series))
+    if not mask.any():
+        raise StoreError(
+            f"{series.files[0].path}: the EPI mask computed from the mean volume is empty "
+            "(too few slices, or not an EPI series); pass a mask"
+        )
+    return mask
+
+
+def _spill_pass(series: SourceSeries, spill: Path, report: ProgressCallback) -> _FirstPass:
+    """Read the source once: sum and non-finite flags per voxel, decoded volumes to ``spill``."""
+    stream = VolumeStream(series)
+    total = np.zeros(series.voxels_per_volume, dtype=np.float64)
+    done = 0
+    with open(spill, "wb") as out:
+        for block in stream.blocks(_read_volumes(series)):
+            total += block.sum(axis=0, dtype=np.float64)
+            out.write(block.data)
+            done += block.shape[0]
+            report(done, 2 * series.n_volumes)
+    return _FirstPass(total, ~np.isfinite(total), stream.provenance)
+
+
+def _mean_volume(first: _FirstPass, series: SourceSeries) -> np.ndarray:
+    """The mean volume as an ``(X, Y, Z)`` array (stored voxel order is Fortran)."""
+    mean = first.total / series.n_volumes
+    return mean.reshape(series.volume_shape, order="F")
+
+
+def _spill_series(series: SourceSeries, spill: Path) -> SourceSeries:
+    """Describe the spill file as an uncompressed float32 source of the same series."""
+    spill_file = SourceFile(
+        path=spill,
+        n_volumes=series.n_volumes,
+        offset=0,
+        dtype=np.dtype(np.float32),
+        slope=1.0,
+        inter=0.0,
+        compressed=False,
+    )
+    return SourceSeries((spill_file,), series.volume_shape, series.affine, series.tr, "spill")
+
+
+def _read_volumes(series: SourceSeries) -> int:
+    """Volumes per read block: about :data:`READ_BLOCK_BYTES` of float32."""
+    return max(1, READ_BLOCK_BYTES // (4 * series.voxels_per_volume))
+
+
+def _flat_indices(mask: np.ndarray) -> np.ndarray:
+    """Positions, in the file's Fortran voxel order, of the mask's voxels in C order."""
+    return np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
+
+
+def _rows(
+    blocks: Iterator[np.ndarray], columns: np.ndarray, rows_per_chunk: int
+) -> Iterator[np.ndarray]:
+    """Re-block the in-mask columns of volume blocks into ``(rows_per_chunk, V)`` rows."""
+    buffer = np.empty((rows_per_chunk, columns.size), dtype=np.float32)
+    filled = 0
+    for block in blocks:
+        taken = 0
+        while taken < block.shape[0]:
+            n = min(rows_per_chunk - filled, block.shape[0] - taken)
+            np.take(block[taken : taken + n], columns, axis=1, out=buffer[filled : filled + n])
+            filled += n
+            taken += n
+            if filled == rows_per_chunk:
+                yield buffer
+                filled = 0
+    if filled:
+        yield buffer[:filled]
+
+
+def _write_pass(
+    series: SourceSeries,
+    reader: VolumeStream,
+    mask: np.ndarray,
+    chunks: tuple[int, int],
+    stage: Path,
+    nonfinite: np.ndarray | None,
+    report: ProgressCallback,
+    done: int,
+) -> tuple[StoreWriter, int]:
+    """Write ``bold`` for ``mask``, dropping NaN/Inf voxels; return the writer and their count."""
+    total = series.n_volumes + done
+    if nonfinite is not None:
+        mask, bad = _drop_nonfinite(mask, nonfinite.reshape(series.volume_shape, order="F"))
+        _warn_nonfinite(series, bad)
+    columns = _flat_indices(mask)
+    writer = StoreWriter(stage, mask, n_volumes=series.n_volumes, tr=series.tr, chunks=chunks)
+    seen_bad = np.zeros(columns.size, dtype=bool)
+    start = 0
+    for rows in _rows(reader.blocks(_read_volumes(series)), columns, chunks[0]):
+        if nonfinite is None:
+            seen_bad |= ~np.isfinite(rows).all(axis=0)
+        writer.write(start, rows)
+        start += rows.shape[0]
+        report(done + start, total)
+    if nonfinite is None and seen_bad.any():
+        _warn_nonfinite(series, int(seen_bad.sum()))
+        keep = mask.copy()
+        keep[mask] = ~seen_bad
+        writer = _rewrite_without(stage, keep, seen_bad, series, chunks)
+        return writer, int(seen_bad.sum())
+    return writer, 0 if nonfinite is None else bad
+
+
+def _drop_nonfinite(mask: np.ndarray, nonfinite: np.ndarray) -> tuple[np.ndarray, int]:
+    dropped = mask & nonfinite
+    return mask & ~nonfinite, int(dropped.sum())
+
+
+def _warn_nonfinite(series: SourceSeries, count: int) -> None:
+    if count:
+        warnings.warn(
+            f"{series.files[0].path}: {count} voxel(s) have NaN or Inf values in at least one "
+            "volume; they are excluded from the mask",
+            BigGLMWarning,
+            stacklevel=4,
+        )
+
+
+def _rewrite_without(
+    stage: Path,
+    keep: np.ndarray,
+    drop: np.ndarray,
+    series: SourceSeries,
+    chunks: tuple[int, int],
+) -> StoreWriter:
+    """Rebuild ``bold`` without the dropped columns (rare: non-finite voxels in a given mask)."""
+    old = stage.with_name(stage.name + ".nonfinite")
+    os.rename(stage, old)
+    stage.mkdir()
+    try:
+        previous = zarr.open_array(old / "bold", mode="r")
+        kept = np.flatnonzero(~drop)
+        new_chunks = (chunks[0], min(chunks[1], kept.size))
+        new = StoreWriter(stage, keep, n_volumes=series.n_volumes, tr=series.tr, chunks=new_chunks)
+        for start in range(0, series.n_volumes, chunks[0]):
+            rows = np.asarray(previous[start : start + chunks[0], :])
+            new.write(start, np.ascontiguousarray(rows[:, kept]))
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return new
+
+
+def _parameters(
+    series: SourceSeries,
+    mask: MaskLike | None,
+    chunks: tuple[int, int],
+    *,
+    bad_voxels: int,
+) -> dict[str, Any]:
+    if mask is None:
+        mask_name, method = None, "compute_epi_mask (bigglm.io.mask)"
+    elif isinstance(mask, np.ndarray):
+        mask_name, method = None, "given (array)"
+    else:
+        mask_name, method = str(Path(mask).expanduser().resolve()), "given (file)"
+    return {
+        "mask": mask_name,
+        "mask_method": method,
+        "tr": series.tr,
+        "tr_from": series.tr_from,
+        "chunks": list(chunks),
+        "codec": BOLD_CODEC.to_dict(),
+        "dtype": "float32",
+        "nonfinite_voxels_dropped": bad_voxels,
+    }
+
+
+def _attributes(
+    series: SourceSeries, provenance: list[dict[str, Any]], params: dict[str, Any]
+) -> dict[str, Any]:
+    from bigglm import __version__
+
+    return {
+        "affine": series.affine.tolist(),
+        "volume_shape": list(series.volume_shape),
+        "tr": series.tr,
+        "units": {"time": "s", "space": "mm", "bold": "source units (scaled)"},
+        "sources": provenance,
+        "parameters": params,
+        "version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def convert_many(
+    runs: Sequence[Sources],
+    stores: Sequence[PathLike],
+    *,
+    mask: MaskLike | Sequence[MaskLike] | None = None,
+    tr: float | None = None,
+    overwrite: bool = False,
+    time_chunk: int | None = None,
+    voxel_chunk: int | None = None,
+    client: Any | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[Path]:
+    """Convert several runs, in parallel across runs on a Dask client when one is given.
+
+    Every run is validated (as in :func:`convert`) before any is converted. With a
+    ``client``, each run is one task: the worker reads the source and writes the store
+    itself, so sources and stores must be on a filesystem the workers share.
+
+    Parameters
+    ----------
+    runs : sequence
+        One entry per run, each what :func:`convert` accepts as ``sources``.
+    stores : sequence of paths
+        One store per run.
+    mask : path, array or sequence of them, optional
+        One mask for all runs, or one per run. Default: computed per run.
+    tr, overwrite, time_chunk, voxel_chunk
+        As in :func:`convert`, for every run.
+    client : distributed.Client, optional
+        Run the conversions on this client's workers. Default: one after another here.
+    progress : callable, optional
+        Called with ``(runs done, runs)``.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The stores, in the order of ``runs``.
+
+    Raises
+    ------
+    StoreError
+        As :func:`convert`; also if ``runs``, ``stores`` (and a mask list) differ in length
+        or two runs share a store.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import nibabel
+    >>> src = Path(nibabel.__file__).parent / "tests" / "data" / "functional.nii"
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     stores = [Path(tmp) / "a.zarr", Path(tmp) / "b.zarr"]
+    ...     paths = convert_many([src, src], stores, mask=np.ones((17, 21, 3), bool))
+    ...     [p.name for p in paths]
+    ['a.zarr', 'b.zarr']
+    """
+    masks = _per_run_masks(mask, len(runs))
+    _check_runs(runs, stores, masks, tr=tr, overwrite=overwrite)
+    options = {
+        "tr": tr,
+        "overwrite": overwrite,
+        "time_chunk": time_chunk,
+        "voxel_chunk": voxel_chunk,
+    }
+    report = progress or (lambda done, total: None)
+    if client is None:
+        paths = []
+        for n, (src, dst, m) in enumerate(zip(runs, stores, masks, strict=True)):
+            paths.append(convert(src, dst, mask=m, **options))  # type: ignore[arg-type]
+            report(n + 1, len(runs))
+        return paths
+    return _convert_on_client(client, runs, stores, masks, options, report)
+
+
+def _per_run_masks(mask: Any, n: int) -> list[MaskLike | None]:
+    if mask is None or isinstance(mask, str | os.PathLike | np.ndarray):
+        return [mask] * n
+    masks: list[MaskLike | None] = list(mask)
+    if len(masks) != n:
+        raise StoreError(f"got {len(masks)} masks for {n} runs; give one mask, or one per run")
+    return masks
+
+
+def _check_runs(
+    runs: Sequence[Sources],
+    stores: Sequence[PathLike],
+    masks: list[MaskLike | None],
+    *,
+    tr: float | None,
+    overwrite: bool,
+) -> None:
+    """Validate every run before converting any."""
+    if len(runs) != len(stores):
+        raise StoreError(f"got {len(runs)} runs but {len(stores)} stores; give one store per run")
+    targets = [Path(s).expanduser().resolve() for s in stores]
+    if len(set(targets)) != len(targets):
+        raise StoreError("two runs would write the same store; give each run its own store path")
+    for src, target, m in zip(runs, targets, masks, strict=True):
+        series = inspect_sources(src, tr=tr)
+        check_target(target, overwrite=overwrite)
+        if m is not None:
+            load_mask(m, series)
+
+
+def _convert_on_client(
+    client: Any,
+    runs: Sequence[Sources],
+    stores: Sequence[PathLike],
+    masks: list[MaskLike | None],
+    options: dict[str, Any],
+    report: ProgressCallback,
+) -> list[Path]:
+    from distributed import as_completed
+
+    futures = [
+        client.submit(convert, src, dst, mask=m, pure=False, **options)
+        for src, dst, m in zip(runs, stores, masks, strict=True)
+    ]
+    for done, _ in enumerate(as_completed(futures), start=1):
+        report(done, len(futures))
+    return [Path(path) for path in client.gather(futures)]

@@ -1,0 +1,165 @@
+"""Writing per-voxel values back onto a run's original grid as NIfTI."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+import nibabel as nib
+import numpy as np
+import xarray as xr
+from isal import igzip
+
+from bigglm.exceptions import StoreError
+from bigglm.io.store import open_run
+
+__all__ = ["to_nifti"]
+
+#: Bytes of output volumes assembled per write (bounds memory for long series).
+_WRITE_BLOCK_BYTES = 64 * 1024 * 1024
+
+#: Offset of the voxel data in a single-file NIfTI-1 with no extensions.
+_VOX_OFFSET = 352
+
+
+def to_nifti(
+    values: Any,
+    like: str | os.PathLike[str] | xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    fill: float | None = None,
+) -> Path:
+    """Write ``(voxel,)`` values as a 3D NIfTI, or ``(n, voxel)`` values as a 4D one.
+
+    Parameters
+    ----------
+    values : array-like, dask array or xarray.DataArray
+        One value per in-mask voxel (a map), or ``n`` rows of them (a series: the 4th
+        NIfTI axis). Dask-backed values are computed block by block, so a whole series
+        never sits in memory.
+    like : path or xarray.Dataset
+        A store, or a Dataset from :func:`bigglm.open_run`: gives the mask, grid and TR.
+    path : path
+        Output file, ``.nii`` or ``.nii.gz``.
+    fill : float, optional
+        Value outside the mask. Default: NaN for floating-point values (so "no data" is
+        never confused with 0), 0 for integer and boolean values.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file. It is written to a temporary file in the same folder and
+        renamed into place, so ``path`` is never half-written.
+
+    Raises
+    ------
+    StoreError
+        If the values do not have one column per in-mask voxel.
+
+    Notes
+    -----
+    Floating-point values are written as float32 (float64 stays float64), booleans as
+    uint8, integers in their own type. A 4D output whose rows are the run's volumes
+    (``n`` equals the run's length, or the DataArray's first dimension is ``time``)
+    carries the run's TR in ``pixdim[4]``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import nibabel, bigglm
+    >>> src = Path(nibabel.__file__).parent / "tests" / "data" / "functional.nii"
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     mask = np.ones((17, 21, 3), bool)
+    ...     ds = bigglm.open_run(bigglm.convert(src, Path(tmp) / "run.zarr", mask=mask))
+    ...     out = to_nifti(ds.bold.mean("time"), ds, Path(tmp) / "mean.nii.gz")
+    ...     nibabel.load(out).shape
+    (17, 21, 3)
+    """
+    ds = like if isinstance(like, xr.Dataset) else open_run(like)
+    mask = np.asarray(ds["mask"].values, dtype=bool)
+    is_series = _is_time_series(values, ds)
+    data = values.data if isinstance(values, xr.DataArray) else values
+    if not hasattr(data, "ndim"):
+        data = np.asarray(data)
+    _check_shape(data, int(mask.sum()), ds)
+    dtype = _output_dtype(data.dtype)
+    fill_value = fill if fill is not None else (np.nan if dtype.kind == "f" else 0)
+    n = 1 if data.ndim == 1 else data.shape[0]
+    shape = mask.shape if data.ndim == 1 else (*mask.shape, n)
+    header = _header(shape, dtype, np.asarray(ds.attrs["affine"]), ds.attrs["tr"], is_series)
+    target = Path(path).expanduser().resolve()
+    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:12]}")
+    try:
+        with _open_output(partial, target) as out:
+            header.write_to(out)
+            for block in _blocks(data, n, mask.size * dtype.itemsize):
+                out.write(_scatter(block, mask, dtype, fill_value).tobytes())
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _is_time_series(values: Any, ds: xr.Dataset) -> bool:
+    if isinstance(values, xr.DataArray) and values.ndim == 2:
+        return values.dims[0] == "time"
+    return getattr(values, "ndim", 0) == 2 and values.shape[0] == ds.sizes.get("time", -1)
+
+
+def _check_shape(data: Any, n_voxels: int, ds: xr.Dataset) -> None:
+    if data.ndim not in (1, 2) or data.shape[-1] != n_voxels:
+        raise StoreError(
+            f"values have shape {tuple(data.shape)}, but the mask of "
+            f"{ds.attrs.get('store', 'the run')} has {n_voxels} voxels; expected "
+            f"({n_voxels},) or (n, {n_voxels})"
+        )
+
+
+def _output_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    if dtype.kind == "b":
+        return np.dtype(np.uint8)
+    if dtype.kind == "f" and dtype.itemsize != 8:
+        return np.dtype(np.float32)
+    return np.dtype(dtype).newbyteorder("=")
+
+
+def _header(
+    shape: tuple[int, ...], dtype: np.dtype[Any], affine: np.ndarray, tr: float, is_series: bool
+) -> nib.Nifti1Header:
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_sform(affine, code="aligned")
+    header.set_qform(affine, code="aligned")
+    header.set_xyzt_units("mm", "sec")
+    if is_series:
+        header["pixdim"][4] = tr
+    header["vox_offset"] = _VOX_OFFSET
+    return header
+
+
+def _open_output(partial: Path, target: Path) -> IO[bytes]:
+    if target.name.endswith(".gz"):
+        return igzip.open(partial, "wb", compresslevel=1)
+    return open(partial, "wb")
+
+
+def _blocks(data: Any, n: int, volume_bytes: int) -> Any:
+    """Rows of ``data`` as numpy blocks of about :data:`_WRITE_BLOCK_BYTES` of output."""
+    if data.ndim == 1:
+        yield np.asarray(data)[None, :]
+        return
+    step = max(1, _WRITE_BLOCK_BYTES // max(volume_bytes, 1))
+    for start in range(0, n, step):
+        yield np.asarray(data[start : start + step])
+
+
+def _scatter(rows: np.ndarray, mask: np.ndarray, dtype: np.dtype[Any], fill: float) -> np.ndarray:
+    """Place ``(n, V)`` rows onto ``(n, X*Y*Z)`` volumes in NIfTI (Fortran) voxel order."""
+    columns = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
+    volumes = np.full((rows.shape[0], mask.size), fill, dtype=dtype)
+    volumes[:, columns] = rows
+    return volumes

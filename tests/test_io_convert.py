@@ -1,0 +1,164 @@
+"""bigglm.convert on real and generated NIfTI files, checked against nibabel's own reading.
+
+The reference for every stored value is nibabel's ``get_fdata()`` (float64, scaling applied)
+of the same file, looked up at the store's ``(i, j, k)`` voxel indices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+
+import bigglm
+from bigglm.io.store import BOLD_CODEC
+
+#: nibabel's functional.nii has 3 slices: too thin for an EPI mask; give a box.
+FUNCTIONAL_MASK = np.zeros((17, 21, 3), bool)
+FUNCTIONAL_MASK[2:15, 3:19, :] = True
+
+
+def _reference(path: Path | list[Path]) -> np.ndarray:
+    """nibabel's reading of a 4D file or a list of 3D files, as (X, Y, Z, T) float64."""
+    if isinstance(path, list):
+        return np.stack([nibabel.load(p).get_fdata() for p in path], axis=-1)
+    return nibabel.load(path).get_fdata()
+
+
+def _stored_as_volume_series(store: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(bold values, reference-indexable voxel indices) from a store."""
+    ds = bigglm.open_run(store)
+    return ds.bold.values, np.stack([ds.i.values, ds.j.values, ds.k.values])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_functional_nii_int16_scaled_matches_nibabel(functional_nii: Path, tmp_path: Path) -> None:
+    """Real int16 series with scl_slope/scl_inter: stored float32 values equal nibabel's."""
+    assert nibabel.load(functional_nii).dataobj.slope != 1.0  # the file really is scaled
+    store = bigglm.convert(
+        functional_nii, tmp_path / "run.zarr", time_chunk=8, voxel_chunk=300, mask=FUNCTIONAL_MASK
+    )
+    bold, (i, j, k) = _stored_as_volume_series(store)
+    expected = _reference(functional_nii)[i, j, k, :].T
+    assert bold.dtype == np.float32
+    # scaling is computed in float64 and rounded once: nibabel's values rounded to float32
+    np.testing.assert_array_equal(bold, expected.astype(np.float32))
+
+
+def test_example4d_gz_and_header_tr(example4d_niigz: Path, tmp_path: Path) -> None:
+    """Real gzip series: values equal nibabel's; TR taken from the argument when given."""
+    store = bigglm.convert(example4d_niigz, tmp_path / "run.zarr", tr=2.0)
+    bold, (i, j, k) = _stored_as_volume_series(store)
+    np.testing.assert_array_equal(bold, _reference(example4d_niigz)[i, j, k, :].T)
+    ds = bigglm.open_run(store)
+    assert ds.attrs["tr"] == 2.0
+    np.testing.assert_array_equal(ds.time.values, [0.0, 2.0])
+
+
+def test_store_layout_matches_contract(functional_nii: Path, tmp_path: Path) -> None:
+    store = bigglm.convert(
+        functional_nii, tmp_path / "run.zarr", time_chunk=8, voxel_chunk=256, mask=FUNCTIONAL_MASK
+    )
+    ds = bigglm.open_run(store)
+    img = nibabel.load(functional_nii)
+    assert ds.bold.dims == ("time", "voxel")
+    assert ds.bold.data.chunks[0] == (8, 8, 4)
+    assert set(ds.bold.data.chunks[1][:-1]) == {256}
+    assert ds.mask.dims == ("x", "y", "z") and ds.mask.dtype == bool
+    mask = ds.mask.values
+    # i, j, k: the mask's True voxels in C order
+    np.testing.assert_array_equal(np.stack([ds.i, ds.j, ds.k]), np.nonzero(mask))
+    assert ds.i.dtype == np.int32
+    np.testing.assert_allclose(ds.attrs["affine"], img.affine, rtol=0, atol=0)
+    assert ds.attrs["volume_shape"] == [17, 21, 3]
+    assert ds.attrs["tr"] == 2.0
+    assert ds.attrs["version"] == bigglm.__version__
+    assert ds.attrs["parameters"]["codec"] == BOLD_CODEC.to_dict()
+    assert ds.attrs["store"] == str(store)
+    [source] = ds.attrs["sources"]
+    assert source == {
+        "path": str(functional_nii.resolve()),
+        "size": functional_nii.stat().st_size,
+        "sha256": _sha256(functional_nii),
+    }
+
+
+def test_gz_provenance_hashes_the_compressed_file(example4d_niigz: Path, tmp_path: Path) -> None:
+    store = bigglm.convert(example4d_niigz, tmp_path / "run.zarr", tr=2.0)
+    [source] = bigglm.open_run(store).attrs["sources"]
+    assert source["sha256"] == _sha256(example4d_niigz)
+    assert source["size"] == example4d_niigz.stat().st_size
+
+
+def test_list_of_3d_volumes_equals_the_4d_file(write_nifti, brain_series, tmp_path: Path) -> None:
+    data = brain_series((9, 10, 7), 11, seed=1)
+    four_d = write_nifti(data, "bold.nii.gz")
+    volumes = [write_nifti(data[..., t], f"vol{t:03d}.nii") for t in range(data.shape[-1])]
+    mask = write_nifti((data.mean(-1) > 500).astype(np.uint8), "mask.nii")
+    a = bigglm.convert(four_d, tmp_path / "a.zarr", mask=mask, time_chunk=4)
+    b = bigglm.convert(volumes, tmp_path / "b.zarr", mask=mask, tr=2.0, time_chunk=4)
+    np.testing.assert_array_equal(bigglm.open_run(a).bold.values, bigglm.open_run(b).bold.values)
+    np.testing.assert_array_equal(
+        bigglm.open_run(a).bold.values, data[bigglm.open_run(a).mask.values].T
+    )
+    sources = bigglm.open_run(b).attrs["sources"]
+    assert [s["sha256"] for s in sources] == [_sha256(p) for p in volumes]
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_generated_int16_with_scaling(write_nifti, brain_series, suffix: str) -> None:
+    data = brain_series((16, 16, 12), 13, seed=2) * 100.0  # beyond int16: nibabel must scale
+    path = write_nifti(data, "bold" + suffix, dtype=np.int16)
+    assert nibabel.load(path).dataobj.slope != 1.0
+    store = bigglm.convert(path, path.parent / "run.zarr", time_chunk=5)
+    bold, (i, j, k) = _stored_as_volume_series(store)
+    np.testing.assert_array_equal(bold, _reference(path)[i, j, k, :].T.astype(np.float32))
+
+
+@pytest.mark.parametrize(("unit", "pixdim", "seconds"), [("sec", 2.5, 2.5), ("msec", 800.0, 0.8)])
+def test_tr_from_header_in_its_time_unit(
+    write_nifti, brain_series, unit: str, pixdim: float, seconds: float
+) -> None:
+    path = write_nifti(brain_series((16, 16, 12), 5, seed=3), tr=pixdim, time_unit=unit)
+    ds = bigglm.open_run(bigglm.convert(path, path.parent / "run.zarr"))
+    assert ds.attrs["tr"] == pytest.approx(seconds)
+    np.testing.assert_allclose(ds.time.values, np.arange(5) * seconds)
+    assert ds.attrs["parameters"]["tr_from"] == "header"
+
+
+def test_tr_argument_overrides_header(functional_nii: Path, tmp_path: Path) -> None:
+    ds = bigglm.open_run(
+        bigglm.convert(functional_nii, tmp_path / "run.zarr", tr=0.72, mask=FUNCTIONAL_MASK)
+    )
+    assert ds.attrs["tr"] == 0.72
+    assert ds.attrs["parameters"]["tr_from"] == "argument"
+    assert ds.time.values[-1] == pytest.approx(19 * 0.72)
+
+
+def test_sources_are_never_modified(functional_nii: Path, example4d_niigz: Path, tmp_path) -> None:
+    before = {p: (_sha256(p), p.stat().st_mtime_ns) for p in (functional_nii, example4d_niigz)}
+    bigglm.convert(functional_nii, tmp_path / "a.zarr", mask=FUNCTIONAL_MASK)
+    bigglm.convert(example4d_niigz, tmp_path / "b.zarr", tr=2.0)
+    after = {p: (_sha256(p), p.stat().st_mtime_ns) for p in (functional_nii, example4d_niigz)}
+    assert after == before
+
+
+def test_progress_reports_volumes(functional_nii: Path, tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    mask = np.ones((17, 21, 3), np.uint8)
+    mask_path = tmp_path / "mask.nii"
+    nibabel.save(nibabel.Nifti1Image(mask, nibabel.load(functional_nii).affine), mask_path)
+    bigglm.convert(
+        functional_nii,
+        tmp_path / "run.zarr",
+        mask=mask_path,
+        time_chunk=8,
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    assert calls == [(8, 20), (16, 20), (20, 20)]
