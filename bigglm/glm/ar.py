@@ -1,0 +1,297 @@
+"""AR(p) noise: Yule–Walker coefficients and exact whitened quadratic forms.
+
+Whitening convention
+--------------------
+bigglm whitens with the *exact* inverse covariance of a stationary AR(p) process, the
+generalisation of Prais–Winsten to order p. Writing ``a = (1, -phi_1, ..., -phi_p)``,
+rows ``t > p`` of the whitened series are ``w_t = sum_k a_k y_(t-k)`` and the first p rows
+are scaled by the Cholesky factor of their stationary covariance (for AR(1):
+``w_1 = sqrt(1 - r^2) y_1``). The whitening is never formed: GLS needs only the
+quadratic form ``u' Q w`` with ``Q = A'A``, a banded matrix whose interior is Toeplitz,
+``q_m = sum_k a_k a_(k+m)``, corrected in its two p x p corners. The bottom-right
+correction removes the band terms that would reach past the last scan; the top-left one
+is its mirror image, because the inverse of a symmetric Toeplitz matrix is persymmetric.
+
+Other conventions: nilearn keeps the first p rows partially differenced and unscaled
+(``w_t = y_t - sum_(k<t) phi_k y_(t-k)``, no top correction) and bins AR(1) coefficients
+to 0.01; statsmodels ``GLSAR`` drops the first p rows (Cochrane–Orcutt). The three agree
+in the interior and differ only in how the first p scans are weighted.
+
+The coefficients are Yule–Walker estimates from the OLS residual autocovariances with
+the ``1 / (T - k)`` ("adjusted") normalisation that nilearn and statsmodels use; the
+residuals are not re-centred (a design that spans the constant gives zero-mean
+residuals already).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "band_coefficients",
+    "corner_correction",
+    "is_stationary",
+    "pinv_rank",
+    "whitened_cross",
+    "whitened_energy",
+    "whitened_gram",
+    "yule_walker",
+]
+
+Array = NDArray[np.float64]
+
+
+def yule_walker(acov: Array, n_scans: int) -> Array:
+    """AR(p) coefficients per voxel from residual lag sums (Yule–Walker, adjusted).
+
+    Parameters
+    ----------
+    acov : numpy.ndarray, shape (p + 1, n_voxels)
+        ``sum_t e_t e_(t-k)`` for k = 0..p.
+    n_scans : int
+        Number of scans T; lag k is normalised by ``T - k``.
+
+    Returns
+    -------
+    numpy.ndarray, shape (p, n_voxels)
+        The coefficients ``phi_1..phi_p``; NaN where the residual variance is zero.
+
+    Examples
+    --------
+    >>> e = np.array([1.0, 0.5, -0.2, 0.3, -1.0])
+    >>> acov = np.array([[e @ e], [e[1:] @ e[:-1]]])
+    >>> yule_walker(acov, 5).round(4)
+    array([[0.021]])
+    """
+    order = acov.shape[0] - 1
+    r = acov / (n_scans - np.arange(order + 1))[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if order == 1:
+            return r[1:] / r[0]
+        lags = np.abs(np.subtract.outer(np.arange(order), np.arange(order)))
+        toeplitz = np.moveaxis(r[lags], -1, 0)  # (v, p, p)
+        ok = r[0] > 0
+        phi = np.full((acov.shape[1], order), np.nan)
+        phi[ok] = np.linalg.solve(toeplitz[ok], r[1:, ok].T[..., None])[..., 0]
+    return phi.T
+
+
+def is_stationary(phi: Array) -> NDArray[np.bool_]:
+    """Whether each voxel's AR(p) coefficients define a stationary process.
+
+    Parameters
+    ----------
+    phi : numpy.ndarray, shape (p, n_voxels)
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape (n_voxels,)
+        True where every root of the companion matrix lies inside the unit circle.
+
+    Examples
+    --------
+    >>> is_stationary(np.array([[0.5, 1.2, np.nan]]))
+    array([ True, False, False])
+    """
+    order, n = phi.shape
+    finite = np.all(np.isfinite(phi), axis=0)
+    if order == 1:
+        return finite & (np.abs(np.nan_to_num(phi[0], nan=2.0)) < 1.0)
+    companion = np.zeros((n, order, order))
+    companion[:, 0, :] = np.nan_to_num(phi.T, nan=2.0)
+    companion[:, np.arange(1, order), np.arange(order - 1)] = 1.0
+    radius = np.abs(np.linalg.eigvals(companion)).max(axis=-1)
+    return finite & (radius < 1.0)
+
+
+def band_coefficients(phi: Array) -> Array:
+    """Interior band of ``Q = A'A``: ``q_m = sum_k a_k a_(k+m)``, ``a = (1, -phi)``.
+
+    Parameters
+    ----------
+    phi : numpy.ndarray, shape (p, n_voxels)
+
+    Returns
+    -------
+    numpy.ndarray, shape (p + 1, n_voxels)
+        ``q_0..q_p`` per voxel.
+
+    Examples
+    --------
+    >>> band_coefficients(np.array([[0.5]]))
+    array([[ 1.25],
+           [-0.5 ]])
+    """
+    a = np.concatenate([np.ones((1, phi.shape[1])), -phi])
+    order = phi.shape[0]
+    return np.stack([(a[: order + 1 - m] * a[m:]).sum(axis=0) for m in range(order + 1)])
+
+
+def corner_correction(phi: Array) -> tuple[Array, Array]:
+    """The p x p corrections of ``Q`` at its top-left and bottom-right corners.
+
+    Parameters
+    ----------
+    phi : numpy.ndarray, shape (p, n_voxels)
+
+    Returns
+    -------
+    top, bottom : numpy.ndarray, shape (n_voxels, p, p)
+        Added to the Toeplitz band on the first p and the last p scans.
+
+    Examples
+    --------
+    >>> top, bottom = corner_correction(np.array([[0.5]]))
+    >>> float(top[0, 0, 0]), float(bottom[0, 0, 0])
+    (-0.25, -0.25)
+    """
+    order, n = phi.shape
+    a = np.concatenate([np.ones((1, n)), -phi])  # (p + 1, v)
+    i, j = np.meshgrid(np.arange(order), np.arange(order), indexing="ij")
+    lag = i + order - j  # tail window i reaches scan T - p + j with lag i + p - j
+    past_end = np.where((j >= i)[None], a[np.clip(lag, 0, order)].transpose(2, 0, 1), 0.0)
+    bottom = -np.einsum("vki,vkj->vij", past_end, past_end)
+    top = bottom[:, ::-1, ::-1]
+    return top, bottom
+
+
+def whitened_gram(
+    band: Array, top: Array, bottom: Array, lag_gram: Array, x_head: Array, x_tail: Array
+) -> Array:
+    """``X' Q X`` per voxel, from the design's symmetrised lag Gram matrices.
+
+    Parameters
+    ----------
+    band : numpy.ndarray, shape (p + 1, v)
+        ``q_m`` from :func:`band_coefficients`.
+    top, bottom : numpy.ndarray, shape (v, p, p)
+        From :func:`corner_correction`.
+    lag_gram : numpy.ndarray, shape (p + 1, P, P)
+        ``X'X`` for m = 0 and ``X'(L^m + F^m)X`` for m >= 1.
+    x_head, x_tail : numpy.ndarray, shape (p, P)
+        The first and the last p rows of X.
+
+    Returns
+    -------
+    numpy.ndarray, shape (v, P, P)
+
+    Examples
+    --------
+    >>> x = np.ones((4, 1))
+    >>> phi = np.zeros((1, 1))  # white noise: Q is the identity
+    >>> grams = np.array([x.T @ x, 2 * x[1:].T @ x[:-1]])
+    >>> top, bottom = corner_correction(phi)
+    >>> whitened_gram(band_coefficients(phi), top, bottom, grams, x[:1], x[-1:])
+    array([[[4.]]])
+    """
+    out = np.einsum("mv,mab->vab", band, lag_gram)
+    out += np.einsum("ia,vij,jb->vab", x_head, top, x_head)
+    out += np.einsum("ia,vij,jb->vab", x_tail, bottom, x_tail)
+    return out
+
+
+def whitened_cross(
+    band: Array,
+    top: Array,
+    bottom: Array,
+    lag_cross: Array,
+    heads: tuple[Array, Array],
+    tails: tuple[Array, Array],
+) -> Array:
+    """``X' Q Y`` per voxel, from the symmetrised lagged cross products.
+
+    Parameters
+    ----------
+    band, top, bottom : numpy.ndarray
+        As for :func:`whitened_gram`.
+    lag_cross : numpy.ndarray, shape (p + 1, P, v)
+        ``X'Y`` for m = 0 and ``((L^m + F^m) X)' Y`` for m >= 1.
+    heads, tails : pair of numpy.ndarray
+        ``(X rows (p, P), Y rows (p, v))`` for the first and the last p scans.
+
+    Returns
+    -------
+    numpy.ndarray, shape (P, v)
+
+    Examples
+    --------
+    >>> phi = np.zeros((1, 1))
+    >>> top, bottom = corner_correction(phi)
+    >>> cross = np.array([[[3.0]], [[0.0]]])
+    >>> rows = (np.ones((1, 1)), np.ones((1, 1)))
+    >>> whitened_cross(band_coefficients(phi), top, bottom, cross, rows, rows)
+    array([[3.]])
+    """
+    out = np.einsum("mv,mav->av", band, lag_cross)
+    for corner, (x_rows, y_rows) in ((top, heads), (bottom, tails)):
+        out += np.einsum("ia,vij,jv->av", x_rows, corner, y_rows)
+    return out
+
+
+def whitened_energy(
+    band: Array, top: Array, bottom: Array, lag_sums: Array, head: Array, tail: Array
+) -> Array:
+    """``Y' Q Y`` per voxel, from the data's lag sums.
+
+    Parameters
+    ----------
+    band, top, bottom : numpy.ndarray
+        As for :func:`whitened_gram`.
+    lag_sums : numpy.ndarray, shape (p + 1, v)
+        ``sum_t y_t y_(t-m)`` for m = 0..p.
+    head, tail : numpy.ndarray, shape (p, v)
+        The first and the last p rows of Y.
+
+    Returns
+    -------
+    numpy.ndarray, shape (v,)
+
+    Examples
+    --------
+    >>> phi = np.array([[0.5]])
+    >>> y = np.array([1.0, 2.0, 3.0])
+    >>> sums = np.array([[y @ y], [y[1:] @ y[:-1]]])
+    >>> top, bottom = corner_correction(phi)
+    >>> e = whitened_energy(band_coefficients(phi), top, bottom, sums, y[:1, None], y[-1:, None])
+    >>> w = np.array([np.sqrt(0.75) * 1.0, 2.0 - 0.5, 3.0 - 1.0])  # Prais-Winsten
+    >>> bool(np.isclose(e[0], w @ w))
+    True
+    """
+    weights = band * np.where(np.arange(band.shape[0]) > 0, 2.0, 1.0)[:, None]
+    out = (weights * lag_sums).sum(axis=0)
+    out += np.einsum("iv,vij,jv->v", head, top, head)
+    out += np.einsum("iv,vij,jv->v", tail, bottom, tail)
+    return out
+
+
+def pinv_rank(gram: Array, rank: int) -> Array:
+    """Pseudo-inverse of a stack of symmetric PSD matrices keeping ``rank`` eigenvalues.
+
+    The rank is that of the design, found once from its singular values, so the
+    null space of a rank-deficient design is cut exactly, not by a tolerance on the
+    squared condition number of ``X'X``.
+
+    Parameters
+    ----------
+    gram : numpy.ndarray, shape (v, P, P)
+    rank : int
+
+    Returns
+    -------
+    numpy.ndarray, shape (v, P, P)
+
+    Examples
+    --------
+    >>> g = np.array([[[2.0, 2.0], [2.0, 2.0]]])
+    >>> pinv_rank(g, 1)
+    array([[[0.125, 0.125],
+            [0.125, 0.125]]])
+    """
+    scale = np.sqrt(np.einsum("vii->vi", gram))
+    scale = np.where(scale > 0, scale, 1.0)
+    scaled = gram / scale[:, :, None] / scale[:, None, :]
+    values, vectors = np.linalg.eigh(scaled)
+    keep = vectors[..., -rank:] if rank else vectors[..., :0]
+    inv = np.einsum("vik,vk,vjk->vij", keep, 1.0 / values[..., -rank:], keep)
+    return inv / scale[:, :, None] / scale[:, None, :]

@@ -1,0 +1,290 @@
+"""The fit as a Dask graph: statistics per chunk, tree reduction over time, finish per block.
+
+For every voxel block of a run the graph holds one task per chunk (its sufficient
+statistics), a tree of ``combine`` tasks over consecutive time blocks, and one ``finish``
+task. The design terms enter the graph once, as one delayed object every task depends
+on; chunk tasks depend on the array's own chunk keys, so each chunk is read exactly once
+whatever the noise model (the offset task reads the first chunk's first row from the
+same key).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+from dask.delayed import Delayed
+
+from bigglm.exceptions import DesignError
+from bigglm.glm.finish import STATUS_FLAGS, finish_block
+from bigglm.glm.result import GLMResult
+from bigglm.glm.stats import DesignTerms, chunk_statistics, combine
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["fit"]
+
+logger = logging.getLogger(__name__)
+
+
+def fit(
+    runs: str | PathLike[str] | xr.Dataset | Sequence[str | PathLike[str] | xr.Dataset],
+    designs: pd.DataFrame | np.ndarray | Sequence[pd.DataFrame | np.ndarray],
+    *,
+    noise: str = "ols",
+    client: Client | None = None,
+    split_every: int = 4,
+) -> GLMResult:
+    """Fit the GLM to every voxel of one or several runs, in one pass over the data.
+
+    Parameters
+    ----------
+    runs : path, xarray.Dataset, or a list of them
+        Stores (opened with :func:`bigglm.open_run`) or Datasets with a ``bold``
+        (time, voxel) variable; a list means several runs of one subject.
+    designs : pandas.DataFrame or list of them
+        One design matrix (scans x regressors, named columns) per run. A bare array
+        gets columns ``x0, x1, ...``.
+    noise : {"ols", "ar1", "ar2", ...}
+        Ordinary least squares, or GLS with per-voxel AR(p) noise estimated by
+        Yule–Walker from the OLS residuals (see :mod:`bigglm.glm.ar` for the exact
+        whitening convention and how it compares with nilearn and statsmodels).
+    client : distributed.Client, optional
+        Where to compute. Without one, Dask's default is used: an active
+        ``distributed`` client if there is one, otherwise the threaded scheduler
+        in this process (the work is BLAS and decompression, which release the GIL,
+        so threads scale without copying chunks between processes).
+    split_every : int
+        Fan-in of the tree reduction over time blocks.
+
+    Returns
+    -------
+    GLMResult
+        Lazy: nothing is read until the result is computed, written, or asked for a
+        contrast.
+
+    Raises
+    ------
+    DesignError
+        If a design does not match its run, or the noise model is not understood.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = pd.DataFrame({"task": np.tile([0.0, 1.0], 10), "constant": 1.0})
+    >>> y = 100 + 2 * x["task"].to_numpy()[:, None] + rng.normal(size=(20, 3))
+    >>> ds = xr.Dataset({"bold": (("time", "voxel"), y.astype("float32"))})
+    >>> result = fit(ds, x, noise="ar1").compute()
+    >>> result.beta.sel(regressor="task").round(1).values
+    array([1.9, 1.3, 2.6])
+    """
+    order = _noise_order(noise)
+    if split_every < 2:
+        raise ValueError(f"split_every must be at least 2, got {split_every}")
+    run_list = _as_list(runs, (str, PathLike, xr.Dataset))
+    design_list = _as_list(designs, (pd.DataFrame, np.ndarray))
+    if len(run_list) != len(design_list):
+        raise DesignError(
+            f"got {len(run_list)} runs but {len(design_list)} designs; give one design per run"
+        )
+    datasets = [_open(run) for run in run_list]
+    frames = [_as_frame(d) for d in design_list]
+    built = [
+        _run_graph(ds, frame, order, noise, split_every, index)
+        for index, (ds, frame) in enumerate(zip(datasets, frames, strict=True))
+    ]
+    return GLMResult([b[0] for b in built], [b[1] for b in built], client=client, like=run_list)
+
+
+def _noise_order(noise: str) -> int:
+    """0 for "ols", p for "arp"; DesignError otherwise."""
+    match = re.fullmatch(r"ar([1-9][0-9]*)", noise)
+    if noise == "ols":
+        return 0
+    if match is None:
+        raise DesignError(f"noise={noise!r} is not understood; use 'ols' or 'ar1', 'ar2', ...")
+    return int(match.group(1))
+
+
+def _as_list(value: Any, single: tuple[type, ...]) -> list[Any]:
+    """Wrap a single run or design in a list."""
+    return [value] if isinstance(value, single) else list(value)
+
+
+def _open(run: str | PathLike[str] | xr.Dataset) -> xr.Dataset:
+    """A Dataset with a dask-backed ``bold`` (time, voxel)."""
+    if not isinstance(run, xr.Dataset):
+        from bigglm.io import open_run
+
+        run = open_run(run)
+    if "bold" not in run or run["bold"].dims != ("time", "voxel"):
+        raise DesignError("each run needs a 'bold' variable with dims ('time', 'voxel')")
+    if run["bold"].chunks is None:
+        run = run.assign(bold=run["bold"].chunk())
+    return run
+
+
+def _as_frame(design: pd.DataFrame | np.ndarray) -> pd.DataFrame:
+    """A float64 DataFrame with string column names."""
+    if isinstance(design, pd.DataFrame):
+        frame = design.astype(np.float64)
+    else:
+        array = np.asarray(design, dtype=np.float64)
+        frame = pd.DataFrame(array, columns=[f"x{i}" for i in range(array.shape[1])])
+    frame.columns = [str(c) for c in frame.columns]
+    if not np.all(np.isfinite(frame.to_numpy())):
+        bad = [c for c in frame.columns if not np.all(np.isfinite(frame[c]))]
+        raise DesignError(f"design columns {bad} contain NaN or inf; fill or drop them")
+    return frame
+
+
+def _check(ds: xr.Dataset, frame: pd.DataFrame, order: int, index: int) -> None:
+    """Raise DesignError when the design cannot be fitted to the run."""
+    n_scans = ds.sizes["time"]
+    if frame.shape[0] != n_scans:
+        raise DesignError(
+            f"design {index} has {frame.shape[0]} rows but run {index} has {n_scans} "
+            "volumes; build the design from the run's frame times"
+        )
+    if n_scans <= frame.shape[1] + 2 * order:
+        raise DesignError(
+            f"run {index} has {n_scans} volumes, too few for {frame.shape[1]} regressors "
+            f"and AR({order}) noise"
+        )
+
+
+def _time_chunks(bold: xr.DataArray, order: int) -> xr.DataArray:
+    """Merge time chunks shorter than the AR order into their neighbour."""
+    chunks = list(bold.chunks[0]) if bold.chunks else [bold.sizes["time"]]
+    if order == 0 or min(chunks) >= order:
+        return bold
+    merged: list[int] = []
+    for size in chunks:
+        if merged and (size < order or merged[-1] < order):
+            merged[-1] += size
+        else:
+            merged.append(size)
+    return bold.chunk({"time": tuple(merged)})
+
+
+def _run_graph(
+    ds: xr.Dataset, frame: pd.DataFrame, order: int, noise: str, split_every: int, index: int
+) -> tuple[xr.Dataset, list[tuple[slice, Delayed]]]:
+    """The lazy result Dataset of one run, and its per-voxel-block finish tasks."""
+    _check(ds, frame, order, index)
+    terms = DesignTerms.build(frame.to_numpy(), order)
+    bold = _time_chunks(ds["bold"], order)
+    array: da.Array = bold.data
+    blocks = array.to_delayed(optimize_graph=False)
+    terms_key = dask.delayed(terms, pure=True)
+    starts = np.concatenate([[0], np.cumsum(array.chunks[0])[:-1]]).astype(int)
+    spans = terms.constant_fit is not None
+    finishes = []
+    lo = 0
+    for j, width in enumerate(array.chunks[1]):
+        offset = dask.delayed(_offset, pure=True)(blocks[0, j], spans)
+        leaves = [
+            dask.delayed(chunk_statistics, pure=True)(blocks[i, j], offset, terms_key, int(s))
+            for i, s in enumerate(starts)
+        ]
+        total = _tree(leaves, split_every)
+        finishes.append(
+            (slice(lo, lo + width), dask.delayed(finish_block, pure=True)(total, offset, terms_key))
+        )
+        lo += width
+    dataset = _lazy_dataset(ds, frame, terms, finishes, noise)
+    return dataset, finishes
+
+
+def _offset(first_block: np.ndarray, spans_constant: bool) -> np.ndarray:
+    """The per-voxel offset: the first scan's values, or zero if X lacks the constant."""
+    first = np.asarray(first_block[0], dtype=np.float64)
+    return first if spans_constant else np.zeros_like(first)
+
+
+def _tree(parts: list[Delayed], split_every: int) -> Delayed:
+    """Combine consecutive partial statistics pairwise (fan-in ``split_every``), in order."""
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(combine, pure=True)(parts[i : i + split_every])
+            for i in range(0, len(parts), split_every)
+        ]
+    return parts[0]
+
+
+def _lazy_dataset(
+    ds: xr.Dataset,
+    frame: pd.DataFrame,
+    terms: DesignTerms,
+    finishes: list[tuple[slice, Delayed]],
+    noise: str,
+) -> xr.Dataset:
+    """Assemble the per-block finish outputs into one lazy Dataset."""
+    n_reg, order = frame.shape[1], terms.order
+
+    def stacked(name: str, shape: tuple[int, ...], dtype: Any) -> da.Array:
+        pieces = [
+            da.from_delayed(_item(fin, name), shape=(*shape, sl.stop - sl.start), dtype=dtype)
+            for sl, fin in finishes
+        ]
+        return da.concatenate(pieces, axis=-1)
+
+    variables: dict[str, Any] = {
+        "beta": (("regressor", "voxel"), stacked("beta", (n_reg,), np.float64)),
+        "sigma2": (("voxel",), stacked("sigma2", (), np.float64)),
+        "status": (("voxel",), stacked("status", (), np.int8), _status_attrs()),
+        "design": (("time", "regressor"), frame.to_numpy()),
+        "dof": ((), float(frame.shape[0] - terms.rank)),
+    }
+    if order:
+        variables["ar"] = (("lag", "voxel"), stacked("ar", (order,), np.float64))
+    coords: dict[str, Any] = {"regressor": np.array(list(frame.columns), dtype=object)}
+    if order:
+        coords["lag"] = np.arange(1, order + 1)
+    for name in ("voxel", "time", "i", "j", "k"):
+        if name in ds.coords:
+            coords[name] = ds.coords[name]
+    out = xr.Dataset(variables, coords=coords)
+    out.attrs = _provenance(ds, noise, terms)
+    return out
+
+
+def _item(finished: Delayed, name: str) -> Delayed:
+    """A lazy entry of a finish task's output dict."""
+    return finished[name]  # type: ignore[index]
+
+
+def _status_attrs() -> dict[str, Any]:
+    """CF flag attributes for the ``status`` variable."""
+    return {
+        "flag_values": list(STATUS_FLAGS.values()),
+        "flag_meanings": " ".join(STATUS_FLAGS),
+        "long_name": "fit status (constant voxels and non-stationary AR estimates are NaN)",
+    }
+
+
+def _provenance(ds: xr.Dataset, noise: str, terms: DesignTerms) -> dict[str, Any]:
+    """JSON-serialisable attributes: the run's geometry and how the fit was made."""
+    from bigglm import __version__
+
+    keep = ("affine", "volume_shape", "tr", "store", "sources", "units")
+    attrs = {k: ds.attrs[k] for k in keep if k in ds.attrs}
+    attrs.update(
+        noise=noise,
+        rank=terms.rank,
+        n_scans=int(terms.matrix.shape[0]),
+        bigglm_version=__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        whitening="exact AR(p) (Prais-Winsten generalised)" if terms.order else "none",
+    )
+    return attrs

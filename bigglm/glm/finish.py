@@ -1,0 +1,137 @@
+"""Finish one voxel block: betas, residual variance and AR coefficients from the sums.
+
+No data are read here: the inputs are the tree-reduced :class:`~bigglm.glm.stats.Partial`
+of a voxel block and the run's :class:`~bigglm.glm.stats.DesignTerms`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from bigglm.glm import ar
+from bigglm.glm.stats import DesignTerms, Partial
+
+__all__ = ["STATUS_FLAGS", "ar_gram_pinv", "finish_block"]
+
+Array = NDArray[np.float64]
+
+#: Values of the per-voxel ``status`` variable (CF ``flag_values`` / ``flag_meanings``).
+STATUS_FLAGS = {"ok": 0, "constant": 1, "nonstationary": 2}
+
+#: Voxels per batch when per-voxel P x P matrices are formed (bounds task memory).
+_BATCH_BYTES = 64 * 2**20
+
+
+def finish_block(total: Partial, offset: Array, terms: DesignTerms) -> dict[str, Array]:
+    """Fit every voxel of a block from its sufficient statistics.
+
+    Parameters
+    ----------
+    total : Partial
+        Statistics summed over all scans of the run.
+    offset : numpy.ndarray, shape (v,)
+        The per-voxel value that was subtracted from the data.
+    terms : DesignTerms
+        The run's design terms (``terms.order`` > 0 selects AR(p) GLS).
+
+    Returns
+    -------
+    dict
+        ``beta`` (P, v), ``sigma2`` (v,), ``ar`` (p, v) and ``status`` (v,) int8; the
+        statistics of voxels whose status is not ``ok`` are NaN.
+
+    Examples
+    --------
+    >>> x = np.column_stack([np.arange(5.0), np.ones(5)])
+    >>> terms = DesignTerms.build(x, order=0)
+    >>> from bigglm.glm.stats import chunk_statistics
+    >>> y = (2 * np.arange(5.0) + 7)[:, None]
+    >>> out = finish_block(chunk_statistics(y, y[0], terms, 0), y[0], terms)
+    >>> out["beta"][:, 0]
+    array([2., 7.])
+    """
+    dof = terms.matrix.shape[0] - terms.rank
+    ols_beta = terms.gram_pinv @ total.cross[0]
+    status = np.where(total.lag_sums[0] == 0, STATUS_FLAGS["constant"], 0).astype(np.int8)
+    if terms.order == 0:
+        beta = ols_beta
+        rss = total.lag_sums[0] - np.einsum("av,av->v", ols_beta, total.cross[0])
+        phi = np.zeros((0, beta.shape[1]))
+    else:
+        phi = ar.yule_walker(_residual_lag_sums(total, ols_beta, terms), terms.matrix.shape[0])
+        stationary = ar.is_stationary(phi)
+        status[(status == 0) & ~stationary] = STATUS_FLAGS["nonstationary"]
+        phi = np.where(status == 0, phi, np.nan)
+        beta, rss = _gls(total, np.nan_to_num(phi), terms)
+    if terms.constant_fit is not None:
+        beta = beta + np.outer(terms.constant_fit, offset)
+    bad = status != 0
+    beta[:, bad] = np.nan
+    sigma2 = np.where(bad, np.nan, np.maximum(rss, 0.0) / dof)
+    return {"beta": beta, "sigma2": sigma2, "ar": phi, "status": status}
+
+
+def _residual_lag_sums(total: Partial, beta: Array, terms: DesignTerms) -> Array:
+    """``e'L^k e`` for k = 0..p of the OLS residuals ``e = Y - X beta``, exactly."""
+    out = [total.lag_sums[0] - np.einsum("av,av->v", beta, total.cross[0])]
+    for k in range(1, terms.order + 1):
+        quad = np.einsum("av,ab,bv->v", beta, terms.lag_gram[k], beta)
+        out.append(total.lag_sums[k] - np.einsum("av,av->v", beta, total.cross[k]) + quad / 2)
+    return np.stack(out)
+
+
+def _gls(total: Partial, phi: Array, terms: DesignTerms) -> tuple[Array, Array]:
+    """GLS betas and whitened residual sums of squares, voxel batch by voxel batch."""
+    n_reg, n_vox = terms.matrix.shape[1], phi.shape[1]
+    beta = np.empty((n_reg, n_vox))
+    rss = np.empty(n_vox)
+    step = max(1, _BATCH_BYTES // (8 * n_reg * n_reg))
+    x, p = terms.matrix, terms.order
+    for lo in range(0, n_vox, step):
+        sl = slice(lo, min(lo + step, n_vox))
+        band = ar.band_coefficients(phi[:, sl])
+        top, bottom = ar.corner_correction(phi[:, sl])
+        gram_inv = ar.pinv_rank(
+            ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:]), terms.rank
+        )
+        heads = (x[:p], total.head[:, sl])
+        tails = (x[-p:], total.tail[:, sl])
+        xqy = ar.whitened_cross(band, top, bottom, total.cross[:, :, sl], heads, tails)
+        yqy = ar.whitened_energy(
+            band, top, bottom, total.lag_sums[:, sl], total.head[:, sl], total.tail[:, sl]
+        )
+        beta[:, sl] = np.einsum("vab,bv->av", gram_inv, xqy)
+        rss[sl] = yqy - np.einsum("av,av->v", beta[:, sl], xqy)
+    return beta, rss
+
+
+def ar_gram_pinv(terms: DesignTerms, phi: Array) -> Array:
+    """``(X~'X~)^+`` per voxel for AR coefficients ``phi``, from the design alone.
+
+    Parameters
+    ----------
+    terms : DesignTerms
+    phi : numpy.ndarray, shape (p, v)
+        AR coefficients (NaN allowed: those voxels give NaN).
+
+    Returns
+    -------
+    numpy.ndarray, shape (v, P, P)
+
+    Examples
+    --------
+    >>> terms = DesignTerms.build(np.ones((6, 1)), order=1)
+    >>> ar_gram_pinv(terms, np.zeros((1, 1)))  # white noise: 1 / T
+    array([[[0.16666667]]])
+    """
+    x, p = terms.matrix, terms.order
+    bad = ~np.all(np.isfinite(phi), axis=0)
+    clean = np.where(bad, 0.0, phi)
+    band = ar.band_coefficients(clean)
+    top, bottom = ar.corner_correction(clean)
+    out = ar.pinv_rank(
+        ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:]), terms.rank
+    )
+    out[bad] = np.nan
+    return out

@@ -1,0 +1,499 @@
+"""GLMResult: the fitted statistics of one or several runs, and what can be derived.
+
+A result holds, per run, an xarray Dataset with ``beta(regressor, voxel)``,
+``sigma2(voxel)``, ``dof``, ``ar(lag, voxel)`` for AR models, ``status(voxel)``, the
+design ``design(time, regressor)`` and provenance attributes. Those are all that
+contrasts need: ``(X'X)^+`` follows from the design and, for AR(p) noise, each voxel's
+``(X~'X~)^+`` follows from the design and the voxel's AR coefficients, so any number of
+contrasts are computed without touching the data again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dask
+import numpy as np
+import xarray as xr
+from dask.callbacks import Callback
+from dask.delayed import Delayed
+
+from bigglm import contrasts as con
+from bigglm.exceptions import StoreError
+from bigglm.glm.finish import STATUS_FLAGS, ar_gram_pinv
+from bigglm.glm.stats import DesignTerms
+from bigglm.typing import ContrastKind, ProgressCallback
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["GLMResult"]
+
+logger = logging.getLogger(__name__)
+
+_BATCH_BYTES = 64 * 2**20
+_FITTED = ("beta", "sigma2", "status", "ar")
+
+
+class GLMResult:
+    """Fitted GLM statistics of one or several runs (from :func:`bigglm.fit`).
+
+    Parameters
+    ----------
+    runs : list of xarray.Dataset
+        One result Dataset per run (lazy or computed).
+    finishes : list of list of (slice, Delayed), optional
+        Per run, the voxel range and finish task of each voxel block (lazy results).
+    client : distributed.Client, optional
+        Where lazy results are computed.
+    like : list, optional
+        Per run, the store path or Dataset giving the voxel grid for NIfTI output.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> import bigglm
+    >>> x = pd.DataFrame({"a": np.tile([1.0, 0.0], 8), "b": np.tile([0.0, 1.0], 8)})
+    >>> y = np.random.default_rng(1).normal(size=(16, 4)) + 3 * x[["a"]].to_numpy()
+    >>> ds = xr.Dataset({"bold": (("time", "voxel"), y)})
+    >>> res = bigglm.fit(ds, x)
+    >>> float(res.contrast("a - b")["stat"].min()) > 3
+    True
+    """
+
+    def __init__(
+        self,
+        runs: list[xr.Dataset],
+        finishes: list[list[tuple[slice, Delayed]]] | None = None,
+        *,
+        client: Client | None = None,
+        like: list[Any] | None = None,
+    ) -> None:
+        self._runs = runs
+        self._finishes = finishes
+        self._client = client
+        self._like = like
+        self._computed: GLMResult | None = None if finishes else self
+
+    # --- views -----------------------------------------------------------------
+    @property
+    def runs(self) -> list[xr.Dataset]:
+        """The per-run result Datasets."""
+        return list(self._runs)
+
+    @property
+    def dataset(self) -> xr.Dataset:
+        """The fitted variables; with several runs, stacked along ``run`` (outer join)."""
+        if len(self._runs) == 1:
+            return self._runs[0]
+        keep = [ds[[v for v in (*_FITTED, "dof") if v in ds]] for ds in self._runs]
+        return xr.concat(keep, dim="run", join="outer")
+
+    @property
+    def beta(self) -> xr.DataArray:
+        """``beta(regressor, voxel)`` (``(run, regressor, voxel)`` for several runs)."""
+        return self.dataset["beta"]
+
+    @property
+    def sigma2(self) -> xr.DataArray:
+        """Residual variance per voxel (of the whitened model for AR noise)."""
+        return self.dataset["sigma2"]
+
+    @property
+    def dof(self) -> xr.DataArray:
+        """Residual degrees of freedom, ``T - rank(X)``."""
+        return self.dataset["dof"]
+
+    @property
+    def ar(self) -> xr.DataArray:
+        """``ar(lag, voxel)``: per-voxel AR coefficients (AR models only)."""
+        if "ar" not in self.dataset:
+            raise AttributeError("an OLS fit has no AR coefficients; fit with noise='ar1'")
+        return self.dataset["ar"]
+
+    @property
+    def designs(self) -> list[xr.DataArray]:
+        """The design matrix of each run."""
+        return [ds["design"] for ds in self._runs]
+
+    def __repr__(self) -> str:
+        state = "computed" if self._computed is self else "lazy"
+        first = self._runs[0]
+        return (
+            f"<GLMResult {len(self._runs)} run(s), {first.sizes['voxel']} voxels, "
+            f"{first.sizes['regressor']} regressors, noise={first.attrs.get('noise')}, {state}>"
+        )
+
+    # --- computing -------------------------------------------------------------
+    def compute(self, progress: ProgressCallback | None = None) -> GLMResult:
+        """Run the fit (one pass over the data) and return an in-memory result.
+
+        The computed result is cached: computing again, asking for contrasts or
+        writing outputs never reads the data a second time.
+
+        Parameters
+        ----------
+        progress : callable, optional
+            Called with ``(done, total)`` voxel blocks.
+
+        Returns
+        -------
+        GLMResult
+
+        Examples
+        --------
+        >>> import pandas as pd, bigglm
+        >>> ds = xr.Dataset({"bold": (("time", "voxel"), np.arange(20.0).reshape(10, 2) ** 2)})
+        >>> res = bigglm.fit(ds, pd.DataFrame({"c": np.ones(10)})).compute()
+        >>> res.beta.values
+        array([[114., 133.]])
+        """
+        if self._computed is not None:
+            return self._computed
+        assert self._finishes is not None
+        tasks = [fin for run in self._finishes for _, fin in run]
+        values = iter(self._run_tasks(tasks, progress))
+        runs = [
+            self._assemble(ds, [next(values) for _ in blocks])
+            for ds, blocks in zip(self._runs, self._finishes, strict=True)
+        ]
+        self._computed = GLMResult(runs, client=self._client, like=self._like)
+        return self._computed
+
+    def _run_tasks(self, tasks: list[Delayed], progress: ProgressCallback | None) -> list[Any]:
+        """Compute the finish tasks on the client, or on Dask's default scheduler."""
+        total = len(tasks)
+        if self._client is not None:
+            from distributed import as_completed
+
+            futures = self._client.compute(tasks)
+            for done, _ in enumerate(as_completed(futures), start=1):
+                if progress is not None:
+                    progress(done, total)
+            return list(self._client.gather(futures))
+        with _FinishCounter(progress, total):
+            return list(dask.compute(*tasks))
+
+    @staticmethod
+    def _assemble(lazy: xr.Dataset, blocks: list[dict[str, np.ndarray]]) -> xr.Dataset:
+        """Replace the lazy fitted variables with the computed blocks."""
+        out = lazy.copy()
+        for name in _FITTED:
+            if name in lazy:
+                data = np.concatenate([b[name] for b in blocks], axis=-1)
+                out[name] = (lazy[name].dims, data, lazy[name].attrs)
+        status = out["status"].values
+        for flag, value in STATUS_FLAGS.items():
+            count = int((status == value).sum())
+            if value and count:
+                logger.warning("%d %s voxels: their statistics are NaN", count, flag)
+        out.attrs["n_constant"] = int((status == STATUS_FLAGS["constant"]).sum())
+        out.attrs["n_nonstationary"] = int((status == STATUS_FLAGS["nonstationary"]).sum())
+        return out
+
+    # --- contrasts -------------------------------------------------------------
+    def contrast(
+        self,
+        contrasts: con.ContrastSpec | Mapping[str, con.ContrastSpec],
+        *,
+        kind: ContrastKind = "t",
+        precision_weighted: bool = False,
+    ) -> xr.Dataset:
+        """Effect, variance, statistic, p, z and dof of one or several contrasts.
+
+        Parameters
+        ----------
+        contrasts : str, list of str, array_like, or dict name -> one of those
+            An expression over column names (``"faces - houses"``), a weight vector,
+            a (q, P) matrix or a list of expressions (F), or a dict of several.
+        kind : {"t", "F"}
+        precision_weighted : bool
+            For several runs: weight each run's effect by its inverse variance
+            (default: plain mean, as nilearn).
+
+        Returns
+        -------
+        xarray.Dataset
+            ``effect``, ``variance``, ``stat`` (t or F), ``p`` (upper tail), ``z``,
+            ``dof``; with a dict, each has a leading ``contrast`` dimension. For F,
+            ``effect`` is (row, voxel) and ``variance`` the (row, row2, voxel)
+            covariance of the effect.
+
+        Raises
+        ------
+        DesignError
+            For unknown columns or contrasts not estimable under the design.
+
+        Examples
+        --------
+        >>> import pandas as pd, bigglm
+        >>> x = pd.DataFrame({"a": np.tile([1.0, 0.0], 5), "constant": 1.0})
+        >>> y = np.random.default_rng(0).normal(size=(10, 2))
+        >>> res = bigglm.fit(xr.Dataset({"bold": (("time", "voxel"), y)}), x)
+        >>> sorted(res.contrast({"a": "a", "F": ["a", "constant"]}, kind="F").data_vars)
+        ['dof', 'effect', 'p', 'stat', 'variance', 'z']
+        """
+        named = con.named_contrasts(contrasts)
+        computed = self.compute()
+        outputs = [computed._one_contrast(n, s, kind, precision_weighted) for n, s in named.items()]
+        if isinstance(contrasts, Mapping):
+            return xr.concat(outputs, dim=xr.Variable("contrast", list(named)), join="outer")
+        return outputs[0]
+
+    def _one_contrast(
+        self, name: str, spec: con.ContrastSpec, kind: ContrastKind, weighted: bool
+    ) -> xr.Dataset:
+        """One contrast on a computed result, combined across runs if several."""
+        per_run = [self._run_effect(ds, name, spec, kind) for ds in self._runs]
+        effects = [p[0] for p in per_run]
+        covariances = [p[1] for p in per_run]
+        dofs = [float(ds["dof"]) for ds in self._runs]
+        if len(per_run) > 1:
+            effect, covariance, dof = con.fixed_effects(
+                effects, covariances, dofs, precision_weighted=weighted
+            )
+        else:
+            effect, covariance, dof = effects[0], covariances[0], dofs[0]
+        return _contrast_dataset(name, kind, effect, covariance, dof, per_run[0][2])
+
+    @staticmethod
+    def _run_effect(
+        ds: xr.Dataset, name: str, spec: con.ContrastSpec, kind: ContrastKind
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Effect (q, v) and covariance (q, q, v) of one run, and the weights used."""
+        columns = [str(c) for c in ds["regressor"].values]
+        design = ds["design"].values
+        weights = con.contrast_matrix(spec, columns, kind)
+        con.check_estimable(weights, design, columns, name)
+        beta, sigma2 = ds["beta"].values, ds["sigma2"].values
+        if "ar" not in ds:
+            terms = DesignTerms.build(design, order=0)
+            effect, cov = con.effect_and_covariance(weights, beta, sigma2, terms.gram_pinv)
+            return effect, cov, weights
+        terms = DesignTerms.build(design, order=ds.sizes["lag"])
+        phi = ds["ar"].values
+        step = max(1, _BATCH_BYTES // (8 * design.shape[1] ** 2))
+        parts = []
+        for lo in range(0, beta.shape[1], step):
+            sl = slice(lo, lo + step)
+            gram = ar_gram_pinv(terms, phi[:, sl])
+            parts.append(con.effect_and_covariance(weights, beta[:, sl], sigma2[sl], gram))
+        effect = np.concatenate([p[0] for p in parts], axis=-1)
+        return effect, np.concatenate([p[1] for p in parts], axis=-1), weights
+
+    # --- output ----------------------------------------------------------------
+    def to_zarr(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the computed statistics to a Zarr store, atomically.
+
+        One run is written at the store's root; several runs as groups ``run-0``,
+        ``run-1``, ... The store is written to a temporary folder beside ``path`` and
+        renamed into place when complete.
+
+        Parameters
+        ----------
+        path : path-like
+        overwrite : bool
+            Replace an existing store.
+
+        Returns
+        -------
+        pathlib.Path
+
+        Raises
+        ------
+        StoreError
+            If ``path`` exists and ``overwrite`` is False.
+
+        Examples
+        --------
+        >>> import pandas as pd, bigglm, tempfile
+        >>> ds = xr.Dataset({"bold": (("time", "voxel"), np.random.rand(8, 3))})
+        >>> res = bigglm.fit(ds, pd.DataFrame({"c": np.ones(8)}))
+        >>> out = res.to_zarr(Path(tempfile.mkdtemp()) / "fit.zarr")
+        >>> GLMResult.from_zarr(out).beta.shape
+        (1, 3)
+        """
+        target = Path(path)
+        if target.exists() and not overwrite:
+            raise StoreError(f"{target} exists; pass overwrite=True to replace it")
+        runs = self.compute().runs
+        temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            groups = [None] if len(runs) == 1 else [f"run-{i}" for i in range(len(runs))]
+            for ds, group in zip(runs, groups, strict=True):
+                ds.to_zarr(
+                    temp, group=group, mode="w" if group is None else "a", consolidated=False
+                )
+            _mark_complete(temp, len(runs))
+            _replace(temp, target)
+        finally:
+            if temp.exists():
+                shutil.rmtree(temp)
+        return target
+
+    @classmethod
+    def from_zarr(cls, path: str | os.PathLike[str]) -> GLMResult:
+        """Load a result written by :meth:`to_zarr` (into memory).
+
+        Parameters
+        ----------
+        path : path-like
+
+        Returns
+        -------
+        GLMResult
+
+        Raises
+        ------
+        StoreError
+            If the store is missing or incomplete.
+
+        Examples
+        --------
+        See :meth:`to_zarr`.
+        """
+        import zarr
+
+        try:
+            root = zarr.open_group(str(path), mode="r")
+        except FileNotFoundError as err:
+            raise StoreError(f"{path} is not a bigglm result store") from err
+        info = root.attrs.get("bigglm_result")
+        if not isinstance(info, dict) or not info.get("complete"):
+            raise StoreError(f"{path} is not a complete bigglm result store; fit again")
+        n_runs = int(info["n_runs"])
+        groups = [None] if n_runs == 1 else [f"run-{i}" for i in range(n_runs)]
+        runs = [
+            xr.open_zarr(path, group=g, consolidated=False).load().drop_attrs(deep=False)
+            for g in groups
+        ]
+        for ds, g in zip(runs, groups, strict=True):
+            ds.attrs = dict(zarr.open_group(str(path), mode="r", path=g or "").attrs)
+            ds.attrs.pop("bigglm_result", None)
+        return cls(runs)
+
+    def to_nifti(
+        self,
+        directory: str | os.PathLike[str],
+        contrasts: con.ContrastSpec | Mapping[str, con.ContrastSpec],
+        *,
+        prefix: str,
+        kind: ContrastKind = "t",
+        precision_weighted: bool = False,
+    ) -> list[Path]:
+        """Write contrast maps as NIfTI files with BIDS-derivatives names.
+
+        For each contrast, ``<prefix>_contrast-<label>_stat-<stat>_statmap.nii.gz`` for
+        stat in effect, variance (t only), t or F, p and z; ``<label>`` is the dict key
+        (or the expression) in camelCase, e.g. ``facesMinusHouses``. Each file is
+        written atomically by :func:`bigglm.to_nifti`.
+
+        Parameters
+        ----------
+        directory : path-like
+        contrasts : as for :meth:`contrast`
+        prefix : str
+            BIDS entities, e.g. ``"sub-01_task-faces"``.
+        kind : {"t", "F"}
+        precision_weighted : bool
+
+        Returns
+        -------
+        list of pathlib.Path
+
+        Examples
+        --------
+        >>> # needs the run's voxel grid (a store or open_run Dataset); see the README.
+        """
+        import bigglm
+
+        if self._like is None:
+            raise StoreError("this result has no voxel grid; fit from a store to write NIfTI")
+        out_dir = Path(directory)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, spec in con.named_contrasts(contrasts).items():
+            maps = self.contrast(spec, kind=kind, precision_weighted=precision_weighted)
+            for stat, values in _nifti_maps(maps, kind).items():
+                path = out_dir / f"{prefix}_contrast-{con.label(name)}_stat-{stat}_statmap.nii.gz"
+                bigglm.to_nifti(values, self._like[0], path)
+                written.append(path)
+        return written
+
+
+def _nifti_maps(maps: xr.Dataset, kind: ContrastKind) -> dict[str, xr.DataArray]:
+    """The maps written per contrast, keyed by BIDS ``stat-`` value."""
+    out = {"effect": maps["effect"]}
+    if kind == "t":
+        out["variance"] = maps["variance"]
+    out[kind] = maps["stat"]
+    out["p"] = maps["p"]
+    out["z"] = maps["z"]
+    return out
+
+
+def _contrast_dataset(
+    name: str,
+    kind: ContrastKind,
+    effect: np.ndarray,
+    covariance: np.ndarray,
+    dof: float,
+    weights: np.ndarray,
+) -> xr.Dataset:
+    """Package a contrast's numbers with their statistics."""
+    if kind == "t":
+        tested = con.t_test(effect[0], covariance[0, 0], dof)
+        data: dict[str, Any] = {
+            "effect": ("voxel", effect[0]),
+            "variance": ("voxel", covariance[0, 0]),
+        }
+    else:
+        tested = con.f_test(effect, covariance, dof)
+        data = {
+            "effect": (("row", "voxel"), effect),
+            "variance": (("row", "row2", "voxel"), covariance),
+        }
+    data.update(stat=("voxel", tested["stat"]), p=("voxel", tested["p"]), z=("voxel", tested["z"]))
+    data["dof"] = ((), dof)
+    coords = {"row": np.arange(effect.shape[0]), "row2": np.arange(effect.shape[0])}
+    attrs = {"name": name, "kind": kind, "weights": weights.tolist()}
+    return xr.Dataset(data, coords=coords if kind == "F" else None, attrs=attrs)
+
+
+class _FinishCounter(Callback):
+    """Report finished voxel blocks to a progress callback (local schedulers)."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
+        super().__init__()
+        self._progress, self._total, self._done = progress, total, 0
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        name = key[0] if isinstance(key, tuple) else key
+        if self._progress is not None and str(name).startswith("finish_block"):
+            self._done += 1
+            self._progress(self._done, self._total)
+
+
+def _mark_complete(store: Path, n_runs: int) -> None:
+    """Write the completion flag last."""
+    import zarr
+
+    root = zarr.open_group(str(store), mode="a")
+    root.attrs["bigglm_result"] = {"n_runs": n_runs, "complete": True}
+
+
+def _replace(temp: Path, target: Path) -> None:
+    """Move a finished store into place, replacing an old one only after it is complete."""
+    if not target.exists():
+        os.replace(temp, target)
+        return
+    trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, trash)
+    os.replace(temp, target)
+    shutil.rmtree(trash)
