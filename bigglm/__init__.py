@@ -10,7 +10,6 @@ from importlib.metadata import PackageNotFoundError, version
 from bigglm import design
 from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, StoreError
 from bigglm.glm import GLMResult, fit
-from bigglm.glm import GLMResult, fit
 from bigglm.io import convert, convert_many, open_run, to_nifti
 
 try:
@@ -31,11 +30,9 @@ __all__ = [
     "convert_many",
     "design",
     "fit",
-    "fit",
     "open_run",
     "to_nifti",
     # classes
-    "GLMResult",
     "GLMResult",
     # exceptions
     "BigGLMWarning",
