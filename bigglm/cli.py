@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from bigglm.exceptions import ConfigError, DesignError, StoreError
 
@@ -103,9 +104,47 @@ def _build_parser() -> argparse.ArgumentParser:
 
 SubParsers = argparse._SubParsersAction
 
+# --- ingest: convert (issue 2) ---------------------------------------------------------------
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from bigglm.io import convert
+
+    with progress_bar(f"convert {args.store.name}", enabled=args.verbosity >= 0) as progress:
+        path = convert(
+            args.sources,
+            args.store,
+            mask=args.mask,
+            tr=args.tr,
+            overwrite=args.overwrite,
+            time_chunk=args.time_chunk,
+            voxel_chunk=args.voxel_chunk,
+            progress=progress,
+        )
+    print(path)
+    return 0
+
+
+def _add_convert(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "convert",
+        help="convert a NIfTI run (4D file or 3D volumes) to a bigglm Zarr store",
+        description="Convert one run to a chunked Zarr store: a 4D .nii/.nii.gz, or its 3D "
+        "volumes in time order. Prints the store's path.",
+    )
+    parser.add_argument("sources", nargs="+", type=Path, metavar="SOURCE", help="NIfTI file(s)")
+    parser.add_argument("--store", type=Path, required=True, help="store to create (*.zarr)")
+    parser.add_argument("--mask", type=Path, help="mask NIfTI on the same grid (default: EPI mask)")
+    parser.add_argument("--tr", type=float, help="repetition time in s (default: from header)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("--time-chunk", type=int, help="volumes per chunk (default 128)")
+    parser.add_argument("--voxel-chunk", type=int, help="voxels per chunk (default: ~16 MiB)")
+    parser.set_defaults(func=_cmd_convert)
+
+
 #: Each entry adds one sub-command to the parser; the sub-parser's ``func`` default runs it.
 #: Sub-command builders are defined below and listed here in the order ``--help`` shows them.
-_COMMANDS: tuple[Callable[[SubParsers], None], ...] = ()
+_COMMANDS: tuple[Callable[[SubParsers], None], ...] = (_add_convert,)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

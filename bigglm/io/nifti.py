@@ -153,7 +153,12 @@ def _describe(path: Path, img: nib.Nifti1Image) -> SourceFile:
 
 
 def _header_tr(path: Path, img: nib.Nifti1Image) -> float | None:
-    """TR in seconds from ``pixdim[4]`` and the time unit, or None when absent."""
+    """TR in seconds from ``pixdim[4]`` and the time unit, or None when absent.
+
+    A 3D file has no time axis, so its ``pixdim[4]`` (often a default 1) is not a TR.
+    """
+    if img.header["dim"][0] < 4:
+        return None
     value = float(img.header["pixdim"][4])
     if not np.isfinite(value) or value <= 0:
         return None
@@ -161,6 +166,12 @@ def _header_tr(path: Path, img: nib.Nifti1Image) -> float | None:
     if unit == "unknown":
         logger.info("%s: time unit not set in header; reading pixdim[4]=%g as seconds", path, value)
     return value * _TIME_UNIT_SECONDS.get(unit, 1.0)
+
+
+def _tr_problem(img: nib.Nifti1Image) -> str:
+    if img.header["dim"][0] < 4:
+        return "3D volumes carry none"
+    return f"pixdim[4] is {img.header['pixdim'][4]}"
 
 
 def _check_uncompressed_size(source: SourceFile, volume_shape: tuple[int, ...]) -> None:
@@ -236,8 +247,8 @@ def inspect_sources(
         tr, tr_from = _header_tr(first, first_img), "header"
         if tr is None:
             raise StoreError(
-                f"{first}: the header has no repetition time (pixdim[4] is "
-                f"{first_img.header['pixdim'][4]}); pass tr=... (or --tr on the command line)"
+                f"{first}: the header has no repetition time ({_tr_problem(first_img)}); "
+                "pass tr=... (or --tr on the command line)"
             )
     elif not (np.isfinite(tr) and tr > 0):
         raise StoreError(f"tr must be a positive number of seconds, got {tr!r}")
