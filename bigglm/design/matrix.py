@@ -119,9 +119,9 @@ def make_design(
     ``add_regs``), the columns have the same names, order and values (to 1e-6 of
     each column's largest magnitude).
 
-    Differences from nilearn 0.14.1: a rank-deficient design is returned unchanged with a
-    ``BigGLMWarning`` naming the dependent columns (nilearn silently adds a ridge to its
-    singular values, changing every column), events starting before
+    Differences from nilearn 0.14.1: a rank-deficient design is returned exactly as built,
+    with a ``BigGLMWarning`` naming the dependent columns (nilearn nudges its singular
+    values by ~1e-15 of the largest and only says "singular"), events starting before
     ``frame_times[0] + min_onset`` are left out (nilearn moves them to its grid start),
     and bad input raises :class:`~bigglm.DesignError` naming the file, row or column.
 
@@ -204,11 +204,14 @@ def _warn_if_rank_deficient(design: pd.DataFrame) -> None:
     """A BigGLMWarning naming the columns of each linear dependency."""
     groups = dependent_columns(design)
     if groups:
-        described = "; ".join(" ~ ".join(g) for g in groups)
+        described = "; ".join(
+            f"{g[0]!r} is all zeros" if len(g) == 1 else " ~ ".join(repr(n) for n in g)
+            for g in groups
+        )
         warnings.warn(
-            f"the design is rank deficient: columns {described} are linearly dependent; "
-            "contrasts that separate them are not estimable (bigglm keeps the design "
-            "as is and uses the pseudo-inverse)",
+            f"the design is rank deficient ({described}); contrasts that separate "
+            "these columns are not estimable; bigglm keeps the design as built and fits "
+            "with the pseudo-inverse (bigglm.design.check_estimable tests a contrast)",
             BigGLMWarning,
             stacklevel=3,
         )
