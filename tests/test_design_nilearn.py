@@ -120,7 +120,7 @@ def test_missing_trial_type_is_dummy(events: pd.DataFrame) -> None:
     table = events.drop(columns="trial_type")
     times = frame_times(90, 2.0)
     ours = make_design(times, table)
-    assert list(ours.columns)[0] == "dummy"
+    assert ours.columns[0] == "dummy"
     assert_same_design(ours, nilearn_design(times, table))
 
 
@@ -165,7 +165,7 @@ def test_user_callable(events: pd.DataFrame, kernel: Callable[[float, int], Any]
     ours = make_design(times, events, hrf=kernel, oversampling=20)
     theirs = nilearn_design(times, events, hrf_model=kernel, oversampling=20)
     assert_same_design(ours, theirs)
-    assert list(ours.columns)[0] == "faces_seed_power"
+    assert ours.columns[0] == "faces_seed_power"
 
 
 def test_irregular_frame_times(events: pd.DataFrame) -> None:
