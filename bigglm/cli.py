@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from bigglm.exceptions import ConfigError, DesignError, StoreError
 
@@ -104,6 +105,210 @@ def _build_parser() -> argparse.ArgumentParser:
 
 SubParsers = argparse._SubParsersAction
 
+
+# --- workflows: run, validate, submit, demo, fit (issue 5) ----------------------------------
+
+
+def _progress_factory(args: argparse.Namespace) -> Callable[[str], Any]:
+    """``progress(description)`` for the pipeline: a bar on a terminal, log lines otherwise."""
+    enabled = args.verbosity >= 0
+    return lambda description: progress_bar(description, enabled=enabled)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from bigglm.config import load_config
+
+    config = load_config(args.config)
+    if getattr(args, "profile", None):
+        from bigglm.config import ClusterConfig
+
+        config = config.model_copy(update={"cluster": ClusterConfig(profile=args.profile)})
+    return config
+
+
+def _add_subject_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--subject",
+        action="append",
+        metavar="LABEL",
+        help="only this subject (repeatable); the array jobs of 'submit' use it",
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bigglm.pipeline import run_analysis
+    from bigglm.report import format_summary
+
+    config = _load(args)
+    outcomes = run_analysis(config, subjects=args.subject, progress=_progress_factory(args))
+    print(format_summary(outcomes))
+    return 0
+
+
+def _add_run(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "run",
+        help="run a first-level analysis from a YAML config (resumes finished steps)",
+        description="Validate, convert, build designs, fit, write contrast maps, provenance "
+        "and a summary. Finished steps are skipped when the command is run again.",
+    )
+    parser.add_argument("config", type=Path, help="the analysis YAML")
+    _add_subject_option(parser)
+    parser.add_argument(
+        "--profile",
+        choices=["local"],
+        help="override the config's cluster profile (array tasks compute locally)",
+    )
+    parser.set_defaults(func=_cmd_run)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from bigglm.pipeline import plan
+
+    config = _load(args)
+    units = plan(config, args.subject)
+    runs = sum(len(u.runs) for u in units)
+    for unit in units:
+        for rp in unit.runs:
+            columns = len(rp.design.columns)
+            print(
+                f"{unit.name}: {rp.run.name}: {rp.n_scans} volumes, TR {rp.tr:g} s, "
+                f"{columns} regressors"
+            )
+    contrasts = ", ".join(config.contrasts) or "none"
+    print(
+        f"{args.config}: valid: {len(units)} units, {runs} runs, contrasts: {contrasts}; "
+        f"cluster: {config.cluster.profile}"
+    )
+    return 0
+
+
+def _add_validate(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "validate",
+        help="check a YAML config and its inputs in seconds, before any long work",
+        description="Check the config, that input files exist, that TRs and lengths agree, "
+        "that designs build and that contrasts name real columns. Reads no voxel data.",
+    )
+    parser.add_argument("config", type=Path, help="the analysis YAML")
+    _add_subject_option(parser)
+    parser.set_defaults(func=_cmd_validate)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from bigglm.batch import submit
+
+    config = _load(args)
+    done = submit(
+        args.config, config, mode=args.mode, scheduler=args.scheduler, dry_run=args.dry_run
+    )
+    what = f"{done.tasks} array tasks" if done.mode == "array" else "1 driver job"
+    if args.dry_run:
+        print(f"wrote {done.script} ({what}); not submitted")
+    else:
+        print(f"submitted job {done.job_id} ({what}); script {done.script}")
+    return 0
+
+
+def _add_submit(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "submit",
+        help="submit an analysis to SLURM, PBS or SGE; prints the job id",
+        description="Either one driver job running 'bigglm run' (its Dask workers are "
+        "batch jobs when the cluster profile is a batch system), or one array task per "
+        "subject.",
+    )
+    parser.add_argument("config", type=Path, help="the analysis YAML")
+    parser.add_argument(
+        "--mode", choices=["driver", "array"], help="default: cluster.submit.mode (driver)"
+    )
+    parser.add_argument(
+        "--scheduler", choices=["slurm", "pbs", "sge"], help="default: cluster.profile"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="write the script only")
+    parser.set_defaults(func=_cmd_submit)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bigglm.demo import format_report, run_demo
+    from bigglm.report import format_summary
+
+    logger.info("demo: writing a synthetic subject to %s/data", args.output)
+    report = run_demo(
+        args.output, n_scans=args.scans, seed=args.seed, progress=_progress_factory(args)
+    )
+    print(format_summary(report.outcomes))
+    print(format_report(report))
+    return 0
+
+
+def _add_demo(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="synthetic subject with known activations: run the pipeline, score the recovery",
+        description="Writes a BIDS-derivatives subject (4 mm MNI brain mask, AR(1) noise, "
+        "faces and houses blocks), runs the whole pipeline, and prints how well the true "
+        "effects were recovered.",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path("bigglm-demo"), help="working folder (bigglm-demo)"
+    )
+    parser.add_argument("--scans", type=int, default=160, help="volumes in the run (160)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.set_defaults(func=_cmd_demo)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from bigglm.pipeline import fit_stores
+
+    written = fit_stores(
+        args.stores,
+        args.output,
+        events=args.events,
+        confounds=args.confounds,
+        confound_columns=args.confound_columns,
+        contrasts=args.contrast,
+        noise=args.noise,
+        hrf=args.hrf,
+        drift=args.drift,
+        high_pass=args.high_pass,
+        slice_time_ref=args.slice_time_ref,
+        address=args.address,
+    )
+    print(f"wrote {len(written)} maps to {args.output}")
+    return 0
+
+
+def _add_fit(sub: SubParsers) -> None:
+    parser = sub.add_parser(
+        "fit",
+        help="fit converted stores with events/confounds files and contrasts (no YAML)",
+        description="Fit one subject's runs (stores from 'bigglm convert') and write a map "
+        "per contrast and statistic.",
+    )
+    parser.add_argument("stores", nargs="+", type=Path, help="the runs' stores (*.zarr)")
+    parser.add_argument("--events", nargs="+", type=Path, help="events.tsv per store")
+    parser.add_argument("--confounds", nargs="+", type=Path, help="confounds TSV per store")
+    parser.add_argument(
+        "--confound-columns", nargs="+", metavar="PATTERN", help="columns to keep (globs)"
+    )
+    parser.add_argument(
+        "--contrast",
+        action="append",
+        default=[],
+        metavar="NAME=EXPR",
+        help="e.g. faces_minus_houses='faces - houses' (repeatable; rows split by ';' make F)",
+    )
+    parser.add_argument("--noise", default="ar1", help="ols or arN (default ar1)")
+    parser.add_argument("--hrf", default="glover", help="HRF model (default glover)")
+    parser.add_argument("--drift", default="cosine", help="cosine, polynomial or none")
+    parser.add_argument("--high-pass", type=float, default=0.01, help="Hz (default 0.01)")
+    parser.add_argument("--slice-time-ref", type=float, default=0.0, help="0..1 (default 0)")
+    parser.add_argument("--address", help="a Dask scheduler address (default: local cluster)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the maps")
+    parser.set_defaults(func=_cmd_fit)
+
+
 # --- ingest: convert (issue 2) ---------------------------------------------------------------
 
 
@@ -144,7 +349,14 @@ def _add_convert(sub: SubParsers) -> None:
 
 #: Each entry adds one sub-command to the parser; the sub-parser's ``func`` default runs it.
 #: Sub-command builders are defined below and listed here in the order ``--help`` shows them.
-_COMMANDS: tuple[Callable[[SubParsers], None], ...] = (_add_convert,)
+_COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
+    _add_convert,
+    _add_run,
+    _add_validate,
+    _add_submit,
+    _add_demo,
+    _add_fit,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 #: Blob centres (MNI mm), widths (mm) and peak effects per condition (signal units,
 #: baseline ~1000, noise SD 10): the truth the demo must recover.
 BLOBS: dict[str, list[tuple[tuple[float, float, float], float, float]]] = {
-    "faces": [((40.0, -52.0, -18.0), 8.0, 14.0), ((-40.0, -52.0, -18.0), 8.0, 10.0)],
-    "houses": [((28.0, -44.0, -8.0), 8.0, 12.0)],
-    "both": [((0.0, -84.0, 4.0), 10.0, 10.0)],
+    "faces": [((40.0, -52.0, -18.0), 10.0, 24.0), ((-40.0, -52.0, -18.0), 10.0, 18.0)],
+    "houses": [((28.0, -44.0, -8.0), 10.0, 20.0), ((-28.0, -44.0, -8.0), 10.0, 16.0)],
+    "both": [((0.0, -84.0, 4.0), 12.0, 16.0)],
 }
 #: A voxel counts as truly active where its true effect exceeds this fraction of the peak.
 ACTIVE_FRACTION = 0.25
@@ -56,7 +56,7 @@ def load_brain_mask() -> tuple[np.ndarray, np.ndarray]:
     Examples
     --------
     >>> mask, affine = load_brain_mask()
-    >>> mask.shape, int(mask.sum()), affine[0, 0]
+    >>> mask.shape, int(mask.sum()), float(affine[0, 0])
     ((49, 58, 47), 29794, 4.0)
     """
     with files("bigglm.data").joinpath("mni152_brain_mask_4mm.npz").open("rb") as handle:
@@ -79,7 +79,8 @@ class DemoTruth:
 
 def _events(n_scans: int, tr: float, rng: np.random.Generator) -> pd.DataFrame:
     """Alternating 16 s blocks of faces and houses with jittered 8-16 s rest between."""
-    rows, onset, end = [], 6.0, n_scans * tr - 24.0
+    rows: list[tuple[float, float, str]] = []
+    onset, end = 6.0, n_scans * tr - 24.0
     conditions = ["faces", "houses"]
     while onset < end:
         rows.append((onset, 16.0, conditions[len(rows) % 2]))
@@ -232,6 +233,7 @@ class Recovery:
     n_active: int
     n_detected: int
     false_positives: int
+    expected_false_positives: float = 0.0
 
 
 @dataclass
@@ -243,6 +245,7 @@ class DemoReport:
     recoveries: list[Recovery] = field(default_factory=list)
     n_voxels: int = 0
     n_scans: int = 0
+    outcomes: list[Any] = field(default_factory=list)
 
 
 def recovery(
@@ -280,8 +283,10 @@ def recovery(
     >>> r.correlation, r.sensitivity, r.specificity
     (1.0, 1.0, 1.0)
     """
-    estimate = np.asarray(nib.load(effect_map).dataobj)[mask]
-    z = np.asarray(nib.load(z_map).dataobj)[mask]
+    from scipy.stats import norm
+
+    estimate = np.asarray(_image(effect_map).dataobj)[mask]
+    z = np.asarray(_image(z_map).dataobj)[mask]
     true = true_effect[mask]
     peak = np.abs(true).max()
     active = np.abs(true) > ACTIVE_FRACTION * peak
@@ -297,7 +302,12 @@ def recovery(
         n_active=int(active.sum()),
         n_detected=int((detected & active).sum()),
         false_positives=int(false.sum()),
+        expected_false_positives=round(float(inactive.sum() * 2 * norm.sf(Z_THRESHOLD)), 1),
     )
+
+
+def _image(path: Path) -> Any:
+    return nib.load(path)
 
 
 def run_demo(
@@ -340,7 +350,7 @@ def run_demo(
     truth = make_dataset(folder / "data", n_scans=n_scans, seed=seed)
     config = demo_config(truth, folder / "results")
     (outcome,) = run_analysis(config, client=client, progress=progress)
-    report = DemoReport(folder / "data", folder / "results", n_scans=n_scans)
+    report = DemoReport(folder / "data", folder / "results", n_scans=n_scans, outcomes=[outcome])
     report.n_voxels = int(truth.mask.sum())
     effects = {
         "faces": truth.effects["faces"],
@@ -372,19 +382,20 @@ def format_report(report: DemoReport) -> str:
 
     Examples
     --------
-    >>> r = DemoReport(Path("d"), Path("o"), [Recovery("faces", 0.93, 0.9, 0.999, 100, 90, 2)])
+    >>> r = DemoReport(Path("d"), Path("o"), [Recovery("faces", 0.93, 0.9, 0.999, 100, 90, 2, 3.0)])
     >>> print(format_report(r).splitlines()[-1])
-    faces                     0.930         90.0%        99.90%      90/100    2
+    faces                     0.930         90.0%        99.90%      90/100    2        3
     """
     lines = [
         f"truth recovery (z > {Z_THRESHOLD}; active = true effect > "
         f"{ACTIVE_FRACTION:.0%} of its peak)",
         f"{'contrast':<20} {'corr(est, true)':>15} {'sensitivity':>13} {'specificity':>13} "
-        f"{'detected':>11} {'FP':>4}",
+        f"{'detected':>11} {'FP':>4} {'(chance)':>8}",
     ]
     for r in report.recoveries:
         lines.append(
             f"{r.contrast:<20} {r.correlation:>10.3f} {r.sensitivity:>13.1%} "
-            f"{r.specificity:>13.2%} {r.n_detected:>7}/{r.n_active:<3} {r.false_positives:>4}"
+            f"{r.specificity:>13.2%} {r.n_detected:>7}/{r.n_active:<3} {r.false_positives:>4} "
+            f"{r.expected_false_positives:>8.0f}"
         )
     return "\n".join(lines)

@@ -46,7 +46,7 @@ from bigglm.bids import Run, find_runs, parse_entities
 from bigglm.config import AnalysisConfig, RunInput
 from bigglm.exceptions import ConfigError, DesignError, StoreError
 from bigglm.report import environment, file_record, sha256_file, write_json_atomic
-from bigglm.typing import ProgressCallback
+from bigglm.typing import ContrastKind, ProgressCallback
 
 __all__ = [
     "UnitOutcome",
@@ -289,7 +289,7 @@ def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
 
 def _bold_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray, int, float | None]:
     try:
-        img = nib.load(path)
+        img: Any = nib.load(path)
     except Exception as err:  # nibabel raises many kinds for a bad file
         raise ConfigError(f"inputs: cannot read {path} as NIfTI ({err})") from None
     shape = tuple(int(n) for n in img.shape)
@@ -338,7 +338,7 @@ def _design(config: AnalysisConfig, run: Run, n_scans: int, tr: float, ref: floa
 def _check_mask(mask: Path, run: RunPlan) -> None:
     if not mask.is_file():
         raise ConfigError(f"inputs: mask {mask} does not exist; check the path")
-    img = nib.load(mask)
+    img: Any = nib.load(mask)
     if tuple(img.shape[:3]) != run.shape:
         raise ConfigError(
             f"inputs: mask {mask.name} has shape {tuple(img.shape)} but {run.run.bold.name} "
@@ -552,7 +552,7 @@ def _convert_step(
     config: AnalysisConfig,
     progress: ProgressFactory,
 ) -> None:
-    import bigglm
+    from bigglm.io import convert
 
     mask_sum = sums(mask) if mask is not None else None
     key = _digest(sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
@@ -561,7 +561,7 @@ def _convert_step(
     rp.store.parent.mkdir(parents=True, exist_ok=True)
     _remove_partials(rp.store)
     with steps.running(f"convert-{rp.run.name}", key), progress(f"convert {rp.run.name}") as cb:
-        bigglm.convert(
+        convert(
             rp.run.bold,
             rp.store,
             mask=mask,
@@ -574,12 +574,12 @@ def _convert_step(
 
 def _store_matches(rp: RunPlan, sums: _Checksums) -> bool:
     """A complete store exists, made from a file with the same SHA-256 and the same TR."""
-    import bigglm
+    from bigglm.io import open_run
 
     if not rp.store.exists():
         return False
     try:
-        attrs = bigglm.open_run(rp.store).attrs
+        attrs = open_run(rp.store).attrs
     except StoreError:
         return False
     recorded = [s.get("sha256") for s in attrs.get("sources", [])]
@@ -594,11 +594,11 @@ def _remove_partials(store: Path) -> None:
 
 def _epi_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
     """The mask of the unit's first store as a NIfTI, so every run uses the same voxels."""
-    import bigglm
+    from bigglm.io import open_run
 
     path = config.store_folder / f"{unit.name}_desc-epi_mask.nii.gz"
     if not path.exists():
-        ds = bigglm.open_run(unit.runs[0].store)
+        ds = open_run(unit.runs[0].store)
         data = np.asarray(ds["mask"].values, dtype=np.uint8)
         img = nib.Nifti1Image(data, np.asarray(ds.attrs["affine"], dtype=float))
         temp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
@@ -621,39 +621,34 @@ def _design_step(unit: UnitPlan, steps: _Steps) -> list[Path]:
 
 
 def _fit_step(
-    unit: UnitPlan, config: AnalysisConfig, steps: _Steps, sums: _Checksums, client: Any
+    unit: UnitPlan,
+    config: AnalysisConfig,
+    steps: _Steps,
+    sums: _Checksums,
+    client: Any,
+    progress: ProgressFactory,
 ) -> tuple[Any, str]:
-    import bigglm
-    from bigglm.glm import GLMResult
+    from bigglm.glm import GLMResult, fit
+    from bigglm.io import open_run
 
     path = unit.folder / f"{unit.name}_glm.zarr"
-    sources = [sums(rp.run.bold) for rp in unit.runs]
     key = _digest(
         "fit",
         config.model.noise,
-        sources,
+        [sums(rp.run.bold) for rp in unit.runs],
         [_frame_digest(rp.design) for rp in unit.runs],
         [str(rp.store) for rp in unit.runs],
     )
-    if not steps.done("fit", key, [path]):
-        with steps.running("fit", key):
-            runs = [bigglm.open_run(rp.store) for rp in unit.runs]
-            designs = [rp.design for rp in unit.runs]
-            result = bigglm.fit(runs, designs, noise=config.model.noise, client=client)
-            _replace_dir(path, result.to_zarr)
-    return GLMResult.from_zarr(path), key
-
-
-def _replace_dir(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write a folder at a temporary sibling path, then rename it over ``path``."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    shutil.rmtree(temp, ignore_errors=True)
-    write(temp)
-    old = path.with_name(f".{path.name}.{os.getpid()}.old")
-    if path.exists():
-        os.rename(path, old)
-    os.rename(temp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    if steps.done("fit", key, [path]):
+        return GLMResult.from_zarr(path), key
+    _remove_partials(path)
+    with steps.running("fit", key), progress(f"fit {unit.name}") as callback:
+        runs = [open_run(rp.store) for rp in unit.runs]
+        designs = [rp.design for rp in unit.runs]
+        result = fit(runs, designs, noise=config.model.noise, client=client)
+        result = result.compute(progress=callback)
+        result.to_zarr(path, overwrite=True)
+    return result, key
 
 
 def unit_folder(config: AnalysisConfig, unit: str) -> Path:
@@ -710,6 +705,10 @@ def _bids_label(name: str) -> str:
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
+#: Maps that exist for an F contrast (its effect is a vector per voxel).
+_F_MAPS = ("stat", "p", "z")
+
+
 def _maps_step(
     unit: UnitPlan,
     config: AnalysisConfig,
@@ -718,22 +717,23 @@ def _maps_step(
     steps: _Steps,
     outcome: UnitOutcome,
 ) -> None:
-    import bigglm
+    from bigglm.io import to_nifti
 
     like = unit.runs[0].store
     for name, expression in config.contrasts.items():
-        kind = "t" if isinstance(expression, str) else "F"
-        paths = {stat: map_path(config, unit.name, name, stat) for stat in config.outputs.maps}
+        kind: ContrastKind = "t" if isinstance(expression, str) else "F"
+        stats = [m for m in config.outputs.maps if kind == "t" or m in _F_MAPS]
+        paths = {stat: map_path(config, unit.name, name, stat) for stat in stats}
         key = _digest(fit_key, expression, kind, sorted(paths))
         outcome.maps.extend(paths.values())
         if steps.done(f"contrast-{name}", key, list(paths.values())):
             continue
         with steps.running(f"contrast-{name}", key):
-            stats = result.contrast(expression, kind=kind)
+            values = result.contrast(expression, kind=kind)
             for stat, path in paths.items():
-                bigglm.to_nifti(stats[stat], like, path)
-        z = np.asarray(stats["z"])
-        outcome.peaks[name] = float(np.nanmax(np.abs(z))) if z.size else float("nan")
+                to_nifti(values[stat], like, path)
+        z = np.asarray(values["z"])
+        outcome.peaks[name] = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else np.nan
 
 
 def _provenance_step(
@@ -846,6 +846,8 @@ def _client(config: AnalysisConfig, client: Any) -> Iterator[Any]:
 def _run_unit(
     unit: UnitPlan, config: AnalysisConfig, client: Any, progress: ProgressFactory
 ) -> UnitOutcome:
+    from bigglm.io import open_run
+
     started = datetime.now(UTC).isoformat()
     outcome = UnitOutcome(unit.name, len(unit.runs), sum(rp.n_scans for rp in unit.runs))
     steps = _Steps(config.outputs.folder, unit.name)
@@ -857,9 +859,156 @@ def _run_unit(
         if mask is None and index == 0 and len(unit.runs) > 1:
             mask = _epi_mask(unit, config)
     _design_step(unit, steps)
-    result, fit_key = _fit_step(unit, config, steps, sums, client)
-    outcome.n_voxels = int(result.sizes.get("voxel", 0)) if hasattr(result, "sizes") else 0
+    result, fit_key = _fit_step(unit, config, steps, sums, client, progress)
+    outcome.n_voxels = int(open_run(unit.runs[0].store).sizes["voxel"])
     _maps_step(unit, config, result, fit_key, steps, outcome)
     outcome.steps = dict(steps.timings)
     outcome.provenance = _provenance_step(unit, config, outcome, sums, started)
     return outcome
+
+
+# --- bigglm fit: stores and files from the command line, no YAML ------------------------------
+
+
+def parse_contrast_options(options: Sequence[str]) -> dict[str, str | list[str]]:
+    """``["name=expr", "F=a;b"]`` -> ``{"name": "expr", "F": ["a", "b"]}`` (``;`` makes F).
+
+    Parameters
+    ----------
+    options : sequence of str
+        ``NAME=EXPRESSION`` items; rows separated by ``;`` make an F contrast.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ConfigError
+        For an item without ``=`` or with an empty name.
+
+    Examples
+    --------
+    >>> parse_contrast_options(["d=faces - houses", "any=faces; houses"])
+    {'d': 'faces - houses', 'any': ['faces', 'houses']}
+    """
+    out: dict[str, str | list[str]] = {}
+    for option in options:
+        name, sep, expression = option.partition("=")
+        if not sep or not name.strip() or not expression.strip():
+            raise ConfigError(
+                f"--contrast {option!r}: write NAME=EXPRESSION, e.g. "
+                "--contrast 'faces_minus_houses=faces - houses'"
+            )
+        rows = [row.strip() for row in expression.split(";") if row.strip()]
+        out[name.strip()] = rows[0] if len(rows) == 1 else rows
+    return out
+
+
+def _per_store(values: Sequence[Path] | None, n: int, option: str) -> list[Path | None]:
+    if not values:
+        return [None] * n
+    if len(values) != n:
+        raise ConfigError(f"{option}: got {len(values)} files for {n} stores; give one per store")
+    return list(values)
+
+
+def fit_stores(
+    stores: Sequence[Path],
+    output: Path,
+    *,
+    events: Sequence[Path] | None = None,
+    confounds: Sequence[Path] | None = None,
+    confound_columns: Sequence[str] | None = None,
+    contrasts: Sequence[str] = (),
+    noise: str = "ar1",
+    hrf: str = "glover",
+    drift: str | None = "cosine",
+    high_pass: float = 0.01,
+    slice_time_ref: float = 0.0,
+    address: str | None = None,
+) -> list[Path]:
+    """Fit converted stores (one subject's runs) and write each contrast's maps.
+
+    The ``bigglm fit`` command: designs are built from the stores' TR and length and the
+    given events and confounds, the runs are fitted together, and for every contrast the
+    effect, variance, stat and z maps (stat and z for F) are written to ``output``, with
+    the result store ``glm.zarr``.
+
+    Parameters
+    ----------
+    stores : sequence of Path
+        Stores from :func:`bigglm.convert`, all on one grid.
+    output : Path
+        Folder for the maps (created).
+    events, confounds : sequence of Path, optional
+        One file per store.
+    confound_columns : sequence of str, optional
+        Confound columns (names or globs); all when omitted.
+    contrasts : sequence of str
+        ``NAME=EXPRESSION`` items (see :func:`parse_contrast_options`).
+    noise, hrf, drift, high_pass, slice_time_ref
+        As in the YAML ``model`` section (``drift="none"``: no drift terms).
+    address : str, optional
+        A Dask scheduler; default a local cluster sized to the machine.
+
+    Returns
+    -------
+    list of Path
+        The maps written.
+
+    Raises
+    ------
+    ConfigError, DesignError, StoreError
+        For bad options, files or stores.
+
+    Examples
+    --------
+    >>> fit_stores([Path("/nope.zarr")], Path("/tmp/o"), contrasts=["a"])
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.ConfigError: --contrast 'a': write NAME=EXPRESSION, ...
+    """
+    from bigglm.cluster import client_from_profile
+    from bigglm.config import ClusterConfig, ModelConfig
+    from bigglm.design import make_run_design
+    from bigglm.glm import fit
+    from bigglm.io import open_run, to_nifti
+
+    named = parse_contrast_options(contrasts)
+    try:
+        model = ModelConfig.model_validate(
+            {"noise": noise, "hrf": hrf, "drift": None if drift == "none" else drift}
+        )
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[-1].strip()) from None
+    runs = [open_run(s) for s in stores]
+    event_files = _per_store(events, len(runs), "--events")
+    confound_files = _per_store(confounds, len(runs), "--confounds")
+    designs = [
+        make_run_design(
+            ds.sizes["time"],
+            float(ds.attrs["tr"]),
+            events=ev,
+            confounds=cf,
+            confound_columns=confound_columns,
+            slice_time_ref=slice_time_ref,
+            hrf=model.hrf,
+            drift=model.drift,
+            high_pass=high_pass,
+        )
+        for ds, ev, cf in zip(runs, event_files, confound_files, strict=True)
+    ]
+    profile = ClusterConfig(profile="address", address=address) if address else ClusterConfig()
+    output.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with client_from_profile(profile) as client:
+        result = fit(runs, designs, noise=model.noise, client=client).compute()
+    result.to_zarr(output / "glm.zarr", overwrite=True)
+    for name, expression in named.items():
+        kind: ContrastKind = "t" if isinstance(expression, str) else "F"
+        values = result.contrast(expression, kind=kind)
+        for stat in ("effect", "variance", "stat", "z") if kind == "t" else _F_MAPS:
+            path = output / f"contrast-{_bids_label(name)}_stat-{stat}_statmap.nii.gz"
+            written.append(to_nifti(values[stat], stores[0], path))
+    return written
