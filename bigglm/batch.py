@@ -195,7 +195,8 @@ def job_script(
         command_text = shlex.join(command) + ' --subject "${subject}" --profile local'
     else:
         command_text = shlex.join(command)
-    extra = [f"# {d}" if not d.startswith("#") else d for d in cluster.job_extra_directives]
+    prefix = {"slurm": "#SBATCH", "pbs": "#PBS", "sge": "#$"}[scheduler]
+    extra = [f"{prefix} {d}" for d in cluster.job_extra_directives]
     return "\n".join(["#!/usr/bin/env bash", *head, *extra, *body, f"exec {command_text}", ""])
 
 

@@ -40,7 +40,7 @@ def lifetime_options(walltime: str) -> list[str]:
     Parameters
     ----------
     walltime : str
-        The job walltime, ``[D-]HH:MM[:SS]``.
+        The job walltime, ``[D-]HH:MM:SS``.
 
     Returns
     -------

@@ -62,7 +62,7 @@ MapName = Literal["effect", "variance", "stat", "p", "z"]
 
 _DEFAULT_MAPS: tuple[MapName, ...] = ("effect", "variance", "stat", "z")
 _NOISE = re.compile(r"^(ols|ar[1-9][0-9]*)$")
-_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+):([0-5]\d)(?::([0-5]\d))?$")
+_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _WHAT = {"sub": "subject", "ses": "session", "task": "task"}
@@ -326,12 +326,12 @@ def _check_memory(value: str) -> str:
 
 
 def walltime_seconds(walltime: str) -> int:
-    """Convert a batch walltime (``[D-]HH:MM[:SS]``) to seconds.
+    """Convert a batch walltime (``[D-]HH:MM:SS``) to seconds.
 
     Parameters
     ----------
     walltime : str
-        ``"HH:MM:SS"``, ``"HH:MM"`` or ``"D-HH:MM:SS"``.
+        ``"HH:MM:SS"`` or ``"D-HH:MM:SS"``.
 
     Returns
     -------

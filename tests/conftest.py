@@ -74,3 +74,109 @@ def write_nifti(tmp_path: Path):
 def brain_series():
     """Factory: ``brain_series(shape, n_volumes, seed)`` float32 EPI-like data."""
     return _brain_series
+
+
+# --- workflows (issue 5): a tiny fMRIPrep-like dataset and a shared local cluster -------------
+
+
+def write_tiny_bids(
+    root: Path,
+    subjects: tuple[str, ...] = ("01", "02"),
+    *,
+    n_scans: int = 60,
+    shape: tuple[int, int, int] = (10, 10, 10),
+    tr: float = 2.0,
+    seed: int = 0,
+) -> Path:
+    """Write a small derivatives dataset: bold, brain mask, confounds, events, sidecar.
+
+    Each subject has one run of task ``tiny`` with conditions ``a`` and ``b`` (blocks),
+    AR(1) noise (rho 0.3), and a true effect of ``a`` in the first half of the volume.
+    Events are written in a separate raw folder (``root/raw``), as in a real dataset.
+    """
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from bigglm.design import frame_times, make_design
+
+    rng = np.random.default_rng(seed)
+    derivatives = root / "derivatives"
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    events = pd.DataFrame(
+        {
+            "onset": np.arange(4.0, n_scans * tr - 20, 20.0),
+            "duration": 8.0,
+        }
+    )
+    events["trial_type"] = ["a", "b"] * (len(events) // 2) + ["a"] * (len(events) % 2)
+    design = make_design(frame_times(n_scans, tr), events, drift=None)
+    mask = np.zeros(shape, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    for sub in subjects:
+        func = derivatives / f"sub-{sub}" / "func"
+        raw_func = root / "raw" / f"sub-{sub}" / "func"
+        func.mkdir(parents=True)
+        raw_func.mkdir(parents=True)
+        stem = f"sub-{sub}_task-tiny"
+        effect = np.zeros(shape)
+        effect[: shape[0] // 2] = 3.0
+        noise = np.empty((n_scans, *shape))
+        noise[0] = rng.standard_normal(shape)
+        for t in range(1, n_scans):
+            noise[t] = 0.3 * noise[t - 1] + np.sqrt(1 - 0.09) * rng.standard_normal(shape)
+        signal = 500.0 + design["a"].to_numpy()[:, None, None, None] * effect + noise
+        data = np.moveaxis(signal, 0, -1).astype(np.float32)
+        image = nibabel.Nifti1Image(data, affine)
+        image.header.set_xyzt_units("mm", "sec")
+        image.header["pixdim"][4] = tr
+        nibabel.save(image, func / f"{stem}_desc-preproc_bold.nii.gz")
+        nibabel.save(
+            nibabel.Nifti1Image(mask.astype(np.uint8), affine),
+            func / f"{stem}_desc-brain_mask.nii.gz",
+        )
+        (func / f"{stem}_desc-preproc_bold.json").write_text(json.dumps({"RepetitionTime": tr}))
+        confounds = pd.DataFrame(
+            {"trans_x": rng.normal(0, 0.1, n_scans), "rot_x": rng.normal(0, 0.01, n_scans)}
+        )
+        confounds.loc[0, "rot_x"] = np.nan  # fMRIPrep leaves n/a in derivative-like columns
+        confounds.to_csv(
+            func / f"{stem}_desc-confounds_timeseries.tsv", sep="\t", index=False, na_rep="n/a"
+        )
+        events.to_csv(raw_func / f"{stem}_events.tsv", sep="\t", index=False)
+    return root
+
+
+@pytest.fixture
+def tiny_bids(tmp_path: Path) -> Path:
+    """A two-subject fMRIPrep-like dataset (10 x 10 x 10, 60 volumes); see write_tiny_bids."""
+    return write_tiny_bids(tmp_path / "dataset")
+
+
+def tiny_config(dataset: Path, outputs: Path, **sections: object) -> dict[str, object]:
+    """The configuration mapping of an analysis of :func:`write_tiny_bids` data."""
+    config: dict[str, object] = {
+        "inputs": {
+            "bids": {"derivatives": str(dataset / "derivatives"), "raw": str(dataset / "raw")},
+            "confounds": ["trans_x", "rot_x"],
+        },
+        "model": {"noise": "ar1", "hrf": "glover", "drift": "cosine"},
+        "contrasts": {"a": "a", "a_minus_b": "a - b", "any": ["a", "b"]},
+        "outputs": {"folder": str(outputs), "maps": ["effect", "variance", "stat", "z"]},
+        "store": {"time_chunk": 16},
+    }
+    config.update(sections)
+    return config
+
+
+@pytest.fixture(scope="session")
+def local_client():
+    """One LocalCluster (two single-threaded worker processes) shared by the workflow tests."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client

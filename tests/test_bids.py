@@ -1,0 +1,141 @@
+"""BIDS derivatives discovery on fMRIPrep-shaped folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bigglm.bids import find_runs, parse_entities
+from bigglm.exceptions import ConfigError
+
+
+def _touch(path: Path, text: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _layout(root: Path) -> tuple[Path, Path]:
+    """Two subjects; sub-02 has two sessions and two runs; two output spaces."""
+    deriv, raw = root / "deriv", root / "raw"
+    for sub, ses, run in [("01", None, None), ("02", "1", "1"), ("02", "1", "2"), ("02", "2", "1")]:
+        folder = f"sub-{sub}" + (f"/ses-{ses}" if ses else "") + "/func"
+        ents = f"sub-{sub}" + (f"_ses-{ses}" if ses else "") + "_task-faces"
+        ents += f"_run-{run}" if run else ""
+        for space in ("MNI152NLin2009cAsym", "T1w"):
+            _touch(deriv / folder / f"{ents}_space-{space}_desc-preproc_bold.nii.gz")
+            _touch(deriv / folder / f"{ents}_space-{space}_desc-brain_mask.nii.gz")
+            sidecar = {"RepetitionTime": 2.0, "StartTime": 0.5}
+            _touch(
+                deriv / folder / f"{ents}_space-{space}_desc-preproc_bold.json", json.dumps(sidecar)
+            )
+        _touch(deriv / folder / f"{ents}_desc-confounds_timeseries.tsv", "trans_x\n0\n")
+        _touch(raw / folder / f"{ents}_events.tsv", "onset\tduration\n")
+    return deriv, raw
+
+
+def test_entities_are_parsed_in_order() -> None:
+    entities = parse_entities("/x/sub-01_ses-2_task-a_run-03_space-T1w_desc-preproc_bold.nii.gz")
+    assert entities == {
+        "sub": "01",
+        "ses": "2",
+        "task": "a",
+        "run": "03",
+        "space": "T1w",
+        "desc": "preproc",
+        "suffix": "bold",
+    }
+
+
+def test_runs_found_with_their_files_by_entity(tmp_path: Path) -> None:
+    deriv, raw = _layout(tmp_path)
+    runs = find_runs(deriv, raw=raw, space="MNI152NLin2009cAsym")
+    assert [(r.subject, r.session, r.run) for r in runs] == [
+        ("01", None, None),
+        ("02", "1", "1"),
+        ("02", "1", "2"),
+        ("02", "2", "1"),
+    ]
+    second = runs[1]
+    prefix = "sub-02_ses-1_task-faces_run-1"
+    assert (
+        second.mask
+        == deriv
+        / "sub-02/ses-1/func"
+        / f"{prefix}_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz"
+    )
+    assert (
+        second.confounds == deriv / "sub-02/ses-1/func" / f"{prefix}_desc-confounds_timeseries.tsv"
+    )
+    assert second.events == raw / "sub-02/ses-1/func" / f"{prefix}_events.tsv"
+    assert (second.tr, second.start_time) == (2.0, 0.5)
+    assert second.unit == "sub-02_task-faces"
+    assert second.name == prefix
+
+
+def test_several_spaces_need_a_choice(tmp_path: Path) -> None:
+    deriv, raw = _layout(tmp_path)
+    with pytest.raises(ConfigError, match=r"inputs.bids.space: .*MNI152NLin2009cAsym, T1w"):
+        find_runs(deriv, raw=raw)
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"subjects": ["02"]}, 3),
+        ({"subjects": ["02"], "sessions": ["1"]}, 2),
+        ({"runs": ["1"]}, 2),  # run-1 only; sub-01 has no run entity
+        ({"tasks": ["faces"]}, 4),
+    ],
+)
+def test_filters(tmp_path: Path, filters: dict[str, list[str]], expected: int) -> None:
+    deriv, raw = _layout(tmp_path)
+    assert len(find_runs(deriv, raw=raw, space="T1w", **filters)) == expected
+
+
+def test_run_filter_compares_indices_as_numbers(tmp_path: Path) -> None:
+    _touch(tmp_path / "sub-01/func/sub-01_task-a_run-01_desc-preproc_bold.nii.gz")
+    _touch(
+        tmp_path / "sub-01/func/sub-01_task-a_run-01_desc-preproc_bold.json",
+        '{"RepetitionTime": 1}',
+    )
+    assert [r.run for r in find_runs(tmp_path, runs=["1"])] == ["01"]
+
+
+def test_nothing_matching_is_an_error_naming_the_filters(tmp_path: Path) -> None:
+    deriv, raw = _layout(tmp_path)
+    with pytest.raises(ConfigError, match=r"no \*_desc-preproc_bold.nii.gz .* \{'sub': \['09'\]\}"):
+        find_runs(deriv, raw=raw, subjects=["09"], space="T1w")
+
+
+def test_events_and_sidecar_inherited_from_the_dataset_root(tmp_path: Path) -> None:
+    deriv, raw = tmp_path / "deriv", tmp_path / "raw"
+    _touch(deriv / "sub-01/func/sub-01_task-a_desc-preproc_bold.nii.gz")
+    _touch(raw / "task-a_events.tsv", "onset\tduration\n")
+    _touch(raw / "task-a_bold.json", json.dumps({"RepetitionTime": 2.5, "StartTime": 1.0}))
+    _touch(raw / "sub-01/func/sub-01_task-a_bold.json", json.dumps({"StartTime": 1.25}))
+    (run,) = find_runs(deriv, raw=raw)
+    assert run.events == raw / "task-a_events.tsv"
+    assert (run.tr, run.start_time) == (2.5, 1.25)  # the more specific sidecar wins
+
+
+def test_events_in_the_derivatives_folder_are_used_without_raw(tmp_path: Path) -> None:
+    events = _touch(tmp_path / "sub-01/func/sub-01_task-a_events.tsv")
+    _touch(tmp_path / "sub-01/func/sub-01_task-a_desc-preproc_bold.nii.gz")
+    (run,) = find_runs(tmp_path)
+    assert run.events == events
+    assert run.tr is None  # no sidecar: the pipeline falls back to the NIfTI header
+
+
+def test_broken_sidecar_names_the_file(tmp_path: Path) -> None:
+    _touch(tmp_path / "sub-01/func/sub-01_task-a_desc-preproc_bold.nii.gz")
+    _touch(tmp_path / "sub-01/func/sub-01_task-a_desc-preproc_bold.json", "{not json")
+    with pytest.raises(ConfigError, match=r"sub-01_task-a_desc-preproc_bold.json: cannot read"):
+        find_runs(tmp_path)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not a folder"):
+        find_runs(tmp_path / "nope")
