@@ -211,16 +211,39 @@ def condition_number(X: DesignLike) -> float:
 
 
 def _null_space(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Unit vectors spanning the null space of X, columns scaled first (p x k)."""
+    """A sparse basis of the null space of X (p x k), one dependency per column.
+
+    Columns of X are scaled to unit norm for the rank decision; the basis is brought to
+    reduced row-echelon form so that separate dependencies (say, an all-zero column
+    and three columns summing to the constant) stay in separate vectors.
+    """
     norms = np.linalg.norm(matrix, axis=0)
     scale = np.where(norms > 0, norms, 1.0)
     _, s, vt = np.linalg.svd(matrix / scale, full_matrices=True)
     s_full = np.zeros(vt.shape[0])
     s_full[: s.size] = s
     tol = max(matrix.shape) * np.finfo(np.float64).eps * max(s.max(initial=0.0), 1.0)
-    null = vt[s_full <= tol].T / scale[:, None]
-    null[norms == 0] = np.where(null[norms == 0] != 0, null[norms == 0], 0.0)
-    return null / np.linalg.norm(null, axis=0, keepdims=True) if null.size else null
+    null = vt[s_full <= tol] / scale[None, :]
+    return _row_echelon(null).T
+
+
+def _row_echelon(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Reduced row-echelon form (partial pivoting), rows normalised to unit length."""
+    out = rows.copy()
+    lead = 0
+    for r in range(out.shape[0]):
+        while lead < out.shape[1] and np.abs(out[r:, lead]).max(initial=0.0) < 1e-10:
+            lead += 1
+        if lead == out.shape[1]:
+            break
+        pivot = r + int(np.argmax(np.abs(out[r:, lead])))
+        out[[r, pivot]] = out[[pivot, r]]
+        out[r] /= out[r, lead]
+        others = np.arange(out.shape[0]) != r
+        out[others] -= np.outer(out[others, lead], out[r])
+        lead += 1
+    out[np.abs(out) < 1e-10] = 0.0
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-300)
 
 
 def _involved(null: NDArray[np.float64], names: Sequence[str]) -> list[list[str]]:
@@ -318,14 +341,20 @@ def check_estimable(
                 f"contrast row {i} is not estimable: columns {involved} are linearly "
                 f"dependent in the design ({relation} = 0), so a contrast's weights w "
                 f"must satisfy {condition} = 0 "
-                f"and this one gives {overlap[k] / np.max(np.abs(null[:, k])):.3g}; drop one "
+                f"and this one gives {row @ _unit_relation(null[:, k]):.3g}; drop one "
                 "of these columns or change the contrast"
             )
 
 
+def _unit_relation(direction: NDArray[np.float64]) -> NDArray[np.float64]:
+    """A null direction scaled so its largest weight is 1 and its first weight > 0."""
+    first = direction[np.flatnonzero(np.abs(direction) > 1e-8)[0]]
+    return direction / (np.sign(first) * np.max(np.abs(direction)))
+
+
 def _relation(direction: NDArray[np.float64], names: Sequence[str], term: str = "{}") -> str:
     """A null direction as text, largest weight 1: ``"1*a + 1*b - 1*constant"``."""
-    scaled = direction / np.max(np.abs(direction))
+    scaled = _unit_relation(direction)
     terms = [(w, n) for w, n in zip(scaled, names, strict=True) if abs(w) > 1e-8]
     text = " ".join(f"{'-' if w < 0 else '+'} {abs(w):.3g}*{term.format(n)}" for w, n in terms)
     return text[2:] if text.startswith("+ ") else "-" + text[2:]
