@@ -24,7 +24,7 @@ from nilearn.glm.first_level import FirstLevelModel
 import bigglm
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Generation of a mask has been requested", "ignore:The same contrast will be used"
+    "ignore:.*Generation of a mask has been requested", "ignore:The same contrast will be used"
 )
 
 SHAPE = (6, 5, 4)

@@ -1,0 +1,165 @@
+"""Contrast expressions, estimability, tail-safe p and z, and fixed effects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from scipy import integrate, stats
+
+import bigglm
+from bigglm import contrasts as con
+from bigglm.exceptions import DesignError
+
+COLUMNS = ["faces", "houses", "trans_x", "constant"]
+
+
+@pytest.mark.parametrize(
+    "expression,expected",
+    [
+        ("faces - houses", [1, -1, 0, 0]),
+        ("0.5*faces + 0.5*houses", [0.5, 0.5, 0, 0]),
+        ("2*(faces-houses)", [2, -2, 0, 0]),
+        ("(faces + houses) / 2 - constant", [0.5, 0.5, 0, -1]),
+        ("-trans_x", [0, 0, -1, 0]),
+        ("`faces` - `houses`", [1, -1, 0, 0]),
+    ],
+)
+def test_expressions_give_weight_vectors(expression: str, expected: list[float]) -> None:
+    np.testing.assert_array_equal(con.expression_to_vector(expression, COLUMNS), expected)
+
+
+def test_backticks_allow_names_that_are_not_identifiers() -> None:
+    np.testing.assert_array_equal(
+        con.expression_to_vector("`trans-x` - a", ["a", "trans-x"]), [-1, 1]
+    )
+
+
+@pytest.mark.parametrize(
+    "expression,message",
+    [
+        ("faces - hoses", "did you mean \\['houses'\\]"),
+        ("faces * houses", "not linear"),
+        ("faces + 1", "adds a number"),
+        ("faces -", "not a valid expression"),
+        ("abs(faces)", "Call is not allowed"),
+        ("`faces - houses", "unmatched backtick"),
+    ],
+)
+def test_bad_expressions_raise_design_error(expression: str, message: str) -> None:
+    with pytest.raises(DesignError, match=message):
+        con.expression_to_vector(expression, COLUMNS)
+
+
+def test_contrast_matrix_forms() -> None:
+    np.testing.assert_array_equal(con.contrast_matrix([1, -1], COLUMNS), [[1, -1, 0, 0]])
+    f = con.contrast_matrix(["faces", "houses"], COLUMNS, kind="F")
+    np.testing.assert_array_equal(f, np.eye(4)[:2])
+    with pytest.raises(DesignError, match="one row"):
+        con.contrast_matrix(np.eye(4)[:2], COLUMNS, kind="t")
+    with pytest.raises(DesignError, match="linearly dependent"):
+        con.contrast_matrix(["faces", "2*faces"], COLUMNS, kind="F")
+    with pytest.raises(DesignError, match="does not fit"):
+        con.contrast_matrix(np.ones(5), COLUMNS)
+
+
+def conditions() -> pd.DataFrame:
+    """Three conditions that cover every scan between them."""
+    t = np.arange(30)
+    return pd.DataFrame({f"c{i}": (t % 3 == i).astype(float) for i in range(3)})
+
+
+def run() -> xr.Dataset:
+    y = np.random.default_rng(0).normal(size=(30, 5)) + 10
+    return xr.Dataset({"bold": (("time", "voxel"), y)})
+
+
+def rank_deficient_fit() -> bigglm.GLMResult:
+    """The three conditions plus the constant: rank 3 of 4 columns."""
+    return bigglm.fit(run(), conditions().assign(constant=1.0))
+
+
+def test_non_estimable_contrast_names_the_dependent_columns() -> None:
+    result = rank_deficient_fit()
+    with pytest.raises(DesignError, match=r"'c0'.*not estimable.*\['c0', 'c1', 'c2', 'constant'\]"):
+        result.contrast({"c0": "c0"})
+    differences = result.contrast("c0 - c1")  # estimable under the same design
+    assert np.isfinite(differences["stat"].values).all()
+    assert float(differences["dof"]) == 27  # T - rank
+
+
+def test_rank_deficient_difference_matches_full_rank_reparametrisation() -> None:
+    """c0 - c1 is the same quantity in the rank-3 design and in the design without constant."""
+    a = rank_deficient_fit().contrast("c0 - c1")
+    b = bigglm.fit(run(), conditions()).contrast("c0 - c1")
+    np.testing.assert_allclose(a["effect"].values, b["effect"].values, rtol=1e-10)
+    np.testing.assert_allclose(a["stat"].values, b["stat"].values, rtol=1e-10)
+
+
+def log_sf_by_quadrature(dist: stats.rv_continuous, x: float, *args: float) -> float:
+    """log P(X > x) = logpdf(x) + log int_x^inf pdf(u) / pdf(x) du, independently of sf.
+
+    With u = x / s the integral runs over s in (0, 1], where the heavy tail is smooth.
+    """
+    head = dist.logpdf(x, *args)
+
+    def integrand(s: float) -> float:
+        return float(np.exp(dist.logpdf(x / s, *args) - head) * x / s**2)
+
+    ratio, _ = integrate.quad(integrand, 0.0, 1.0, epsabs=0, epsrel=1e-11, limit=200)
+    return float(head + np.log(ratio))
+
+
+@pytest.mark.parametrize("t,dof", [(40.0, 100.0), (300.0, 50.0), (1e4, 20.0), (5.0, 7.0)])
+def test_t_tail_z_matches_an_independent_log_tail(t: float, dof: float) -> None:
+    out = con.t_test(np.array([t]), np.array([1.0]), dof)
+    log_p = log_sf_by_quadrature(stats.t, t, dof)
+    z_ref = -stats.norm.ppf(np.exp(log_p)) if log_p > -700 else None
+    assert np.isfinite(out["z"][0]) and out["p"][0] > 0
+    if z_ref is not None:
+        np.testing.assert_allclose(out["z"][0], z_ref, rtol=1e-8)
+    # z from the log tail: Phi(-z) = p in logs
+    np.testing.assert_allclose(stats.norm.logsf(out["z"][0]), log_p, rtol=1e-8)
+
+
+def test_z_is_finite_symmetric_and_monotone_in_t() -> None:
+    t = np.concatenate([-np.logspace(5, -3, 60), [0.0], np.logspace(-3, 5, 60)])
+    out = con.t_test(t, np.ones_like(t), 30.0)
+    assert np.all(np.isfinite(out["z"]))
+    assert np.all(np.diff(out["z"]) > 0)
+    np.testing.assert_allclose(out["z"], -out["z"][::-1], rtol=1e-12)
+    assert np.all(out["p"] > 0) and np.all(out["p"] <= 1)  # 1 - 1e-129 rounds to 1
+
+
+@pytest.mark.parametrize(
+    "f,q,dof", [(3.0, 2, 40.0), (900.0, 3, 60.0), (1e6, 2, 30.0), (0.01, 4, 50.0)]
+)
+def test_f_tail_matches_an_independent_log_tail(f: float, q: int, dof: float) -> None:
+    out = con.f_test(np.array([[np.sqrt(f * q)]] + [[0.0]] * (q - 1)), np.eye(q)[:, :, None], dof)
+    np.testing.assert_allclose(out["stat"][0], f, rtol=1e-12)
+    log_p = log_sf_by_quadrature(stats.f, f, q, dof)
+    np.testing.assert_allclose(stats.norm.logsf(out["z"][0]), log_p, rtol=1e-7)
+    assert out["p"][0] > 0
+
+
+def test_fixed_effects_precision_weighted_is_inverse_variance_mean() -> None:
+    effects = [np.array([[1.0, 2.0]]), np.array([[3.0, -1.0]])]
+    variances = [np.array([[[1.0, 4.0]]]), np.array([[[3.0, 1.0]]])]
+    effect, cov, dof = con.fixed_effects(effects, variances, [10.0, 12.0], precision_weighted=True)
+    w = 1 / np.array([[1.0, 4.0], [3.0, 1.0]])
+    np.testing.assert_allclose(effect[0], (w * [[1.0, 2.0], [3.0, -1.0]]).sum(0) / w.sum(0))
+    np.testing.assert_allclose(cov[0, 0], 1 / w.sum(0))
+    assert dof == 22.0
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("faces - houses", "facesMinusHouses"),
+        ("eff_of_interest", "effOfInterest"),
+        ("a/b", "aOverB"),
+    ],
+)
+def test_bids_labels(name: str, expected: str) -> None:
+    assert con.label(name) == expected

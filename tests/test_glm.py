@@ -1,0 +1,239 @@
+"""bigglm.fit and GLMResult: laziness, one read per chunk, chunking invariance,
+validation, progress, several runs, and the Zarr and NIfTI outputs."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import dask
+import dask.array as da
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+import bigglm
+from bigglm.exceptions import DesignError, StoreError
+
+
+def make_data(n_scans: int = 60, n_vox: int = 30, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_scans)
+    design = pd.DataFrame(
+        {
+            "faces": (t // 6 % 2 == 0).astype(float),
+            "houses": (t // 9 % 2 == 0).astype(float),
+            "constant": 1.0,
+        }
+    )
+    noise = rng.normal(size=(n_scans, n_vox))
+    noise[1:] += 0.4 * noise[:-1]
+    y = 500 + design.to_numpy() @ rng.normal(size=(3, n_vox)) + noise
+    return design, y.astype(np.float32)
+
+
+class CountingArray:
+    """An array that counts the reads of each chunk (by the slice's start)."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape, self.dtype, self.ndim = data, data.shape, data.dtype, data.ndim
+        self.reads: Counter[tuple[int, int]] = Counter()
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        out = self.data[key]
+        if out.size:
+            with self._lock:
+                self.reads[(key[0].start or 0, key[1].start or 0)] += 1
+        return out
+
+
+def counted_run(y: np.ndarray, chunks: tuple[int, int]) -> tuple[xr.Dataset, CountingArray]:
+    source = CountingArray(y)
+    bold = da.from_array(source, chunks=chunks, asarray=False)
+    return xr.Dataset({"bold": (("time", "voxel"), bold)}), source
+
+
+@pytest.mark.parametrize("noise", ["ols", "ar1", "ar3"])
+def test_fit_is_lazy_and_reads_each_chunk_exactly_once(noise: str) -> None:
+    design, y = make_data()
+    ds, source = counted_run(y, (16, 8))
+    result = bigglm.fit(ds, design, noise=noise)
+    assert sum(source.reads.values()) == 0  # building the fit reads nothing
+    result.compute()
+    n_chunks = len(ds["bold"].data.chunks[0]) * len(ds["bold"].data.chunks[1])
+    assert len(source.reads) == n_chunks and set(source.reads.values()) == {1}
+    for expression in ("faces", "houses", "faces - houses"):
+        result.contrast(expression)  # contrasts never touch the data again
+    result.contrast(["faces", "houses"], kind="F")
+    assert set(source.reads.values()) == {1}
+
+
+def test_design_enters_the_graph_once() -> None:
+    design, y = make_data()
+    ds = xr.Dataset({"bold": (("time", "voxel"), y)}).chunk({"time": 10, "voxel": 7})
+    result = bigglm.fit(ds, design, noise="ar1")
+    graph = result.beta.data.__dask_graph__()
+    names = Counter(str(k[0] if isinstance(k, tuple) else k).rsplit("-", 1)[0] for k in graph)
+    assert names["DesignTerms"] == 1
+    assert names["chunk_statistics"] == 6 * 5
+
+
+@pytest.mark.parametrize("noise", ["ols", "ar1", "ar2"])
+def test_results_do_not_depend_on_chunking(noise: str) -> None:
+    """1e-12: only the order of float64 sums changes with the chunking."""
+    design, y = make_data(n_scans=73, n_vox=23)
+    outputs = []
+    for chunks in [(73, 23), (10, 23), (7, 5), (30, 1), (2, 11)]:
+        ds = xr.Dataset({"bold": (("time", "voxel"), y)}).chunk(
+            {"time": chunks[0], "voxel": chunks[1]}
+        )
+        result = bigglm.fit(ds, design, noise=noise, split_every=3)
+        outputs.append((result.compute(), result.contrast("faces - houses")))
+    reference, ref_con = outputs[0]
+    for result, con in outputs[1:]:
+        np.testing.assert_allclose(result.beta.values, reference.beta.values, rtol=1e-12)
+        np.testing.assert_allclose(result.sigma2.values, reference.sigma2.values, rtol=1e-12)
+        np.testing.assert_allclose(con["z"].values, ref_con["z"].values, rtol=1e-12)
+        if noise != "ols":
+            np.testing.assert_allclose(result.ar.values, reference.ar.values, rtol=1e-12)
+
+
+def test_time_chunks_shorter_than_the_ar_order_are_merged() -> None:
+    design, y = make_data(n_scans=41)
+    ds = xr.Dataset({"bold": (("time", "voxel"), y)}).chunk({"time": (1, 2, 30, 1, 7)})
+    whole = xr.Dataset({"bold": (("time", "voxel"), y)})
+    a = bigglm.fit(ds, design, noise="ar3").compute()
+    b = bigglm.fit(whole, design, noise="ar3").compute()
+    np.testing.assert_allclose(a.beta.values, b.beta.values, rtol=1e-12)
+
+
+def test_validation_errors_say_what_to_fix() -> None:
+    design, y = make_data()
+    ds = xr.Dataset({"bold": (("time", "voxel"), y)})
+    with pytest.raises(DesignError, match="has 59 rows but run 0 has 60 volumes"):
+        bigglm.fit(ds, design.iloc[:-1])
+    with pytest.raises(DesignError, match="noise='ar' is not understood"):
+        bigglm.fit(ds, design, noise="ar")
+    with pytest.raises(DesignError, match="2 runs but 1 designs"):
+        bigglm.fit([ds, ds], [design])
+    with pytest.raises(DesignError, match=r"\['faces'\] contain NaN"):
+        bigglm.fit(ds, design.assign(faces=np.nan))
+    with pytest.raises(AttributeError, match="no AR coefficients"):
+        _ = bigglm.fit(ds, design).ar
+
+
+def test_progress_reports_every_voxel_block() -> None:
+    design, y = make_data()
+    ds = xr.Dataset({"bold": (("time", "voxel"), y)}).chunk({"time": 20, "voxel": 8})
+    calls: list[tuple[int, int]] = []
+    bigglm.fit(ds, design).compute(progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 4) for i in range(1, 5)]
+
+
+def test_several_runs_combine_as_the_mean_of_run_contrasts() -> None:
+    design_a, y_a = make_data(seed=1)
+    design_b, y_b = make_data(n_scans=50, seed=2)
+    design_b = design_b[["houses", "faces", "constant"]]  # other column order
+    runs = [xr.Dataset({"bold": (("time", "voxel"), y)}) for y in (y_a, y_b)]
+    result = bigglm.fit(runs, [design_a, design_b], noise="ar1")
+    both = result.contrast("faces - houses")
+    single = [
+        bigglm.fit(r, d, noise="ar1").contrast("faces - houses")
+        for r, d in zip(runs, [design_a, design_b], strict=True)
+    ]
+    np.testing.assert_allclose(
+        both["effect"], (single[0]["effect"] + single[1]["effect"]) / 2, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        both["variance"], (single[0]["variance"] + single[1]["variance"]) / 4, rtol=1e-12
+    )
+    assert float(both["dof"]) == float(single[0]["dof"]) + float(single[1]["dof"])
+    weighted = result.contrast("faces - houses", precision_weighted=True)
+    w = [1 / s["variance"] for s in single]
+    np.testing.assert_allclose(
+        weighted["effect"],
+        (w[0] * single[0]["effect"] + w[1] * single[1]["effect"]) / (w[0] + w[1]),
+        rtol=1e-10,
+    )
+    assert result.beta.dims == ("run", "regressor", "voxel")
+
+
+def test_several_contrasts_at_once() -> None:
+    design, y = make_data()
+    result = bigglm.fit(xr.Dataset({"bold": (("time", "voxel"), y)}), design)
+    many = result.contrast({"f": "faces", "fh": "faces - houses"})
+    assert many["stat"].dims == ("contrast", "voxel")
+    np.testing.assert_array_equal(
+        many["stat"].sel(contrast="fh"), result.contrast("faces - houses")["stat"]
+    )
+
+
+def test_zarr_round_trip_keeps_every_contrast(tmp_path: Path) -> None:
+    design, y = make_data()
+    runs = [
+        xr.Dataset({"bold": (("time", "voxel"), y)}),
+        xr.Dataset({"bold": (("time", "voxel"), y[::-1].copy())}),
+    ]
+    for n_runs in (1, 2):
+        result = bigglm.fit(runs[:n_runs], [design] * n_runs, noise="ar2")
+        path = result.to_zarr(tmp_path / f"fit{n_runs}.zarr")
+        with pytest.raises(StoreError, match="exists"):
+            result.to_zarr(path)
+        loaded = bigglm.GLMResult.from_zarr(path)
+        assert loaded.runs[0].attrs["noise"] == "ar2"
+        for spec, kind in (("faces - houses", "t"), (["faces", "houses"], "F")):
+            a, b = result.contrast(spec, kind=kind), loaded.contrast(spec, kind=kind)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(a["z"].values, b["z"].values)
+    result.to_zarr(tmp_path / "fit2.zarr", overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_incomplete_result_store_is_refused(tmp_path: Path) -> None:
+    xr.Dataset({"beta": ("voxel", np.ones(3))}).to_zarr(tmp_path / "half.zarr", consolidated=False)
+    with pytest.raises(StoreError, match="not a complete bigglm result"):
+        bigglm.GLMResult.from_zarr(tmp_path / "half.zarr")
+
+
+def test_nifti_maps_with_bids_names_from_a_store(tmp_path: Path) -> None:
+    design, y = make_data(n_vox=4 * 3 * 2)
+    data = y.T.reshape(4, 3, 2, -1)
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header.set_zooms((2.0, 2.0, 2.0, 2.0))
+    nib.save(img, tmp_path / "bold.nii.gz")
+    store = bigglm.convert(
+        tmp_path / "bold.nii.gz", tmp_path / "bold.zarr", mask=np.ones((4, 3, 2), bool)
+    )
+    result = bigglm.fit(store, design, noise="ar1")
+    written = result.to_nifti(
+        tmp_path / "out", {"faces - houses": "faces - houses"}, prefix="sub-01_task-x"
+    )
+    names = sorted(p.name for p in written)
+    assert names == sorted(
+        f"sub-01_task-x_contrast-facesMinusHouses_stat-{s}_statmap.nii.gz"
+        for s in ("effect", "variance", "t", "p", "z")
+    )
+    z = np.asarray(nib.load(tmp_path / "out" / names[-1]).get_fdata())
+    expected = result.contrast("faces - houses")["z"].values
+    ds = bigglm.open_run(store)
+    np.testing.assert_allclose(
+        z[ds["i"].values, ds["j"].values, ds["k"].values], expected, rtol=1e-6
+    )
+    f_files = result.to_nifti(
+        tmp_path / "out", {"any": ["faces", "houses"]}, prefix="sub-01", kind="F"
+    )
+    assert {p.name.split("_stat-")[1] for p in f_files} == {
+        f"{s}_statmap.nii.gz" for s in ("effect", "F", "p", "z")
+    }
+
+
+def test_threaded_default_scheduler_gives_the_same_numbers_as_synchronous() -> None:
+    design, y = make_data()
+    ds = xr.Dataset({"bold": (("time", "voxel"), y)}).chunk({"time": 15, "voxel": 6})
+    threaded = bigglm.fit(ds, design, noise="ar1").compute()
+    with dask.config.set(scheduler="synchronous"):
+        sync = bigglm.fit(ds, design, noise="ar1").compute()
+    np.testing.assert_array_equal(threaded.beta.values, sync.beta.values)
