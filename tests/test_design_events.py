@@ -150,3 +150,16 @@ def test_long_block_plateaus_at_its_modulation(duration: float, onset: float) ->
     inside = column[(TIMES > onset + 32.5) & (TIMES < onset + duration)]
     assume(inside.size > 0)
     np.testing.assert_allclose(inside, 2.5, rtol=1e-3)
+
+
+def test_zero_duration_amplitude_scales_with_the_grid_step() -> None:
+    """Documented (nilearn's convention): a zero-duration event lasts one grid step."""
+    events = pd.DataFrame({"onset": [20.0], "duration": [0.0]})
+    # column sums approximate the response's area / TR, i.e. the event's area
+    areas = {
+        oversampling: _columns(events, oversampling=oversampling)["dummy"].sum()
+        for oversampling in (25, 50)
+    }
+    assert areas[50] / areas[25] == pytest.approx(0.5, rel=1e-3)
+    block = _columns(events.assign(duration=1.0), oversampling=50)["dummy"].sum()
+    assert block / areas[50] == pytest.approx(1.0 / 0.04, rel=0.05)  # 1 s vs one 0.04-s step

@@ -219,7 +219,8 @@ def _null_space(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
     """
     norms = np.linalg.norm(matrix, axis=0)
     scale = np.where(norms > 0, norms, 1.0)
-    _, s, vt = np.linalg.svd(matrix / scale, full_matrices=True)
+    # full V (p x p) is needed; U is only needed thin unless there are fewer rows than columns
+    _, s, vt = np.linalg.svd(matrix / scale, full_matrices=matrix.shape[0] < matrix.shape[1])
     s_full = np.zeros(vt.shape[0])
     s_full[: s.size] = s
     tol = max(matrix.shape) * np.finfo(np.float64).eps * max(s.max(initial=0.0), 1.0)

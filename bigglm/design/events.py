@@ -4,6 +4,11 @@ Each condition (``trial_type``) becomes a boxcar on an oversampled grid, is conv
 with every kernel of the HRF model, and is sampled at the frame times by linear
 interpolation, exactly as nilearn's ``make_first_level_design_matrix`` does.
 
+As in nilearn, an event of zero duration lasts one step of the oversampled grid, so its
+regressor's amplitude is proportional to ``tr / oversampling`` (halving the oversampling
+doubles it, and halves the beta); give such events a real duration (e.g. the stimulus
+duration) to make betas independent of the grid.
+
 Where bigglm differs from nilearn 0.14.1 (documented and tested):
 
 * events that start before ``frame_times[0] + min_onset`` are dropped, as nilearn's
