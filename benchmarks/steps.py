@@ -52,7 +52,7 @@ def _summary(z: np.ndarray, out: Path) -> dict[str, float]:
 @step
 def read_nii(args: argparse.Namespace) -> dict[str, float]:
     """nibabel reads the whole uncompressed series into memory."""
-    data = np.asarray(nib.load(args.run_dir / "bold.nii").dataobj)
+    data = np.asarray(nib.load(args.run_dir / "bold.nii", mmap=False).dataobj)
     return {"gib": data.nbytes / 2**30}
 
 
