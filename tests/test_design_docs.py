@@ -11,6 +11,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "bigglm.design._warnings",
     "bigglm.design.confounds",
     "bigglm.design.diagnostics",
     "bigglm.design.drift",

@@ -6,14 +6,13 @@ Names and values follow nilearn: drift columns are ``drift_1 .. drift_K`` follow
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from bigglm.design._warnings import warn_caller
 from bigglm.design.orthogonal import orthogonalize_in_order
-from bigglm.exceptions import BigGLMWarning, DesignError
+from bigglm.exceptions import DesignError
 
 __all__ = ["cosine_drift", "drift_regressors", "polynomial_drift"]
 
@@ -46,12 +45,10 @@ def cosine_drift(frame_times: NDArray[np.float64], high_pass: float) -> NDArray[
     n = len(frame_times)
     dt = (frame_times[-1] - frame_times[0]) / (n - 1)
     if high_pass * dt >= 0.5:
-        warnings.warn(
+        warn_caller(
             f"high_pass={high_pass} Hz is at or above the Nyquist frequency "
             f"({0.5 / dt:g} Hz): the cosine drift spans every frequency and saturates "
-            "the design; lower high_pass",
-            BigGLMWarning,
-            stacklevel=3,
+            "the design; lower high_pass"
         )
     order = min(n - 1, int(np.floor(2 * n * high_pass * dt)))
     k = np.arange(1, order + 1)[None, :]

@@ -21,7 +21,6 @@ Where bigglm differs from nilearn 0.14.1 (documented and tested):
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,9 +28,10 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
+from bigglm.design._warnings import warn_caller
 from bigglm.design.hrf import KernelFunction, convolve_regressor, hrf_basis
 from bigglm.design.orthogonal import orthogonalize_in_order
-from bigglm.exceptions import BigGLMWarning, DesignError
+from bigglm.exceptions import DesignError
 
 __all__ = ["condition_regressors", "oversampled_grid", "read_events"]
 
@@ -151,11 +151,9 @@ def _merge_duplicates(events: pd.DataFrame, label: str) -> pd.DataFrame:
     keys = ["trial_type", "onset", "duration"]
     merged = events.groupby(keys, sort=False)["modulation"].sum().reset_index()
     if len(merged) != len(events):
-        warnings.warn(
+        warn_caller(
             f"{label} has {len(events) - len(merged)} duplicated events (same trial_type, "
-            "onset and duration); their modulations are summed",
-            BigGLMWarning,
-            stacklevel=3,
+            "onset and duration); their modulations are summed"
         )
     return merged.reset_index(drop=True)
 
@@ -235,21 +233,17 @@ def _check_timing(events: pd.DataFrame, frame_times: NDArray[np.float64], start:
     """Warn about events that cannot be (fully) modelled."""
     early = np.flatnonzero(events["onset"].to_numpy() < start)
     if early.size:
-        warnings.warn(
+        warn_caller(
             f"{early.size} events start before {start:g} s (frame_times[0] + min_onset) and "
             f"are left out of the model (first: row {int(early[0])}); lower min_onset "
-            "to keep them",
-            BigGLMWarning,
-            stacklevel=4,
+            "to keep them"
         )
     late = np.flatnonzero(events["onset"].to_numpy() > frame_times[-1])
     if late.size:
-        warnings.warn(
+        warn_caller(
             f"{late.size} events start after the last frame ({frame_times[-1]:g} s) and "
             f"cannot affect the data (first: row {int(late[0])}, onset "
-            f"{events['onset'].iloc[late[0]]:g} s); check the run's TR and length",
-            BigGLMWarning,
-            stacklevel=4,
+            f"{events['onset'].iloc[late[0]]:g} s); check the run's TR and length"
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,12 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
+from bigglm.design._warnings import warn_caller
 from bigglm.design.confounds import FillNA, load_confounds, scrubbing_regressors
 from bigglm.design.diagnostics import dependent_columns
 from bigglm.design.drift import drift_regressors
 from bigglm.design.events import HRFModel, condition_regressors, read_events
-from bigglm.exceptions import BigGLMWarning, DesignError
+from bigglm.exceptions import DesignError
 
 __all__ = ["frame_times", "make_design", "make_run_design"]
 
@@ -208,12 +208,10 @@ def _warn_if_rank_deficient(design: pd.DataFrame) -> None:
             f"{g[0]!r} is all zeros" if len(g) == 1 else " ~ ".join(repr(n) for n in g)
             for g in groups
         )
-        warnings.warn(
+        warn_caller(
             f"the design is rank deficient ({described}); contrasts that separate "
             "these columns are not estimable; bigglm keeps the design as built and fits "
-            "with the pseudo-inverse (bigglm.design.check_estimable tests a contrast)",
-            BigGLMWarning,
-            stacklevel=3,
+            "with the pseudo-inverse (bigglm.design.check_estimable tests a contrast)"
         )
 
 
