@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from nilearn.glm.first_level import make_first_level_design_matrix
 
 from bigglm.design import frame_times, make_design
-from bigglm.design.examples import SEED_POWER
+from bigglm.design.examples import SEED_GAMMA, SEED_POWER
 from bigglm.exceptions import BigGLMWarning
 
 HRF_MODELS = [
@@ -246,3 +246,13 @@ def test_random_events_agree_with_nilearn(
     assume(not any("rank deficient" in str(w.message) for w in caught))
     theirs = nilearn_design(times, table, hrf_model=hrf, oversampling=oversampling)
     assert_same_design(ours, theirs)
+
+
+def test_list_of_callables(events: pd.DataFrame) -> None:
+    """Several user kernels: one column each, later ones orthogonalised to earlier ones."""
+    times = frame_times(90, 2.0, 0.5)
+    models = [SEED_GAMMA, SEED_POWER]
+    ours = make_design(times, events, hrf=models, oversampling=10)
+    theirs = nilearn_design(times, events, hrf_model=models, oversampling=10)
+    assert_same_design(ours, theirs)
+    assert list(ours.columns[:2]) == ["faces_seed_gamma", "faces_seed_power"]
