@@ -163,3 +163,11 @@ def test_zero_duration_amplitude_scales_with_the_grid_step() -> None:
     assert areas[50] / areas[25] == pytest.approx(0.5, rel=1e-3)
     block = _columns(events.assign(duration=1.0), oversampling=50)["dummy"].sum()
     assert block / areas[50] == pytest.approx(1.0 / 0.04, rel=0.05)  # 1 s vs one 0.04-s step
+
+
+def test_condition_names_that_collide_with_derivative_columns() -> None:
+    events = pd.DataFrame(
+        {"onset": [0.0, 20.0], "duration": [1.0, 1.0], "trial_type": ["a", "a_derivative"]}
+    )
+    with pytest.raises(DesignError, match="'a_derivative'; rename a trial_type"):
+        make_design(TIMES, events, hrf="spm + derivative")

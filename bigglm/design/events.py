@@ -229,6 +229,33 @@ def _column_names(condition: str, model: HRFModel, fir_delays: Sequence[int]) ->
     return [f"{condition}_{getattr(m, '__name__', 'hrf')}" for m in model]
 
 
+def _convolve_and_sample(
+    rows: pd.DataFrame,
+    grid: NDArray[np.float64],
+    frame_times: NDArray[np.float64],
+    kernels: list[NDArray[np.float64]],
+    is_fir: bool,
+    oversampling: int,
+) -> NDArray[np.float64]:
+    """One condition's boxcar convolved with each kernel, sampled at the frame times.
+
+    FIR columns are read ``oversampling - 1`` grid steps later (nilearn's convention):
+    delay ``d`` averages the boxcar over the TR that starts ``d`` TRs before the frame.
+    The other models' kernels after the first are orthogonalised to the earlier ones.
+    """
+    signal = _boxcar(
+        grid, rows["onset"].to_numpy(), rows["duration"].to_numpy(), rows["modulation"].to_numpy()
+    )
+    shift = oversampling - 1 if is_fir else 0
+    sampled = np.column_stack(
+        [
+            np.interp(frame_times, grid[: grid.size - shift], convolve_regressor(signal, k)[shift:])
+            for k in kernels
+        ]
+    )
+    return sampled if is_fir else orthogonalize_in_order(sampled)
+
+
 def _check_timing(events: pd.DataFrame, frame_times: NDArray[np.float64], start: float) -> None:
     """Warn about events that cannot be (fully) modelled."""
     early = np.flatnonzero(events["onset"].to_numpy() < start)
@@ -295,27 +322,14 @@ def condition_regressors(
     kept = events[events["onset"].to_numpy() >= grid[0]]
     kernels = hrf_basis(hrf, tr, oversampling, fir_delays=delays)
     is_fir = isinstance(hrf, str) and hrf.lower() == "fir"
-    # FIR columns average the boxcar over one TR ending at the frame (nilearn's shift).
-    shift = oversampling - 1 if is_fir else 0
     columns: dict[str, NDArray[np.float64]] = {}
     for condition in np.unique(events["trial_type"].to_numpy()):
         rows = kept[kept["trial_type"] == condition]
-        signal = _boxcar(
-            grid,
-            rows["onset"].to_numpy(),
-            rows["duration"].to_numpy(),
-            rows["modulation"].to_numpy(),
-        )
-        sampled = np.column_stack(
-            [
-                np.interp(
-                    frame_times, grid[: grid.size - shift], convolve_regressor(signal, k)[shift:]
+        sampled = _convolve_and_sample(rows, grid, frame_times, kernels, is_fir, oversampling)
+        for name, values in zip(_column_names(str(condition), hrf, delays), sampled.T, strict=True):
+            if name in columns:
+                raise DesignError(
+                    f"two conditions both make a column {name!r}; rename a trial_type"
                 )
-                for k in kernels
-            ]
-        )
-        if not is_fir:
-            sampled = orthogonalize_in_order(sampled)
-        names = _column_names(str(condition), hrf, delays)
-        columns.update(zip(names, sampled.T, strict=True))
+            columns[name] = values
     return pd.DataFrame(columns, index=pd.Index(frame_times, name=None))
