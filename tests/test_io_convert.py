@@ -162,3 +162,48 @@ def test_progress_reports_volumes(functional_nii: Path, tmp_path: Path) -> None:
         progress=lambda d, t: calls.append((d, t)),
     )
     assert calls == [(8, 20), (16, 20), (20, 20)]
+
+
+def test_convert_many_sequential_validates_everything_first(
+    write_nifti, brain_series, tmp_path: Path
+) -> None:
+    good = write_nifti(brain_series((16, 16, 12), 6, seed=4), "good.nii")
+    bad = write_nifti(brain_series((16, 16, 12), 6, seed=5), "bad.nii", tr=0.0)
+    with pytest.raises(bigglm.StoreError, match=r"bad\.nii: the header has no repetition time"):
+        bigglm.convert_many([good, bad], [tmp_path / "a.zarr", tmp_path / "b.zarr"])
+    assert not (tmp_path / "a.zarr").exists()  # the good run was not converted either
+    with pytest.raises(bigglm.StoreError, match="same store"):
+        bigglm.convert_many([good, good], [tmp_path / "a.zarr", tmp_path / "a.zarr"])
+    with pytest.raises(bigglm.StoreError, match="2 runs but 1 stores"):
+        bigglm.convert_many([good, good], [tmp_path / "a.zarr"])
+
+
+@pytest.mark.cluster
+def test_convert_many_on_a_local_cluster(write_nifti, brain_series, tmp_path: Path) -> None:
+    """Runs converted in parallel by worker processes equal runs converted here."""
+    from distributed import Client, LocalCluster
+
+    runs = [
+        write_nifti(brain_series((16, 16, 12), 7, seed=10 + n), f"run{n}.nii.gz") for n in range(3)
+    ]
+    stores = [tmp_path / f"run{n}.zarr" for n in range(3)]
+    done: list[tuple[int, int]] = []
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        paths = bigglm.convert_many(
+            runs, stores, client=client, time_chunk=3, progress=lambda d, t: done.append((d, t))
+        )
+        workers = set(client.run(lambda: 1))
+    assert len(workers) == 2
+    assert paths == [s.resolve() for s in stores]
+    assert done == [(1, 3), (2, 3), (3, 3)]
+    for run, store in zip(runs, stores, strict=True):
+        local = bigglm.convert(run, tmp_path / f"local-{store.name}", time_chunk=3)
+        remote, here = bigglm.open_run(store), bigglm.open_run(local)
+        np.testing.assert_array_equal(remote.mask.values, here.mask.values)
+        np.testing.assert_array_equal(remote.bold.values, here.bold.values)
+        assert remote.attrs["sources"] == here.attrs["sources"]

@@ -7,12 +7,13 @@ How one run is converted:
 2. With a mask given, stream the source once: each block of volumes is reduced to the
    in-mask voxels and gathered into rows of whole ``bold`` chunks, written as they fill.
 3. With no mask, the EPI mask needs the mean volume, i.e. the whole series, before the
-   first in-mask value is known. The source is still decompressed and read only once:
-   that pass accumulates the mean and spills the decoded volumes (float32) to a
-   temporary file inside the staging directory, and step 2 then reads the spill
-   instead of the source. (Re-reading a ``.nii.gz`` would pay for decompression twice;
-   the spill costs one sequential write and read of the uncompressed series, usually
-   served from the page cache.)
+   first in-mask value is known, so there are two passes. The first accumulates the
+   mean (and the checksums); the second gathers and writes as in step 2. For an
+   uncompressed source the second pass reads the file again (normally from the page
+   cache, at memory speed). A gzip-compressed source is still decompressed only once:
+   the first pass spills the decoded float32 volumes to a temporary file next to the
+   store and the second pass reads that (decompressing twice would cost more than one
+   sequential write and read of the spill). Give a mask to get a single pass.
 
 Voxels that are NaN or Inf at any time point are dropped from the mask, with a
 :class:`~bigglm.exceptions.BigGLMWarning` giving their number. Memory is bounded by a
@@ -25,10 +26,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,10 +151,10 @@ def convert(
     report = progress or (lambda done, total: None)
     with staging(target) as stage, _spill_dir(target) as spill_dir:
         if given_mask is None:
-            spill = Path(spill_dir) / _SPILL_NAME
-            first = _spill_pass(series, spill, report)
+            spill = Path(spill_dir) / _SPILL_NAME if _needs_spill(series) else None
+            first = _mean_pass(series, spill, report)
             chosen = _epi_mask(first, series)
-            reader = VolumeStream(_spill_series(series, spill), checksum=False)
+            reader = _second_reader(series, spill)
             done = series.n_volumes
         else:
             first, chosen, reader, done = None, given_mask, VolumeStream(series), 0
@@ -158,6 +162,7 @@ def convert(
         nonfinite = first.nonfinite if first is not None else None
         writer, bad = _write_pass(series, reader, chosen, chunks, stage, nonfinite, report, done)
         provenance = first.provenance if first is not None else reader.provenance
+        _check_unchanged(provenance)
         params = _parameters(series, mask, chunks, bad_voxels=bad)
         writer.finish(_attributes(series, provenance, params))
         return commit(stage, target, overwrite=overwrite)
@@ -178,18 +183,43 @@ def _epi_mask(first: _FirstPass, series: SourceSeries) -> np.ndarray:
     return mask
 
 
-def _spill_pass(series: SourceSeries, spill: Path, report: ProgressCallback) -> _FirstPass:
-    """Read the source once: sum and non-finite flags per voxel, decoded volumes to ``spill``."""
+def _needs_spill(series: SourceSeries) -> bool:
+    """Spill decoded volumes only when re-reading would mean decompressing again."""
+    return any(f.compressed for f in series.files)
+
+
+def _mean_pass(series: SourceSeries, spill: Path | None, report: ProgressCallback) -> _FirstPass:
+    """Read the source once: per-voxel sum and non-finite flags; decoded volumes to ``spill``."""
     stream = VolumeStream(series)
     total = np.zeros(series.voxels_per_volume, dtype=np.float64)
     done = 0
-    with open(spill, "wb") as out:
-        for block in stream.blocks(_read_volumes(series)):
+    stop = threading.Event()
+    with open(spill or os.devnull, "wb") as out:
+        for block in _prefetched(stream.blocks(_read_volumes(series)), stop):
             total += block.sum(axis=0, dtype=np.float64)
-            out.write(block.data)
+            if spill is not None:
+                out.write(block.data)
             done += block.shape[0]
             report(done, 2 * series.n_volumes)
     return _FirstPass(total, ~np.isfinite(total), stream.provenance)
+
+
+def _second_reader(series: SourceSeries, spill: Path | None) -> VolumeStream:
+    """The spill if there is one; else the (uncompressed) source again, not re-hashed."""
+    if spill is None:
+        return VolumeStream(series, checksum=False)
+    return VolumeStream(_spill_series(series, spill), checksum=False)
+
+
+def _check_unchanged(provenance: list[dict[str, Any]]) -> None:
+    """Refuse to commit if a source changed size while it was being converted."""
+    for source in provenance:
+        size = Path(source["path"]).stat().st_size
+        if size != source["size"]:
+            raise StoreError(
+                f"{source['path']}: changed while it was converted ({source['size']} bytes, "
+                f"now {size}); convert it again once nothing writes to it"
+            )
 
 
 def _mean_volume(first: _FirstPass, series: SourceSeries) -> np.ndarray:
@@ -225,21 +255,70 @@ def _flat_indices(mask: np.ndarray) -> np.ndarray:
 def _rows(
     blocks: Iterator[np.ndarray], columns: np.ndarray, rows_per_chunk: int
 ) -> Iterator[np.ndarray]:
-    """Re-block the in-mask columns of volume blocks into ``(rows_per_chunk, V)`` rows."""
-    buffer = np.empty((rows_per_chunk, columns.size), dtype=np.float32)
-    filled = 0
+    """Re-block the in-mask columns of volume blocks into ``(rows_per_chunk, V)`` rows.
+
+    Two buffers alternate, so the consumer may still be writing the previous row while
+    the next one fills; it must be done with a row before it asks for the one after next.
+    """
+    buffers = [np.empty((rows_per_chunk, columns.size), dtype=np.float32) for _ in range(2)]
+    current, filled = 0, 0
     for block in blocks:
         taken = 0
         while taken < block.shape[0]:
             n = min(rows_per_chunk - filled, block.shape[0] - taken)
-            np.take(block[taken : taken + n], columns, axis=1, out=buffer[filled : filled + n])
+            target = buffers[current][filled : filled + n]
+            np.take(block[taken : taken + n], columns, axis=1, out=target)
             filled += n
             taken += n
             if filled == rows_per_chunk:
-                yield buffer
-                filled = 0
+                yield buffers[current]
+                current, filled = 1 - current, 0
     if filled:
-        yield buffer[:filled]
+        yield buffers[current][:filled]
+
+
+def _prefetched(blocks: Iterator[np.ndarray], stop: threading.Event) -> Iterator[np.ndarray]:
+    """Produce ``blocks`` in a background thread, one block ahead of the consumer.
+
+    Reading, decompressing and hashing release the GIL, so they overlap with the
+    gathering and compression done by the consumer. Errors are re-raised here.
+    """
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
+    finished = object()
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                while not _offer(handoff, block, stop):
+                    if stop.is_set():
+                        return
+            _offer_until_stopped(handoff, finished, stop)
+        except BaseException as err:
+            _offer_until_stopped(handoff, err, stop)
+
+    thread = threading.Thread(target=produce, name="bigglm-read", daemon=True)
+    thread.start()
+    try:
+        while (item := handoff.get()) is not finished:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _offer(handoff: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    try:
+        handoff.put(item, timeout=0.1)
+    except queue.Full:
+        return stop.is_set()
+    return True
+
+
+def _offer_until_stopped(handoff: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
+    while not _offer(handoff, item, stop):
+        pass
 
 
 def _write_pass(
@@ -253,20 +332,20 @@ def _write_pass(
     done: int,
 ) -> tuple[StoreWriter, int]:
     """Write ``bold`` for ``mask``, dropping NaN/Inf voxels; return the writer and their count."""
-    total = series.n_volumes + done
     if nonfinite is not None:
         mask, bad = _drop_nonfinite(mask, nonfinite.reshape(series.volume_shape, order="F"))
         _warn_nonfinite(series, bad)
     columns = _flat_indices(mask)
     writer = StoreWriter(stage, mask, n_volumes=series.n_volumes, tr=series.tr, chunks=chunks)
-    seen_bad = np.zeros(columns.size, dtype=bool)
-    start = 0
-    for rows in _rows(reader.blocks(_read_volumes(series)), columns, chunks[0]):
-        if nonfinite is None:
-            seen_bad |= ~np.isfinite(rows).all(axis=0)
-        writer.write(start, rows)
-        start += rows.shape[0]
-        report(done + start, total)
+    blocks = reader.blocks(_read_volumes(series))
+    seen_bad = _stream_rows(
+        writer,
+        blocks,
+        columns,
+        chunks[0],
+        check=nonfinite is None,
+        report=lambda n: report(done + n, series.n_volumes + done),
+    )
     if nonfinite is None and seen_bad.any():
         _warn_nonfinite(series, int(seen_bad.sum()))
         keep = mask.copy()
@@ -274,6 +353,40 @@ def _write_pass(
         writer = _rewrite_without(stage, keep, seen_bad, series, chunks)
         return writer, int(seen_bad.sum())
     return writer, 0 if nonfinite is None else bad
+
+
+def _stream_rows(
+    writer: StoreWriter,
+    blocks: Iterator[np.ndarray],
+    columns: np.ndarray,
+    rows_per_chunk: int,
+    *,
+    check: bool,
+    report: Callable[[int], None],
+) -> np.ndarray:
+    """Gather, check and write rows of chunks; reading, gathering and writing overlap.
+
+    Returns the per-column flags of non-finite values (all False unless ``check``).
+    """
+    seen_bad = np.zeros(columns.size, dtype=bool)
+    stop = threading.Event()
+    start = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigglm-write") as pool:
+        pending: Future[None] | None = None
+        try:
+            for rows in _rows(_prefetched(blocks, stop), columns, rows_per_chunk):
+                if check:
+                    seen_bad |= ~np.isfinite(rows).all(axis=0)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write, start, rows)
+                start += rows.shape[0]
+                report(start)
+            if pending is not None:
+                pending.result()
+        finally:
+            stop.set()
+    return seen_bad
 
 
 def _drop_nonfinite(mask: np.ndarray, nonfinite: np.ndarray) -> tuple[np.ndarray, int]:
