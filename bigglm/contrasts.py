@@ -235,7 +235,7 @@ def check_estimable(contrast: Array, design: Array, columns: Sequence[str], name
 
 
 def effect_and_covariance(
-    contrast: Array, beta: Array, sigma2: Array, gram_pinv: Array
+    contrast: Array, beta: Array, sigma2: Array, unscaled: Array
 ) -> tuple[Array, Array]:
     """``C b`` and ``sigma2 C G C'`` per voxel.
 
@@ -244,7 +244,8 @@ def effect_and_covariance(
     contrast : numpy.ndarray, shape (q, P)
     beta : numpy.ndarray, shape (P, v)
     sigma2 : numpy.ndarray, shape (v,)
-    gram_pinv : numpy.ndarray, shape (P, P) (shared, OLS) or (v, P, P) (per voxel)
+    unscaled : numpy.ndarray, shape (q, q) (shared, OLS) or (q, q, v) (per voxel, AR)
+        ``C G C'`` with G = ``(X'X)^+`` or the voxel's ``(X~'X~)^+``.
 
     Returns
     -------
@@ -253,18 +254,13 @@ def effect_and_covariance(
 
     Examples
     --------
-    >>> e, c = effect_and_covariance(np.eye(2)[:1], np.ones((2, 3)), np.ones(3), np.eye(2))
+    >>> e, c = effect_and_covariance(np.eye(2)[:1], np.ones((2, 3)), np.ones(3), np.eye(1))
     >>> e.shape, c.shape
     ((1, 3), (1, 1, 3))
     """
     effect = contrast @ beta
-    if gram_pinv.ndim == 2:
-        unscaled = contrast @ gram_pinv @ contrast.T
-        covariance = unscaled[:, :, None] * sigma2
-    else:
-        unscaled_v = np.einsum("ia,vab,jb->ijv", contrast, gram_pinv, contrast)
-        covariance = unscaled_v * sigma2
-    return effect, covariance
+    shared = unscaled[:, :, None] if unscaled.ndim == 2 else unscaled
+    return effect, shared * sigma2
 
 
 def t_test(effect: Array, variance: Array, dof: float) -> dict[str, Array]:
@@ -339,16 +335,20 @@ def _log_betainc(a: float, b: float, x: Array) -> Array:
     Uses ``I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * 2F1(a + b, 1; a + 1; x)`` where the
     direct value is below 1e-250.
     """
-    direct = special.betainc(a, b, x)
+    direct = np.asarray(special.betainc(a, b, x), dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        series = (
-            a * np.log(x)
-            + b * np.log1p(-x)
-            - np.log(a)
-            - special.betaln(a, b)
-            + np.log(special.hyp2f1(a + b, 1.0, a + 1.0, x))
-        )
-        return np.where(direct > 1e-250, np.log(direct), series)
+        out = np.log(direct)
+        tiny = direct <= 1e-250
+        if np.any(tiny):
+            xt = np.broadcast_to(x, direct.shape)[tiny]
+            out[tiny] = (
+                a * np.log(xt)
+                + b * np.log1p(-xt)
+                - np.log(a)
+                - special.betaln(a, b)
+                + np.log(special.hyp2f1(a + b, 1.0, a + 1.0, xt))
+            )
+    return out
 
 
 def _clip_p(p: Array) -> Array:

@@ -32,7 +32,7 @@ __all__ = [
     "band_coefficients",
     "corner_correction",
     "is_stationary",
-    "pinv_rank",
+    "solve_psd",
     "whitened_cross",
     "whitened_energy",
     "whitened_gram",
@@ -265,33 +265,38 @@ def whitened_energy(
     return out
 
 
-def pinv_rank(gram: Array, rank: int) -> Array:
-    """Pseudo-inverse of a stack of symmetric PSD matrices keeping ``rank`` eigenvalues.
+def solve_psd(gram: Array, rhs: Array, rank: int) -> Array:
+    """``gram^+ @ rhs`` for a stack of symmetric PSD matrices of known rank.
 
-    The rank is that of the design, found once from its singular values, so the
-    null space of a rank-deficient design is cut exactly, not by a tolerance on the
-    squared condition number of ``X'X``.
+    Full rank: a batched LU solve of the diagonally equilibrated system (fast).
+    Rank-deficient: the pseudo-inverse from the ``rank`` largest eigenpairs; the rank
+    is the design's (from its singular values), so the null space is cut exactly,
+    not by a tolerance on the squared condition number of ``X'X``.
 
     Parameters
     ----------
     gram : numpy.ndarray, shape (v, P, P)
+    rhs : numpy.ndarray, shape (v, P, k)
     rank : int
 
     Returns
     -------
-    numpy.ndarray, shape (v, P, P)
+    numpy.ndarray, shape (v, P, k)
 
     Examples
     --------
     >>> g = np.array([[[2.0, 2.0], [2.0, 2.0]]])
-    >>> pinv_rank(g, 1)
-    array([[[0.125, 0.125],
-            [0.125, 0.125]]])
+    >>> solve_psd(g, np.array([[[1.0], [1.0]]]), rank=1)
+    array([[[0.25],
+            [0.25]]])
     """
     scale = np.sqrt(np.einsum("vii->vi", gram))
     scale = np.where(scale > 0, scale, 1.0)
     scaled = gram / scale[:, :, None] / scale[:, None, :]
+    b = rhs / scale[:, :, None]
+    if rank == gram.shape[-1]:
+        return np.linalg.solve(scaled, b) / scale[:, :, None]
     values, vectors = np.linalg.eigh(scaled)
-    keep = vectors[..., -rank:] if rank else vectors[..., :0]
-    inv = np.einsum("vik,vk,vjk->vij", keep, 1.0 / values[..., -rank:], keep)
-    return inv / scale[:, :, None] / scale[:, None, :]
+    keep = vectors[..., gram.shape[-1] - rank :]
+    coef = np.einsum("vik,vij->vkj", keep, b) / values[..., gram.shape[-1] - rank :, None]
+    return np.einsum("vik,vkj->vij", keep, coef) / scale[:, :, None]

@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 from bigglm.glm import ar
 from bigglm.glm.stats import DesignTerms, Partial
 
-__all__ = ["STATUS_FLAGS", "ar_gram_pinv", "finish_block"]
+__all__ = ["STATUS_FLAGS", "ar_contrast_variance", "finish_block"]
 
 Array = NDArray[np.float64]
 
@@ -92,37 +92,36 @@ def _gls(total: Partial, phi: Array, terms: DesignTerms) -> tuple[Array, Array]:
         sl = slice(lo, min(lo + step, n_vox))
         band = ar.band_coefficients(phi[:, sl])
         top, bottom = ar.corner_correction(phi[:, sl])
-        gram_inv = ar.pinv_rank(
-            ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:]), terms.rank
-        )
+        gram = ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:])
         heads = (x[:p], total.head[:, sl])
         tails = (x[-p:], total.tail[:, sl])
         xqy = ar.whitened_cross(band, top, bottom, total.cross[:, :, sl], heads, tails)
         yqy = ar.whitened_energy(
             band, top, bottom, total.lag_sums[:, sl], total.head[:, sl], total.tail[:, sl]
         )
-        beta[:, sl] = np.einsum("vab,bv->av", gram_inv, xqy)
+        beta[:, sl] = ar.solve_psd(gram, xqy.T[:, :, None], terms.rank)[:, :, 0].T
         rss[sl] = yqy - np.einsum("av,av->v", beta[:, sl], xqy)
     return beta, rss
 
 
-def ar_gram_pinv(terms: DesignTerms, phi: Array) -> Array:
-    """``(X~'X~)^+`` per voxel for AR coefficients ``phi``, from the design alone.
+def ar_contrast_variance(terms: DesignTerms, phi: Array, contrast: Array) -> Array:
+    """``C (X~'X~)^+ C'`` per voxel for AR coefficients ``phi``, from the design alone.
 
     Parameters
     ----------
     terms : DesignTerms
     phi : numpy.ndarray, shape (p, v)
         AR coefficients (NaN allowed: those voxels give NaN).
+    contrast : numpy.ndarray, shape (q, P)
 
     Returns
     -------
-    numpy.ndarray, shape (v, P, P)
+    numpy.ndarray, shape (q, q, v)
 
     Examples
     --------
     >>> terms = DesignTerms.build(np.ones((6, 1)), order=1)
-    >>> ar_gram_pinv(terms, np.zeros((1, 1)))  # white noise: 1 / T
+    >>> ar_contrast_variance(terms, np.zeros((1, 1)), np.ones((1, 1)))  # white noise: 1 / T
     array([[[0.16666667]]])
     """
     x, p = terms.matrix, terms.order
@@ -130,8 +129,8 @@ def ar_gram_pinv(terms: DesignTerms, phi: Array) -> Array:
     clean = np.where(bad, 0.0, phi)
     band = ar.band_coefficients(clean)
     top, bottom = ar.corner_correction(clean)
-    out = ar.pinv_rank(
-        ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:]), terms.rank
-    )
-    out[bad] = np.nan
+    gram = ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:])
+    rhs = np.broadcast_to(contrast.T, (gram.shape[0], *contrast.T.shape))
+    out = np.einsum("ia,vaj->ijv", contrast, ar.solve_psd(gram, rhs, terms.rank))
+    out[:, :, bad] = np.nan
     return out

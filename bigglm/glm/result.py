@@ -26,7 +26,7 @@ from dask.delayed import Delayed
 
 from bigglm import contrasts as con
 from bigglm.exceptions import StoreError
-from bigglm.glm.finish import STATUS_FLAGS, ar_gram_pinv
+from bigglm.glm.finish import STATUS_FLAGS, ar_contrast_variance
 from bigglm.glm.stats import DesignTerms
 from bigglm.typing import ContrastKind, ProgressCallback
 
@@ -274,7 +274,8 @@ class GLMResult:
         beta, sigma2 = ds["beta"].values, ds["sigma2"].values
         if "ar" not in ds:
             terms = DesignTerms.build(design, order=0)
-            effect, cov = con.effect_and_covariance(weights, beta, sigma2, terms.gram_pinv)
+            unscaled = weights @ terms.gram_pinv @ weights.T
+            effect, cov = con.effect_and_covariance(weights, beta, sigma2, unscaled)
             return effect, cov, weights
         terms = DesignTerms.build(design, order=ds.sizes["lag"])
         phi = ds["ar"].values
@@ -282,8 +283,8 @@ class GLMResult:
         parts = []
         for lo in range(0, beta.shape[1], step):
             sl = slice(lo, lo + step)
-            gram = ar_gram_pinv(terms, phi[:, sl])
-            parts.append(con.effect_and_covariance(weights, beta[:, sl], sigma2[sl], gram))
+            unscaled = ar_contrast_variance(terms, phi[:, sl], weights)
+            parts.append(con.effect_and_covariance(weights, beta[:, sl], sigma2[sl], unscaled))
         effect = np.concatenate([p[0] for p in parts], axis=-1)
         return effect, np.concatenate([p[1] for p in parts], axis=-1), weights
 
