@@ -69,6 +69,8 @@ def test_fit_is_lazy_and_reads_each_chunk_exactly_once(noise: str) -> None:
     for expression in ("faces", "houses", "faces - houses"):
         result.contrast(expression)  # contrasts never touch the data again
     result.contrast(["faces", "houses"], kind="F")
+    assert result.beta.chunks is None  # the views now show the computed statistics
+    _ = result.sigma2.values, result.beta.values
     assert set(source.reads.values()) == {1}
 
 

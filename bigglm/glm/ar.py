@@ -186,8 +186,8 @@ def whitened_gram(
     array([[[4.]]])
     """
     out = np.einsum("mv,mab->vab", band, lag_gram)
-    out += np.einsum("ia,vij,jb->vab", x_head, top, x_head)
-    out += np.einsum("ia,vij,jb->vab", x_tail, bottom, x_tail)
+    out += np.einsum("ia,vij,jb->vab", x_head, top, x_head, optimize=True)
+    out += np.einsum("ia,vij,jb->vab", x_tail, bottom, x_tail, optimize=True)
     return out
 
 
@@ -225,7 +225,7 @@ def whitened_cross(
     """
     out = np.einsum("mv,mav->av", band, lag_cross)
     for corner, (x_rows, y_rows) in ((top, heads), (bottom, tails)):
-        out += np.einsum("ia,vij,jv->av", x_rows, corner, y_rows)
+        out += np.einsum("ia,vij,jv->av", x_rows, corner, y_rows, optimize=True)
     return out
 
 

@@ -189,6 +189,8 @@ def _run_graph(
     terms_key = dask.delayed(terms, pure=True)
     starts = np.concatenate([[0], np.cumsum(array.chunks[0])[:-1]]).astype(int)
     spans = terms.constant_fit is not None
+    if not spans:
+        logger.info("design %d does not span the constant: sums are taken on raw values", index)
     finishes = []
     lo = 0
     for j, width in enumerate(array.chunks[1]):

@@ -84,15 +84,16 @@ class GLMResult:
     # --- views -----------------------------------------------------------------
     @property
     def runs(self) -> list[xr.Dataset]:
-        """The per-run result Datasets."""
-        return list(self._runs)
+        """The per-run result Datasets (in memory once the result has been computed)."""
+        return list(self._computed._runs if self._computed is not None else self._runs)
 
     @property
     def dataset(self) -> xr.Dataset:
         """The fitted variables; with several runs, stacked along ``run`` (outer join)."""
-        if len(self._runs) == 1:
-            return self._runs[0]
-        keep = [ds[[v for v in (*_FITTED, "dof") if v in ds]] for ds in self._runs]
+        runs = self.runs
+        if len(runs) == 1:
+            return runs[0]
+        keep = [ds[[v for v in (*_FITTED, "dof") if v in ds]] for ds in runs]
         return xr.concat(keep, dim="run", join="outer")
 
     @property
@@ -120,7 +121,7 @@ class GLMResult:
     @property
     def designs(self) -> list[xr.DataArray]:
         """The design matrix of each run."""
-        return [ds["design"] for ds in self._runs]
+        return [ds["design"] for ds in self.runs]
 
     def __repr__(self) -> str:
         state = "computed" if self._computed is self else "lazy"
@@ -357,7 +358,12 @@ class GLMResult:
 
         Examples
         --------
-        See :meth:`to_zarr`.
+        >>> import pandas as pd, bigglm, tempfile
+        >>> ds = xr.Dataset({"bold": (("time", "voxel"), np.random.rand(8, 2))})
+        >>> path = bigglm.fit(ds, pd.DataFrame({"c": np.ones(8)})).to_zarr(
+        ...     Path(tempfile.mkdtemp()) / "fit.zarr")
+        >>> GLMResult.from_zarr(path).runs[0].attrs["noise"]
+        'ols'
         """
         import zarr
 
@@ -410,7 +416,16 @@ class GLMResult:
 
         Examples
         --------
-        >>> # needs the run's voxel grid (a store or open_run Dataset); see the README.
+        >>> import tempfile, nibabel as nib, pandas as pd, bigglm
+        >>> tmp = Path(tempfile.mkdtemp())
+        >>> y = np.random.default_rng(0).normal(100, 1, size=(2, 2, 1, 12)).astype("float32")
+        >>> nib.save(nib.Nifti1Image(y, np.eye(4)), tmp / "bold.nii")
+        >>> mask = np.ones((2, 2, 1), bool)
+        >>> store = bigglm.convert(tmp / "bold.nii", tmp / "bold.zarr", mask=mask)
+        >>> x = pd.DataFrame({"faces": np.tile([1.0, 0.0], 6), "houses": np.tile([0.0, 1.0], 6)})
+        >>> files = bigglm.fit(store, x).to_nifti(tmp, "faces - houses", prefix="sub-01")
+        >>> files[-1].name
+        'sub-01_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
         """
         import bigglm
 
