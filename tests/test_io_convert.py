@@ -207,3 +207,32 @@ def test_convert_many_on_a_local_cluster(write_nifti, brain_series, tmp_path: Pa
         np.testing.assert_array_equal(remote.mask.values, here.mask.values)
         np.testing.assert_array_equal(remote.bold.values, here.bold.values)
         assert remote.attrs["sources"] == here.attrs["sources"]
+
+
+@pytest.mark.parametrize(("suffix", "with_mask"), [(".nii", True), (".nii.gz", False)])
+def test_memory_does_not_grow_with_series_length(
+    write_nifti, brain_series, monkeypatch: pytest.MonkeyPatch, suffix: str, with_mask: bool
+) -> None:
+    """Streaming: the peak of traced allocations is flat in the number of volumes.
+
+    Reading blocks are made small (256 KiB) so that a 4x longer series would show up as a
+    4x larger peak if anything held the series; numpy's allocations are traced.
+    """
+    import importlib
+    import tracemalloc
+
+    convert_module = importlib.import_module("bigglm.io.convert")  # the module, not the function
+    monkeypatch.setattr(convert_module, "READ_BLOCK_BYTES", 256 * 1024)
+    peaks = {}
+    for n_volumes in (100, 400):
+        data = brain_series((32, 32, 24), n_volumes, seed=n_volumes)
+        path = write_nifti(data, f"bold{n_volumes}{suffix}")
+        mask = data.mean(axis=-1) > 500 if with_mask else None
+        del data
+        tracemalloc.start()
+        bigglm.convert(path, path.parent / f"run{n_volumes}.zarr", mask=mask, time_chunk=8)
+        peaks[n_volumes] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    series_bytes = 32 * 32 * 24 * 400 * 4
+    assert peaks[400] < 1.25 * peaks[100], peaks
+    assert peaks[400] < series_bytes / 4, (peaks, series_bytes)

@@ -217,3 +217,45 @@ def test_open_run_dataset_is_xarray(store: Path) -> None:
     assert isinstance(ds, xr.Dataset)
     assert set(ds.coords) >= {"time", "voxel", "i", "j", "k"}
     assert ds.attrs["volume_shape"] == list(ds.mask.shape)
+
+
+def test_graph_references_the_store_not_the_data(store: Path) -> None:
+    """Workers read chunks themselves: the pickled graph is tiny next to the data."""
+    import pickle
+
+    ds = bigglm.open_run(store)
+    graph = pickle.dumps(dict(ds.bold.data.__dask_graph__()))
+    assert len(graph) < ds.bold.nbytes / 4
+    assert str(store) in str(ds.bold.data.__dask_graph__().values())
+
+
+def test_killed_conversion_leaves_no_complete_store(
+    write_nifti, brain_series, tmp_path: Path
+) -> None:
+    """SIGKILL in the middle of writing: nothing at the target, the leftover never opens."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = write_nifti(brain_series((40, 40, 30), 300, seed=0), "bold.nii")
+    target = tmp_path / "run.zarr"
+    code = (
+        "import bigglm, sys; "
+        "bigglm.convert(sys.argv[1], sys.argv[2], mask=None, time_chunk=2, voxel_chunk=64)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(source), str(target)])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".run.zarr.partial-*/bold/c/1/*")):
+            assert proc.poll() is None, "conversion finished before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not target.exists()
+    [partial] = tmp_path.glob(".run.zarr.partial-*")
+    with pytest.raises(StoreError, match="incomplete store"):
+        bigglm.open_run(partial)

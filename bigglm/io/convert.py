@@ -23,6 +23,7 @@ series length.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -149,9 +150,10 @@ def convert(
     check_target(target, overwrite=overwrite)
     given_mask = load_mask(mask, series) if mask is not None else None
     report = progress or (lambda done, total: None)
-    with staging(target) as stage, _spill_dir(target) as spill_dir:
+    spilling = given_mask is None and _needs_spill(series)
+    with staging(target) as stage, _spill_dir(target, spilling) as spill_dir:
         if given_mask is None:
-            spill = Path(spill_dir) / _SPILL_NAME if _needs_spill(series) else None
+            spill = Path(spill_dir) / _SPILL_NAME if spill_dir is not None else None
             first = _mean_pass(series, spill, report)
             chosen = _epi_mask(first, series)
             reader = _second_reader(series, spill)
@@ -168,8 +170,12 @@ def convert(
         return commit(stage, target, overwrite=overwrite)
 
 
-def _spill_dir(target: Path) -> tempfile.TemporaryDirectory[str]:
-    """A hidden temporary sibling of ``target`` for the spill file, always removed."""
+def _spill_dir(
+    target: Path, needed: bool
+) -> tempfile.TemporaryDirectory[str] | contextlib.nullcontext[None]:
+    """A hidden temporary sibling of ``target`` for the spill file (always removed), if needed."""
+    if not needed:
+        return contextlib.nullcontext()
     return tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.spill-")
 
 
