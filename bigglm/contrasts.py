@@ -192,8 +192,9 @@ def _is_text_list(spec: Any) -> bool:
 def check_estimable(contrast: Array, design: Array, columns: Sequence[str], name: str) -> None:
     """Raise DesignError unless every row of the contrast is estimable under the design.
 
-    A contrast c is estimable when it lies in the row space of X, i.e. it is
-    orthogonal to X's null space. The error names the linearly dependent columns.
+    The check itself is :func:`bigglm.design.diagnostics.check_estimable` (a contrast is
+    estimable when it is orthogonal to the design's null space); this adds the
+    contrast's name to its message, which names the linearly dependent columns.
 
     Parameters
     ----------
@@ -214,24 +215,14 @@ def check_estimable(contrast: Array, design: Array, columns: Sequence[str], name
     >>> check_estimable(np.array([[1.0, 0.0, 0.0]]), x, ["a", "b", "c"], "a")
     Traceback (most recent call last):
     ...
-    bigglm.exceptions.DesignError: contrast 'a' is not estimable: ...
+    bigglm.exceptions.DesignError: contrast 'a': contrast row 0 is not estimable: ...
     """
-    _, s, vt = np.linalg.svd(design, full_matrices=True)
-    rank = int((s > s.max() * max(design.shape) * np.finfo(np.float64).eps).sum())
-    null = vt[rank:]  # (P - rank, P)
-    if null.shape[0] == 0:
-        return
-    scale = np.linalg.norm(contrast, axis=1, keepdims=True)
-    leak = np.abs((contrast / scale) @ null.T)  # (q, P - rank)
-    if np.all(leak < 1e-8):
-        return
-    involved = np.abs(null[leak.max(axis=0) >= 1e-8]).max(axis=0) > 1e-8
-    names = [c for c, flag in zip(columns, involved, strict=True) if flag]
-    raise DesignError(
-        f"contrast {name!r} is not estimable: the design has rank {rank} for {len(columns)} "
-        f"columns and columns {names} are linearly dependent; test a combination that "
-        "does not depend on how their shared part is split (e.g. a difference), or drop one"
-    )
+    from bigglm.design import diagnostics
+
+    try:
+        diagnostics.check_estimable(design, contrast, names=list(columns))
+    except DesignError as err:
+        raise DesignError(f"contrast {name!r}: {err}") from None
 
 
 def effect_and_covariance(

@@ -82,7 +82,8 @@ def rank_deficient_fit() -> bigglm.GLMResult:
 
 def test_non_estimable_contrast_names_the_dependent_columns() -> None:
     result = rank_deficient_fit()
-    with pytest.raises(DesignError, match=r"'c0'.*not estimable.*\['c0', 'c1', 'c2', 'constant'\]"):
+    message = r"contrast 'c0': .*not estimable: columns 'c0', 'c1', 'c2', 'constant' are linearly"
+    with pytest.raises(DesignError, match=message):
         result.contrast({"c0": "c0"})
     differences = result.contrast("c0 - c1")  # estimable under the same design
     assert np.isfinite(differences["stat"].values).all()
