@@ -122,6 +122,8 @@ def test_validation_errors_say_what_to_fix() -> None:
         bigglm.fit(ds, design, noise="ar")
     with pytest.raises(DesignError, match="2 runs but 1 designs"):
         bigglm.fit([ds, ds], [design])
+    with pytest.raises(DesignError, match="run 1 has other voxels than run 0"):
+        bigglm.fit([ds, ds.isel(voxel=slice(0, 5))], [design, design])
     with pytest.raises(DesignError, match=r"\['faces'\] contain NaN"):
         bigglm.fit(ds, design.assign(faces=np.nan))
     with pytest.raises(AttributeError, match="no AR coefficients"):

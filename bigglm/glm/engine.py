@@ -28,6 +28,7 @@ from bigglm.exceptions import DesignError
 from bigglm.glm.finish import STATUS_FLAGS, finish_block
 from bigglm.glm.result import GLMResult
 from bigglm.glm.stats import DesignTerms, chunk_statistics, combine
+from bigglm.typing import NoiseModel
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -41,7 +42,7 @@ def fit(
     runs: str | PathLike[str] | xr.Dataset | Sequence[str | PathLike[str] | xr.Dataset],
     designs: pd.DataFrame | np.ndarray | Sequence[pd.DataFrame | np.ndarray],
     *,
-    noise: str = "ols",
+    noise: NoiseModel | str = "ols",
     client: Client | None = None,
     split_every: int = 4,
 ) -> GLMResult:
@@ -98,6 +99,7 @@ def fit(
             f"got {len(run_list)} runs but {len(design_list)} designs; give one design per run"
         )
     datasets = [_open(run) for run in run_list]
+    _check_same_voxels(datasets)
     frames = [_as_frame(d) for d in design_list]
     built = [
         _run_graph(ds, frame, order, noise, split_every, index)
@@ -132,6 +134,22 @@ def _open(run: str | PathLike[str] | xr.Dataset) -> xr.Dataset:
     if run["bold"].chunks is None:
         run = run.assign(bold=run["bold"].chunk())
     return run
+
+
+def _check_same_voxels(datasets: list[xr.Dataset]) -> None:
+    """Several runs must share their voxels (one mask) to be combined voxel by voxel."""
+    first = datasets[0]
+    for index, ds in enumerate(datasets[1:], start=1):
+        same = ds.sizes["voxel"] == first.sizes["voxel"] and all(
+            np.array_equal(ds[c].values, first[c].values)
+            for c in ("i", "j", "k")
+            if c in ds.coords and c in first.coords
+        )
+        if not same:
+            raise DesignError(
+                f"run {index} has other voxels than run 0 ({ds.sizes['voxel']} vs "
+                f"{first.sizes['voxel']}); convert the runs with the same mask"
+            )
 
 
 def _as_frame(design: pd.DataFrame | np.ndarray) -> pd.DataFrame:
