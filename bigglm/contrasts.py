@@ -383,10 +383,16 @@ def fixed_effects(
     n = len(effects)
     if not precision_weighted:
         return sum(effects) / n, sum(covariances) / n**2, dof  # type: ignore[return-value]
-    precisions = [np.linalg.inv(c.transpose(2, 0, 1)) for c in covariances]  # (v, q, q)
-    covariance = np.linalg.inv(sum(precisions))
+    with np.errstate(invalid="ignore"):
+        # pinv, not inv: a zero or NaN covariance (constant voxel) gives NaN, not an error
+        precisions = [np.linalg.pinv(c.transpose(2, 0, 1), hermitian=True) for c in covariances]
+        covariance = np.linalg.pinv(sum(precisions), hermitian=True)
     weighted = sum(np.einsum("vij,jv->vi", w, e) for w, e in zip(precisions, effects, strict=True))
     effect = np.einsum("vij,vj->iv", covariance, weighted)
+    finite = np.all([np.isfinite(c).all(axis=(0, 1)) for c in covariances], axis=0)
+    finite &= np.all([np.isfinite(e).all(axis=0) for e in effects], axis=0)
+    effect[:, ~finite] = np.nan
+    covariance[~finite] = np.nan
     return effect, covariance.transpose(1, 2, 0), dof
 
 

@@ -155,6 +155,16 @@ def test_fixed_effects_precision_weighted_is_inverse_variance_mean() -> None:
     assert dof == 22.0
 
 
+def test_precision_weighted_fixed_effects_keep_nan_voxels_nan() -> None:
+    """A constant voxel (NaN variance) in any run gives NaN, not an error or a zero."""
+    variances = [np.array([[[1.0, np.nan]]]), np.array([[[2.0, 1.0]]])]
+    effect, cov, _ = con.fixed_effects(
+        [np.ones((1, 2))] * 2, variances, [5.0, 5.0], precision_weighted=True
+    )
+    np.testing.assert_allclose(effect[0, 0], 1.0)
+    assert np.isnan(effect[0, 1]) and np.isnan(cov[0, 0, 1])
+
+
 @pytest.mark.parametrize(
     "name,expected",
     [
