@@ -236,3 +236,34 @@ def test_memory_does_not_grow_with_series_length(
     series_bytes = 32 * 32 * 24 * 400 * 4
     assert peaks[400] < 1.25 * peaks[100], peaks
     assert peaks[400] < series_bytes / 4, (peaks, series_bytes)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nifti2"),
+    [(">f4", False), (">i2", False), ("<f8", False), ("<u1", False), ("<f4", True)],
+)
+def test_byte_orders_types_and_nifti2(
+    brain_series, tmp_path: Path, dtype: str, nifti2: bool
+) -> None:
+    """Big-endian, float64, uint8 and NIfTI-2 files give nibabel's values as float32."""
+    data = brain_series((16, 16, 12), 5, seed=6) / (8.0 if dtype == "<u1" else 1.0)
+    kind = nibabel.Nifti2Image if nifti2 else nibabel.Nifti1Image
+    header = (nibabel.Nifti2Header if nifti2 else nibabel.Nifti1Header)(endianness=dtype[0])
+    img = kind(data, np.diag([2.0, 2.0, 2.0, 1.0]), header=header)
+    img.set_data_dtype(np.dtype(dtype))
+    img.header["pixdim"][4] = 2.0
+    path = tmp_path / "bold.nii.gz"
+    nibabel.save(img, path)
+    loaded = nibabel.load(path)
+    assert loaded.header.endianness == dtype[0] and isinstance(loaded, kind)
+    store = bigglm.convert(path, tmp_path / "run.zarr", time_chunk=2)
+    bold, (i, j, k) = _stored_as_volume_series(store)
+    np.testing.assert_array_equal(bold, loaded.get_fdata()[i, j, k, :].T.astype(np.float32))
+
+
+def test_complex_voxels_are_refused(tmp_path: Path) -> None:
+    data = np.ones((4, 4, 4, 3), np.complex64)
+    path = tmp_path / "complex.nii"
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(bigglm.StoreError, match=r"complex\.nii: voxels of type complex64"):
+        bigglm.convert(path, tmp_path / "run.zarr", tr=1.0)

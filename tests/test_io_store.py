@@ -259,3 +259,10 @@ def test_killed_conversion_leaves_no_complete_store(
     [partial] = tmp_path.glob(".run.zarr.partial-*")
     with pytest.raises(StoreError, match="incomplete store"):
         bigglm.open_run(partial)
+
+
+def test_to_nifti_accepts_voxel_first_dataarrays(store: Path, tmp_path: Path) -> None:
+    ds = bigglm.open_run(store)
+    a = bigglm.to_nifti(ds.bold, ds, tmp_path / "a.nii")
+    b = bigglm.to_nifti(ds.bold.transpose("voxel", "time"), ds, tmp_path / "b.nii")
+    np.testing.assert_array_equal(nibabel.load(a).get_fdata(), nibabel.load(b).get_fdata())

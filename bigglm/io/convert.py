@@ -295,12 +295,11 @@ def _prefetched(blocks: Iterator[np.ndarray], stop: threading.Event) -> Iterator
     def produce() -> None:
         try:
             for block in blocks:
-                while not _offer(handoff, block, stop):
-                    if stop.is_set():
-                        return
-            _offer_until_stopped(handoff, finished, stop)
+                if not _put(handoff, block, stop):
+                    return
+            _put(handoff, finished, stop)
         except BaseException as err:
-            _offer_until_stopped(handoff, err, stop)
+            _put(handoff, err, stop)
 
     thread = threading.Thread(target=produce, name="bigglm-read", daemon=True)
     thread.start()
@@ -314,17 +313,15 @@ def _prefetched(blocks: Iterator[np.ndarray], stop: threading.Event) -> Iterator
         thread.join()
 
 
-def _offer(handoff: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
-    try:
-        handoff.put(item, timeout=0.1)
-    except queue.Full:
-        return stop.is_set()
-    return True
-
-
-def _offer_until_stopped(handoff: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
-    while not _offer(handoff, item, stop):
-        pass
+def _put(handoff: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    """Put ``item``, waiting while the queue is full; False if the consumer has stopped."""
+    while not stop.is_set():
+        try:
+            handoff.put(item, timeout=0.1)
+        except queue.Full:
+            continue
+        return True
+    return False
 
 
 def _write_pass(

@@ -37,8 +37,9 @@ def to_nifti(
     ----------
     values : array-like, dask array or xarray.DataArray
         One value per in-mask voxel (a map), or ``n`` rows of them (a series: the 4th
-        NIfTI axis). Dask-backed values are computed block by block, so a whole series
-        never sits in memory.
+        NIfTI axis). A DataArray's ``voxel`` dimension may come first or last.
+        Dask-backed values are computed block by block, so a whole series never sits
+        in memory.
     like : path or xarray.Dataset
         A store, or a Dataset from :func:`bigglm.open_run`: gives the mask, grid and TR.
     path : path
@@ -81,6 +82,8 @@ def to_nifti(
     ds = like if isinstance(like, xr.Dataset) else open_run(like)
     mask = np.asarray(ds["mask"].values, dtype=bool)
     is_series = _is_time_series(values, ds)
+    if isinstance(values, xr.DataArray) and "voxel" in values.dims:
+        values = values.transpose(..., "voxel")
     data = values.data if isinstance(values, xr.DataArray) else values
     if not hasattr(data, "ndim"):
         data = np.asarray(data)

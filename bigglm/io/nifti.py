@@ -168,6 +168,15 @@ def _header_tr(path: Path, img: nib.Nifti1Image) -> float | None:
     return value * _TIME_UNIT_SECONDS.get(unit, 1.0)
 
 
+def _check_dtype(source: SourceFile) -> None:
+    """Only real numbers can become float32 BOLD values."""
+    if source.dtype.kind not in "iuf" or source.dtype.fields is not None:
+        raise StoreError(
+            f"{source.path}: voxels of type {source.dtype} are not real numbers; a BOLD "
+            "series must be integer or floating point"
+        )
+
+
 def _tr_problem(img: nib.Nifti1Image) -> str:
     if img.header["dim"][0] < 4:
         return "3D volumes carry none"
@@ -241,6 +250,7 @@ def inspect_sources(
         raise StoreError(f"{first}: has shape {first_img.shape}; expected (X, Y, Z, T)")
     volume_shape = tuple(int(n) for n in first_img.shape[:3])
     for source in files:
+        _check_dtype(source)
         _check_uncompressed_size(source, volume_shape)
     tr_from = "argument"
     if tr is None:
