@@ -84,7 +84,7 @@ def local_options(profile: ClusterConfig) -> dict[str, Any]:
     -------
     dict
         ``n_workers``, ``threads_per_worker``, ``memory_limit``, ``processes``, and
-        ``dashboard_address`` (``None``: no dashboard server).
+        ``dashboard_address`` (``":0"``: any free port).
 
     Examples
     --------
@@ -100,7 +100,7 @@ def local_options(profile: ClusterConfig) -> dict[str, Any]:
         "threads_per_worker": threads,
         "memory_limit": profile.memory_limit or "auto",
         "processes": True,
-        "dashboard_address": None,
+        "dashboard_address": ":0",
     }
 
 

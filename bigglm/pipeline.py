@@ -646,9 +646,10 @@ def _fit_step(
         runs = [open_run(rp.store) for rp in unit.runs]
         designs = [rp.design for rp in unit.runs]
         result = fit(runs, designs, noise=config.model.noise, client=client)
-        result = result.compute(progress=callback)
-        result.to_zarr(path, overwrite=True)
-    return result, key
+        result.compute(progress=callback).to_zarr(path, overwrite=True)
+    # Contrasts always come from the stored result, so a resumed run computes them from
+    # exactly the same numbers as an uninterrupted one.
+    return GLMResult.from_zarr(path), key
 
 
 def unit_folder(config: AnalysisConfig, unit: str) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel
 import pytest
@@ -148,15 +150,21 @@ def write_tiny_bids(
     return root
 
 
+@pytest.fixture(scope="session")
+def make_tiny_bids() -> Callable[..., Path]:
+    """``make_tiny_bids(root, subjects=..., n_scans=...)``: see write_tiny_bids."""
+    return write_tiny_bids
+
+
 @pytest.fixture
 def tiny_bids(tmp_path: Path) -> Path:
     """A two-subject fMRIPrep-like dataset (10 x 10 x 10, 60 volumes); see write_tiny_bids."""
     return write_tiny_bids(tmp_path / "dataset")
 
 
-def tiny_config(dataset: Path, outputs: Path, **sections: object) -> dict[str, object]:
+def _tiny_config(dataset: Path, outputs: Path, **sections: object) -> dict[str, Any]:
     """The configuration mapping of an analysis of :func:`write_tiny_bids` data."""
-    config: dict[str, object] = {
+    config: dict[str, Any] = {
         "inputs": {
             "bids": {"derivatives": str(dataset / "derivatives"), "raw": str(dataset / "raw")},
             "confounds": ["trans_x", "rot_x"],
@@ -171,12 +179,18 @@ def tiny_config(dataset: Path, outputs: Path, **sections: object) -> dict[str, o
 
 
 @pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., dict[str, Any]]:
+    """``tiny_config(dataset, outputs, **sections)``: an analysis of write_tiny_bids data."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
 def local_client():
     """One LocalCluster (two single-threaded worker processes) shared by the workflow tests."""
     from distributed import Client, LocalCluster
 
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         yield client

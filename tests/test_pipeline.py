@@ -1,0 +1,376 @@
+"""The first-level workflow end to end: correctness, resumption, locks, lost workers.
+
+References: designs from nilearn's ``make_first_level_design_matrix`` and a brute-force
+per-voxel least-squares fit in numpy (float64), computed here from the NIfTI files.
+Tolerances: the store holds the series as float32 exactly as the NIfTI does, and both
+sides then work in float64, so OLS effects and t values agree to ~1e-9 relative; designs
+agree with nilearn to 1e-6 of each column's largest magnitude (the design module's
+documented contract).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from bigglm.config import parse_config
+from bigglm.exceptions import ConfigError, StoreError
+from bigglm.pipeline import STATE, lock_units, map_path, plan, run_analysis
+
+pytestmark = pytest.mark.cluster
+
+
+def _maps(folder: Path) -> dict[str, np.ndarray]:
+    """Every statistical map under ``folder``, by file name."""
+    return {
+        p.name: np.asarray(nib.load(p).dataobj)
+        for p in sorted(folder.rglob("*_statmap.nii.gz"))
+        if STATE not in p.parts
+    }
+
+
+def _assert_same_maps(a: Path, b: Path) -> None:
+    """Same files, same NaN voxels, values equal to 1e-12 of each map's largest magnitude.
+
+    Not bitwise: two fits in different processes may differ by a few ulps, because BLAS
+    and numpy's SIMD reductions take alignment-dependent paths (observed: <= 6e-15
+    absolute on maps of magnitude ~10).
+    """
+    left, right = _maps(a), _maps(b)
+    assert sorted(left) == sorted(right) and left
+    for name in left:
+        scale = float(np.nanmax(np.abs(left[name])))
+        np.testing.assert_allclose(
+            left[name], right[name], rtol=1e-12, atol=1e-12 * scale, equal_nan=True, err_msg=name
+        )
+
+
+def _brute_force_ols(bold: Path, design: pd.DataFrame, mask: np.ndarray, c: np.ndarray) -> Any:
+    data = np.asarray(nib.load(bold).dataobj, dtype=np.float64)[mask].T  # (T, V)
+    x = design.to_numpy()
+    beta, *_ = np.linalg.lstsq(x, data, rcond=None)
+    resid = data - x @ beta
+    dof = x.shape[0] - np.linalg.matrix_rank(x)
+    sigma2 = (resid**2).sum(axis=0) / dof
+    effect = c @ beta
+    t = effect / np.sqrt(sigma2 * (c @ np.linalg.pinv(x.T @ x) @ c))
+    return effect, t
+
+
+def test_ols_maps_match_nilearn_design_and_brute_force(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    from nilearn.glm.first_level import make_first_level_design_matrix
+
+    cfg = tiny_config(tiny_bids, tmp_path / "out", model={"noise": "ols"})
+    config = parse_config(cfg)
+    outcomes = run_analysis(config, client=local_client)
+    assert [o.name for o in outcomes] == ["sub-01_task-tiny", "sub-02_task-tiny"]
+
+    func = tiny_bids / "derivatives" / "sub-01" / "func"
+    events = pd.read_csv(tiny_bids / "raw/sub-01/func/sub-01_task-tiny_events.tsv", sep="\t")
+    confounds = pd.read_csv(func / "sub-01_task-tiny_desc-confounds_timeseries.tsv", sep="\t")
+    confounds = confounds.fillna(confounds.mean())  # bigglm's documented fill for leading n/a
+    reference = make_first_level_design_matrix(
+        np.arange(60) * 2.0, events, hrf_model="glover", drift_model="cosine", add_regs=confounds
+    )
+    written = pd.read_csv(tmp_path / "out/sub-01/sub-01_task-tiny_design.tsv", sep="\t")
+    assert list(written.columns) == list(reference.columns)
+    scale = np.abs(reference.to_numpy()).max(axis=0)
+    assert np.all(np.abs(written.to_numpy() - reference.to_numpy()) <= 1e-6 * scale)
+
+    mask = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0
+    c = np.array([1.0 if n == "a" else -1.0 if n == "b" else 0.0 for n in reference.columns])
+    effect, t = _brute_force_ols(
+        func / "sub-01_task-tiny_desc-preproc_bold.nii.gz", reference, mask, c
+    )
+    maps = {
+        stat: np.asarray(nib.load(map_path(config, "sub-01_task-tiny", "a_minus_b", stat)).dataobj)
+        for stat in ("effect", "stat")
+    }
+    np.testing.assert_allclose(maps["effect"][mask], effect, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(maps["stat"][mask], t, rtol=1e-6, atol=1e-9)
+    assert np.isnan(maps["stat"][~mask]).all()
+
+
+def test_rerun_reuses_every_step_and_changes_nothing(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    first = run_analysis(config, client=local_client)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.nii.gz")}
+    second = run_analysis(config, client=local_client)
+    assert all(s["status"] == "ran" for s in first[0].steps.values())
+    assert {s["status"] for s in second[0].steps.values()} == {"reused"}
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.nii.gz")}
+    assert before == after and before
+
+
+def test_changed_source_is_converted_again(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    run_analysis(config, client=local_client)
+    bold = tiny_bids / "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.nii.gz"
+    img = nib.load(bold)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1.0, img.affine, img.header), bold)
+    (outcome,) = run_analysis(config, client=local_client)
+    assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "ran"
+    assert outcome.steps["fit"]["status"] == "ran"
+    assert outcome.steps["designs"]["status"] == "reused"  # the design did not change
+
+
+def test_changed_model_refits_but_keeps_the_stores(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    cfg = tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids))
+    run_analysis(parse_config(cfg), client=local_client)
+    (outcome,) = run_analysis(parse_config({**cfg, "model": {"noise": "ols"}}), client=local_client)
+    assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "reused"
+    assert outcome.steps["fit"]["status"] == "ran"
+
+
+def test_provenance_records_config_versions_checksums_and_timings(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    import hashlib
+
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    (outcome,) = run_analysis(config, client=local_client)
+    assert outcome.provenance is not None
+    record = json.loads(outcome.provenance.read_text())
+    assert record["config"]["model"]["noise"] == "ar1"
+    assert record["environment"]["packages"]["numpy"] == np.__version__
+    bold = tiny_bids / "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.nii.gz"
+    (entry,) = [i for i in record["inputs"] if i["path"] == str(bold.resolve())]
+    assert entry["sha256"] == hashlib.sha256(bold.read_bytes()).hexdigest()
+    assert record["steps"]["fit"]["status"] == "ran" and record["steps"]["fit"]["seconds"] >= 0
+
+
+def _one_subject(dataset: Path) -> dict[str, Any]:
+    return {
+        "bids": {
+            "derivatives": str(dataset / "derivatives"),
+            "raw": str(dataset / "raw"),
+            "subjects": ["01"],
+        },
+        "confounds": ["trans_x"],
+    }
+
+
+# --- plan: bad inputs are reported before any long work ------------------------------------
+
+
+def test_contrast_on_unknown_column_is_reported_with_a_suggestion(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tiny_bids, tmp_path / "out", contrasts={"x": "aa - b"})
+    with pytest.raises(ConfigError, match=r"contrasts.x: .*did you mean 'a' for 'aa'\?"):
+        plan(parse_config(cfg))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_events_file_is_named(tiny_config: Any, tiny_bids: Path, tmp_path: Path) -> None:
+    bold = tiny_bids / "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.nii.gz"
+    cfg = tiny_config(
+        tiny_bids,
+        tmp_path / "out",
+        inputs={"runs": [{"bold": str(bold), "events": str(tmp_path / "missing.tsv")}]},
+        contrasts={},
+    )
+    with pytest.raises(ConfigError, match=r"inputs: .*missing.tsv does not exist"):
+        plan(parse_config(cfg))
+
+
+def test_runs_on_different_grids_cannot_be_fitted_together(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path
+) -> None:
+    bold = tiny_bids / "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.nii.gz"
+    small = tmp_path / "small_bold.nii.gz"
+    img = nib.load(bold)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:8], img.affine, img.header), small)
+    runs = [{"bold": str(bold)}, {"bold": str(small), "subject": "01", "task": "tiny"}]
+    cfg = tiny_config(tiny_bids, tmp_path / "out", inputs={"runs": runs}, contrasts={})
+    with pytest.raises(ConfigError, match="not on the grid of"):
+        plan(parse_config(cfg))
+
+
+def test_subject_filter_keeps_one_unit(tiny_config: Any, tiny_bids: Path, tmp_path: Path) -> None:
+    units = plan(parse_config(tiny_config(tiny_bids, tmp_path / "out")), subjects=["sub-02"])
+    assert [u.name for u in units] == ["sub-02_task-tiny"]
+
+
+# --- locks ---------------------------------------------------------------------------------
+
+
+def _cli(*args: str, cwd: Path | None = None, **popen: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigglm.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def _write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_second_run_on_the_same_outputs_refuses(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cfg = _write_yaml(tmp_path / "a.yaml", tiny_config(tiny_bids, out))
+    with lock_units(out, ["sub-01_task-tiny"]):  # what a running `bigglm run` holds
+        done = _cli("run", str(cfg))
+        _, stderr = done.communicate(timeout=120)
+    assert done.returncode == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr
+    assert "sub-01_task-tiny is being written by another bigglm run" in lines[0]
+    assert not list(out.rglob("*_statmap.nii.gz"))  # nothing was written by the refused run
+
+
+def test_lock_of_a_dead_process_is_taken_over(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    import socket
+
+    out = tmp_path / "out"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    locks = out / STATE / "locks"
+    locks.mkdir(parents=True)
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "created": 0.0, "since": "then"}
+    (locks / "sub-01_task-tiny.lock").write_text(json.dumps(stale))
+    config = parse_config(tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids)))
+    (outcome,) = run_analysis(config, client=local_client)
+    assert outcome.maps and all(p.exists() for p in outcome.maps)
+    assert not (locks / "sub-01_task-tiny.lock").exists()  # released at the end
+
+
+def test_lock_held_elsewhere_refuses_in_process(tmp_path: Path) -> None:
+    with lock_units(tmp_path, ["u"]), pytest.raises(StoreError, match="wait for it to finish"):
+        with lock_units(tmp_path, ["u"]):
+            pass
+    with lock_units(tmp_path, ["u"]):  # released: can be taken again
+        pass
+
+
+# --- killed runs and lost workers ----------------------------------------------------------
+
+
+def _run_until(config: Path, marker: Any, timeout: float = 120.0) -> bool:
+    """Start ``bigglm run`` and SIGKILL it as soon as ``marker()`` is true; True if killed."""
+    proc = _cli("-q", "run", str(config), start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if marker():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.005)
+        return False
+    finally:
+        try:  # the driver's own worker processes (same session), started by this test
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+_ONE_WORKER = {"profile": "local", "n_workers": 1}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    tmp_path_factory: pytest.TempPathFactory, make_tiny_bids: Any, tiny_config: Any
+) -> tuple[Path, Path]:
+    """A dataset and the outputs of one uninterrupted ``bigglm run`` on it."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    dataset = make_tiny_bids(root / "dataset")
+    reference = root / "reference"
+    config = _write_yaml(root / "ref.yaml", tiny_config(dataset, reference, cluster=_ONE_WORKER))
+    assert _cli("run", str(config)).wait(timeout=300) == 0
+    return dataset, reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", ["lock", "convert-sub-01_task-tiny", "fit", "contrast-a"])
+def test_run_killed_at_any_point_resumes_with_identical_outputs(
+    tiny_config: Any, uninterrupted: tuple[Path, Path], tmp_path: Path, kill_after: str
+) -> None:
+    tiny_bids, reference = uninterrupted
+    cluster = _ONE_WORKER
+    out = tmp_path / "out"
+    cfg = _write_yaml(tmp_path / "a.yaml", tiny_config(tiny_bids, out, cluster=cluster))
+    steps = out / STATE / "steps" / "sub-01_task-tiny"
+    marker = {
+        "lock": lambda: (out / STATE / "locks" / "sub-01_task-tiny.lock").exists(),
+    }.get(kill_after, lambda: (steps / f"{kill_after}.json").exists())
+    assert _run_until(cfg, marker), "the run finished before it could be killed"
+    finished_before = {p.stem for p in steps.glob("*.json")} if steps.exists() else set()
+
+    rerun = _cli("run", str(cfg))
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    _assert_same_maps(reference, out)
+    record = json.loads((out / "sub-01" / "sub-01_task-tiny_provenance.json").read_text())
+    for step in finished_before:
+        assert record["steps"][step]["status"] == "reused", step
+    leftovers = [p for p in out.rglob(".*") if p.name != STATE and STATE not in p.parts]
+    assert not leftovers, leftovers  # no temporary files or partial stores left behind
+
+
+def test_worker_killed_mid_fit_does_not_change_results(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path
+) -> None:
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class KillOnce(WorkerPlugin):
+        """SIGKILL the worker process after its first finished task (once per cluster)."""
+
+        def __init__(self, flag: str) -> None:
+            self.flag = flag
+
+        def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+            if finish == "memory" and not os.path.exists(self.flag):
+                try:
+                    os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    return
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = tiny_config(tiny_bids, tmp_path / "ref", inputs=_one_subject(tiny_bids))
+    flag = tmp_path / "killed"
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        run_analysis(parse_config(cfg), client=client)
+        client.register_plugin(KillOnce(str(flag)))
+        lossy = {**cfg, "outputs": {**cfg["outputs"], "folder": str(tmp_path / "lossy")}}
+        run_analysis(parse_config(lossy), client=client)
+    assert flag.exists(), "no worker was killed"
+    _assert_same_maps(tmp_path / "ref", tmp_path / "lossy")
