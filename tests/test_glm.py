@@ -241,3 +241,19 @@ def test_threaded_default_scheduler_gives_the_same_numbers_as_synchronous() -> N
     with dask.config.set(scheduler="synchronous"):
         sync = bigglm.fit(ds, design, noise="ar1").compute()
     np.testing.assert_array_equal(threaded.beta.values, sync.beta.values)
+
+
+def test_nonstationary_ar_estimate_gives_nan_and_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A smooth residual whose Yule–Walker AR(2) estimate (3.71, -2.88) is explosive."""
+    t = np.arange(12)
+    y = np.random.default_rng(0).normal(size=(12, 4)) + 100
+    y[:, 0] = 100 + np.sin(2 * np.pi * (t + 0.5) / 12)
+    ds = xr.Dataset({"bold": (("time", "voxel"), y)})
+    with caplog.at_level("WARNING", logger="bigglm.glm.result"):
+        result = bigglm.fit(ds, pd.DataFrame({"constant": np.ones(12)}), noise="ar2").compute()
+    assert result.dataset["status"].values.tolist() == [2, 0, 0, 0]
+    assert np.isnan(result.ar.values[:, 0]).all() and np.isnan(result.sigma2.values[0])
+    assert np.isfinite(result.contrast("constant")["z"].values[1:]).all()
+    assert "1 nonstationary voxels" in caplog.text
