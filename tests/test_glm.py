@@ -226,6 +226,9 @@ def test_nifti_maps_with_bids_names_from_a_store(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         z[ds["i"].values, ds["j"].values, ds["k"].values], expected, rtol=1e-6
     )
+    reloaded = bigglm.GLMResult.from_zarr(result.to_zarr(tmp_path / "glm.zarr"))
+    again = reloaded.to_nifti(tmp_path / "again", "faces - houses", prefix="sub-01_task-x")
+    np.testing.assert_array_equal(np.asarray(nib.load(again[-1]).get_fdata()), z)
     f_files = result.to_nifti(
         tmp_path / "out", {"any": ["faces", "houses"]}, prefix="sub-01", kind="F"
     )

@@ -376,12 +376,8 @@ class GLMResult:
             raise StoreError(f"{path} is not a complete bigglm result store; fit again")
         n_runs = int(info["n_runs"])
         groups = [None] if n_runs == 1 else [f"run-{i}" for i in range(n_runs)]
-        runs = [
-            xr.open_zarr(path, group=g, consolidated=False).load().drop_attrs(deep=False)
-            for g in groups
-        ]
-        for ds, g in zip(runs, groups, strict=True):
-            ds.attrs = dict(zarr.open_group(str(path), mode="r", path=g or "").attrs)
+        runs = [xr.open_zarr(path, group=g, consolidated=False).load() for g in groups]
+        for ds in runs:
             ds.attrs.pop("bigglm_result", None)
         return cls(runs)
 
@@ -399,7 +395,8 @@ class GLMResult:
         For each contrast, ``<prefix>_contrast-<label>_stat-<stat>_statmap.nii.gz`` for
         stat in effect, variance (t only), t or F, p and z; ``<label>`` is the dict key
         (or the expression) in camelCase, e.g. ``facesMinusHouses``. Each file is
-        written atomically by :func:`bigglm.to_nifti`.
+        written atomically by :func:`bigglm.to_nifti`, on the grid of the first run
+        (the store the result was fitted from, also after :meth:`from_zarr`).
 
         Parameters
         ----------
@@ -429,7 +426,8 @@ class GLMResult:
         """
         import bigglm
 
-        if self._like is None:
+        like = self._like[0] if self._like else self.runs[0].attrs.get("store")
+        if like is None:
             raise StoreError("this result has no voxel grid; fit from a store to write NIfTI")
         out_dir = Path(directory)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -438,7 +436,7 @@ class GLMResult:
             maps = self.contrast(spec, kind=kind, precision_weighted=precision_weighted)
             for stat, values in _nifti_maps(maps, kind).items():
                 path = out_dir / f"{prefix}_contrast-{con.label(name)}_stat-{stat}_statmap.nii.gz"
-                bigglm.to_nifti(values, self._like[0], path)
+                bigglm.to_nifti(values, like, path)
                 written.append(path)
         return written
 
