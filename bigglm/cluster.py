@@ -248,6 +248,11 @@ def _describe(client: Any) -> str:
 
 
 def _available_cores() -> int:
+    """Cores this process may use: a batch allocation's count, else the CPU affinity."""
+    for variable in ("SLURM_CPUS_PER_TASK", "NCPUS", "NSLOTS"):  # SLURM, PBS, SGE
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
