@@ -27,13 +27,10 @@ import contextlib
 import datetime
 import logging
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +48,7 @@ from bigglm.io.nifti import (
     load_mask,
 )
 from bigglm.io.store import BOLD_CODEC, StoreWriter, check_target, choose_chunks, commit, staging
+from bigglm.io.streaming import prefetched, write_rows
 from bigglm.typing import ProgressCallback
 
 __all__ = ["convert", "convert_many"]
@@ -199,9 +197,9 @@ def _mean_pass(series: SourceSeries, spill: Path | None, report: ProgressCallbac
     stream = VolumeStream(series)
     total = np.zeros(series.voxels_per_volume, dtype=np.float64)
     done = 0
-    stop = threading.Event()
-    with open(spill or os.devnull, "wb") as out:
-        for block in _prefetched(stream.blocks(_read_volumes(series)), stop):
+    blocks = prefetched(stream.blocks(_read_volumes(series)))
+    with open(spill or os.devnull, "wb") as out, contextlib.closing(blocks):
+        for block in blocks:
             total += block.sum(axis=0, dtype=np.float64)
             if spill is not None:
                 out.write(block.data)
@@ -258,72 +256,6 @@ def _flat_indices(mask: np.ndarray) -> np.ndarray:
     return np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
 
 
-def _rows(
-    blocks: Iterator[np.ndarray], columns: np.ndarray, rows_per_chunk: int
-) -> Iterator[np.ndarray]:
-    """Re-block the in-mask columns of volume blocks into ``(rows_per_chunk, V)`` rows.
-
-    Two buffers alternate, so the consumer may still be writing the previous row while
-    the next one fills; it must be done with a row before it asks for the one after next.
-    """
-    buffers = [np.empty((rows_per_chunk, columns.size), dtype=np.float32) for _ in range(2)]
-    current, filled = 0, 0
-    for block in blocks:
-        taken = 0
-        while taken < block.shape[0]:
-            n = min(rows_per_chunk - filled, block.shape[0] - taken)
-            target = buffers[current][filled : filled + n]
-            np.take(block[taken : taken + n], columns, axis=1, out=target)
-            filled += n
-            taken += n
-            if filled == rows_per_chunk:
-                yield buffers[current]
-                current, filled = 1 - current, 0
-    if filled:
-        yield buffers[current][:filled]
-
-
-def _prefetched(blocks: Iterator[np.ndarray], stop: threading.Event) -> Iterator[np.ndarray]:
-    """Produce ``blocks`` in a background thread, one block ahead of the consumer.
-
-    Reading, decompressing and hashing release the GIL, so they overlap with the
-    gathering and compression done by the consumer. Errors are re-raised here.
-    """
-    handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
-    finished = object()
-
-    def produce() -> None:
-        try:
-            for block in blocks:
-                if not _put(handoff, block, stop):
-                    return
-            _put(handoff, finished, stop)
-        except BaseException as err:
-            _put(handoff, err, stop)
-
-    thread = threading.Thread(target=produce, name="bigglm-read", daemon=True)
-    thread.start()
-    try:
-        while (item := handoff.get()) is not finished:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _put(handoff: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
-    """Put ``item``, waiting while the queue is full; False if the consumer has stopped."""
-    while not stop.is_set():
-        try:
-            handoff.put(item, timeout=0.1)
-        except queue.Full:
-            continue
-        return True
-    return False
-
-
 def _write_pass(
     series: SourceSeries,
     reader: VolumeStream,
@@ -340,13 +272,12 @@ def _write_pass(
         _warn_nonfinite(series, bad)
     columns = _flat_indices(mask)
     writer = StoreWriter(stage, mask, n_volumes=series.n_volumes, tr=series.tr, chunks=chunks)
-    blocks = reader.blocks(_read_volumes(series))
-    seen_bad = _stream_rows(
-        writer,
-        blocks,
+    seen_bad = write_rows(
+        writer.write,
+        reader.blocks(_read_volumes(series)),
         columns,
         chunks[0],
-        check=nonfinite is None,
+        check_finite=nonfinite is None,
         report=lambda n: report(done + n, series.n_volumes + done),
     )
     if nonfinite is None and seen_bad.any():
@@ -356,40 +287,6 @@ def _write_pass(
         writer = _rewrite_without(stage, keep, seen_bad, series, chunks)
         return writer, int(seen_bad.sum())
     return writer, 0 if nonfinite is None else bad
-
-
-def _stream_rows(
-    writer: StoreWriter,
-    blocks: Iterator[np.ndarray],
-    columns: np.ndarray,
-    rows_per_chunk: int,
-    *,
-    check: bool,
-    report: Callable[[int], None],
-) -> np.ndarray:
-    """Gather, check and write rows of chunks; reading, gathering and writing overlap.
-
-    Returns the per-column flags of non-finite values (all False unless ``check``).
-    """
-    seen_bad = np.zeros(columns.size, dtype=bool)
-    stop = threading.Event()
-    start = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigglm-write") as pool:
-        pending: Future[None] | None = None
-        try:
-            for rows in _rows(_prefetched(blocks, stop), columns, rows_per_chunk):
-                if check:
-                    seen_bad |= ~np.isfinite(rows).all(axis=0)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(writer.write, start, rows)
-                start += rows.shape[0]
-                report(start)
-            if pending is not None:
-                pending.result()
-        finally:
-            stop.set()
-    return seen_bad
 
 
 def _drop_nonfinite(mask: np.ndarray, nonfinite: np.ndarray) -> tuple[np.ndarray, int]:

@@ -351,7 +351,7 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     meta: dict[str, Any] = dict(attrs[_ATTRS])  # type: ignore[arg-type]
     bold = da.from_zarr(_array(group, "bold", name))
     coords = {
-        "time": ("time", _array(group, "time", name)[...]),
+        "time": ("time", _array(group, "time", name)[...], {"units": "s"}),
         "voxel": ("voxel", np.arange(bold.shape[1], dtype=np.int64)),
         **{axis: ("voxel", _array(group, axis, name)[...]) for axis in "ijk"},
     }
