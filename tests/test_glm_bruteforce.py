@@ -165,3 +165,19 @@ def test_ar_order_higher_than_two_matches_exact_gls() -> None:
     expected = brute_force(design.to_numpy(), y, 3)
     np.testing.assert_allclose(result.beta.values, expected["beta"], rtol=RTOL)
     np.testing.assert_allclose(result.sigma2.values, expected["sigma2"], rtol=RTOL)
+
+
+@pytest.mark.parametrize("noise,order", [("ols", 0), ("ar1", 1), ("ar2", 2)])
+def test_rank_deficient_design_gives_minimum_norm_betas(noise: str, order: int) -> None:
+    """Conditions that sum to the constant (rank 4 of 5): betas are lstsq's minimum-norm ones."""
+    design, y = simulate(n_vox=8, seed=2)
+    design = design.assign(other=1.0 - design["faces"])  # faces + other = constant
+    result = bigglm.fit(as_run(y, (25, 3)), design, noise=noise).compute()
+    expected = brute_force(design.to_numpy(), y, order)
+    np.testing.assert_allclose(result.beta.values, expected["beta"], rtol=RTOL, atol=1e-9)
+    dof = len(design) - 4
+    assert float(result.dof) == dof
+    n_cols = design.shape[1]  # brute_force divides by T - P; rescale to T - rank
+    np.testing.assert_allclose(
+        result.sigma2.values, expected["sigma2"] * (len(design) - n_cols) / dof, rtol=RTOL
+    )

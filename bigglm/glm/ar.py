@@ -269,7 +269,8 @@ def solve_psd(gram: Array, rhs: Array, rank: int) -> Array:
     """``gram^+ @ rhs`` for a stack of symmetric PSD matrices of known rank.
 
     Full rank: a batched LU solve of the diagonally equilibrated system (fast).
-    Rank-deficient: the pseudo-inverse from the ``rank`` largest eigenpairs; the rank
+    Rank-deficient: the Moore–Penrose pseudo-inverse from the ``rank`` largest
+    eigenpairs, so the betas are the minimum-norm solution (as ``pinv``); the rank
     is the design's (from its singular values), so the null space is cut exactly,
     not by a tolerance on the squared condition number of ``X'X``.
 
@@ -290,13 +291,15 @@ def solve_psd(gram: Array, rhs: Array, rank: int) -> Array:
     array([[[0.25],
             [0.25]]])
     """
-    scale = np.sqrt(np.einsum("vii->vi", gram))
-    scale = np.where(scale > 0, scale, 1.0)
-    scaled = gram / scale[:, :, None] / scale[:, None, :]
-    b = rhs / scale[:, :, None]
-    if rank == gram.shape[-1]:
-        return np.linalg.solve(scaled, b) / scale[:, :, None]
-    values, vectors = np.linalg.eigh(scaled)
-    keep = vectors[..., gram.shape[-1] - rank :]
-    coef = np.einsum("vik,vij->vkj", keep, b) / values[..., gram.shape[-1] - rank :, None]
-    return np.einsum("vik,vkj->vij", keep, coef) / scale[:, :, None]
+    n_cols = gram.shape[-1]
+    if rank == n_cols:
+        scale = np.sqrt(np.einsum("vii->vi", gram))
+        scale = np.where(scale > 0, scale, 1.0)
+        scaled = gram / scale[:, :, None] / scale[:, None, :]
+        return np.linalg.solve(scaled, rhs / scale[:, :, None]) / scale[:, :, None]
+    # no equilibration here: a rescaled pseudo-inverse is a generalised inverse but not
+    # the Moore-Penrose one, and the minimum-norm betas (as numpy and nilearn) need the latter
+    values, vectors = np.linalg.eigh(gram)
+    keep = vectors[..., n_cols - rank :]
+    coef = np.einsum("vik,vij->vkj", keep, rhs) / values[..., n_cols - rank :, None]
+    return np.einsum("vik,vkj->vij", keep, coef)
