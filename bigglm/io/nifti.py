@@ -246,8 +246,6 @@ def inspect_sources(
         )
     if len(paths) > 1:
         _check_volume_list(paths, images)
-    if first_img.ndim > 4 or (first_img.ndim == 4 and len(first_img.shape) != 4):
-        raise StoreError(f"{first}: has shape {first_img.shape}; expected (X, Y, Z, T)")
     volume_shape = tuple(int(n) for n in first_img.shape[:3])
     for source in files:
         _check_dtype(source)
@@ -487,9 +485,9 @@ class VolumeStream:
             except (EOFError, OSError, igzip.BadGzipFile) as err:
                 if isinstance(err, StoreError):
                     raise
+                problem = "corrupt or truncated gzip data" if source.compressed else "read error"
                 raise StoreError(
-                    f"{source.path}: corrupt or truncated gzip data ({err}); re-copy or "
-                    "re-export the file"
+                    f"{source.path}: {problem} ({err}); re-copy or re-export the file"
                 ) from err
             hashing.drain()
         self.provenance.append(
@@ -526,7 +524,8 @@ def _scale(raw: np.ndarray, source: SourceFile) -> np.ndarray:
     """
     if source.slope == 1.0 and source.inter == 0.0:
         return raw.astype(np.float32, copy=False)  # a view for native float32: the buffer is ours
-    scaled = raw.astype(np.float64)
-    scaled *= source.slope
-    scaled += source.inter
-    return scaled.astype(np.float32)
+    slope, inter = np.float64(source.slope), np.float64(source.inter)
+    out = np.empty(raw.shape, dtype=np.float32)
+    for volume, scaled in zip(raw, out, strict=True):  # float64 temporaries of one volume
+        scaled[...] = volume * slope + inter
+    return out
