@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: How long to wait for the first worker of a batch cluster before giving up.
 WORKER_TIMEOUT = 600.0
+#: How long to try to reach an ``address`` scheduler.
+CONNECT_TIMEOUT = "30s"
 
 
 def lifetime_options(walltime: str) -> list[str]:
@@ -197,7 +199,7 @@ def _connect(address: str) -> Iterator[Any]:
     from distributed import Client
 
     try:
-        client = Client(address, timeout="30s")
+        client = Client(address, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as err:
         raise ConfigError(
             f"cluster.address: cannot reach a Dask scheduler at {address!r} ({err}); "
