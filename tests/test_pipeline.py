@@ -374,3 +374,36 @@ def test_worker_killed_mid_fit_does_not_change_results(
         run_analysis(parse_config(lossy), client=client)
     assert flag.exists(), "no worker was killed"
     _assert_same_maps(tmp_path / "ref", tmp_path / "lossy")
+
+
+# --- the workflows/ recipes ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_python_recipe_gives_the_maps_of_bigglm_run(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """workflows/first_level.py (API step by step) and the pipeline agree to 1e-12."""
+    recipe = Path(__file__).resolve().parents[1] / "workflows" / "first_level.py"
+    derivatives, raw = tiny_bids / "derivatives", tiny_bids / "raw"
+    arguments = [str(derivatives), "01", "tiny", str(tmp_path / "recipe"), "--raw", str(raw)]
+    done = subprocess.run(
+        [sys.executable, str(recipe), *arguments, "--contrast", "aMinusB=a - b"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "run", inputs=_one_subject(tiny_bids)))
+    config = config.model_copy(
+        update={"inputs": config.inputs.model_copy(update={"confounds": ["trans_*", "rot_*"]})}
+    )
+    run_analysis(config, client=local_client)
+    for stat in ("effect", "z"):
+        ours = nib.load(map_path(config, "sub-01_task-tiny", "a_minus_b", stat)).get_fdata()
+        theirs = nib.load(
+            tmp_path / "recipe" / f"sub-01_contrast-aMinusB_stat-{stat}_statmap.nii.gz"
+        ).get_fdata()
+        scale = float(np.nanmax(np.abs(ours)))
+        np.testing.assert_allclose(theirs, ours, rtol=1e-12, atol=1e-12 * scale, equal_nan=True)

@@ -186,3 +186,17 @@ def test_submit_dry_run_writes_a_script_only(
         ["sbatch", "--test-only", str(script)], capture_output=True, text=True, check=False
     )
     assert checked.returncode == 0, checked.stderr  # SLURM itself accepts the script
+
+
+@pytest.mark.parametrize("template", ["array_per_subject.sbatch", "driver_with_workers.sbatch"])
+def test_workflow_templates_are_accepted_by_sbatch(template: str, tmp_path: Path) -> None:
+    path = Path(__file__).resolve().parents[1] / "workflows" / template
+    small = ["--cpus-per-task=1", "--mem=1G"]  # the test node is smaller than the templates ask
+    checked = subprocess.run(
+        ["sbatch", "--test-only", "--array=0-1", *small, str(path), "a.yaml", "subjects.txt"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert checked.returncode == 0, checked.stderr
