@@ -185,10 +185,17 @@ def whitened_gram(
     >>> whitened_gram(band_coefficients(phi), top, bottom, grams, x[:1], x[-1:])
     array([[[4.]]])
     """
-    out = np.einsum("mv,mab->vab", band, lag_gram)
-    out += np.einsum("ia,vij,jb->vab", x_head, top, x_head, optimize=True)
-    out += np.einsum("ia,vij,jb->vab", x_tail, bottom, x_tail, optimize=True)
-    return out
+    n_reg, n_vox = lag_gram.shape[-1], band.shape[1]
+    # X'QX is linear in (q_m, corner entries) with shared P x P matrices: one BLAS product
+    weights = np.concatenate([band.T, top.reshape(n_vox, -1), bottom.reshape(n_vox, -1)], axis=1)
+    shared = np.concatenate(
+        [
+            lag_gram.reshape(band.shape[0], -1),
+            np.einsum("ia,jb->ijab", x_head, x_head).reshape(-1, n_reg * n_reg),
+            np.einsum("ia,jb->ijab", x_tail, x_tail).reshape(-1, n_reg * n_reg),
+        ]
+    )
+    return (weights @ shared).reshape(n_vox, n_reg, n_reg)
 
 
 def whitened_cross(
@@ -225,7 +232,7 @@ def whitened_cross(
     """
     out = np.einsum("mv,mav->av", band, lag_cross)
     for corner, (x_rows, y_rows) in ((top, heads), (bottom, tails)):
-        out += np.einsum("ia,vij,jv->av", x_rows, corner, y_rows, optimize=True)
+        out += x_rows.T @ np.einsum("vij,jv->iv", corner, y_rows)
     return out
 
 
@@ -294,8 +301,9 @@ def solve_psd(gram: Array, rhs: Array, rank: int) -> Array:
     n_cols = gram.shape[-1]
     if rank == n_cols:
         scale = np.sqrt(np.einsum("vii->vi", gram))
-        scale = np.where(scale > 0, scale, 1.0)
-        scaled = gram / scale[:, :, None] / scale[:, None, :]
+        scale[scale == 0] = 1.0
+        scaled = gram / scale[:, :, None]
+        scaled /= scale[:, None, :]
         return np.linalg.solve(scaled, rhs / scale[:, :, None]) / scale[:, :, None]
     # no equilibration here: a rescaled pseudo-inverse is a generalised inverse but not
     # the Moore-Penrose one, and the minimum-norm betas (as numpy and nilearn) need the latter
