@@ -599,12 +599,34 @@ def _epi_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
     path = config.store_folder / f"{unit.name}_desc-epi_mask.nii.gz"
     if not path.exists():
         ds = open_run(unit.runs[0].store)
-        data = np.asarray(ds["mask"].values, dtype=np.uint8)
-        img = nib.Nifti1Image(data, np.asarray(ds.attrs["affine"], dtype=float))
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-        nib.save(img, temp)
-        os.replace(temp, path)
+        _save_mask(path, np.asarray(ds["mask"].values), np.asarray(ds.attrs["affine"]))
     return path
+
+
+def _intersection_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
+    """The voxels inside every run's own brain mask (fMRIPrep writes one per run)."""
+    paths = sorted({rp.run.mask for rp in unit.runs if rp.run.mask is not None})
+    images = [_image(p) for p in paths]
+    inside = np.logical_and.reduce([np.asarray(img.dataobj) > 0 for img in images])
+    path = config.store_folder / f"{unit.name}_desc-intersection_mask.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_mask(path, inside, np.asarray(images[0].affine))
+    logger.info("%s: the runs' masks differ; using their intersection (%s)", unit.name, path)
+    return path
+
+
+def _image(path: Path) -> Any:
+    return nib.load(path)
+
+
+def _save_mask(path: Path, inside: np.ndarray, affine: np.ndarray) -> None:
+    """Write a uint8 mask NIfTI atomically; rewrite only if its content would change."""
+    data = np.asarray(inside, dtype=np.uint8)
+    if path.exists() and np.array_equal(np.asarray(_image(path).dataobj), data):
+        return
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    nib.save(nib.Nifti1Image(data, affine.astype(float)), temp)
+    os.replace(temp, path)
 
 
 def _design_step(unit: UnitPlan, steps: _Steps) -> list[Path]:
@@ -855,6 +877,8 @@ def _run_unit(
     sums = _Checksums()
     unit.folder.mkdir(parents=True, exist_ok=True)
     mask = unit.mask
+    if mask is None and all(rp.run.mask is not None for rp in unit.runs):
+        mask = _intersection_mask(unit, config)
     for index, rp in enumerate(unit.runs):
         _convert_step(unit, rp, mask, steps, sums, config, progress)
         if mask is None and index == 0 and len(unit.runs) > 1:

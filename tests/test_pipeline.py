@@ -407,3 +407,30 @@ def test_python_recipe_gives_the_maps_of_bigglm_run(
         ).get_fdata()
         scale = float(np.nanmax(np.abs(ours)))
         np.testing.assert_allclose(theirs, ours, rtol=1e-12, atol=1e-12 * scale, equal_nan=True)
+
+
+def test_two_runs_with_different_masks_are_fitted_on_their_intersection(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    import shutil
+
+    func = tiny_bids / "derivatives/sub-01/func"
+    raw = tiny_bids / "raw/sub-01/func"
+    originals = list(func.glob("sub-01_task-tiny_*")) + list(raw.glob("sub-01_task-tiny_*"))
+    for run in ("1", "2"):
+        for path in originals:
+            name = path.name.replace("task-tiny_", f"task-tiny_run-{run}_")
+            shutil.copy(path, path.with_name(name))
+    smaller = func / "sub-01_task-tiny_run-2_desc-brain_mask.nii.gz"
+    img = nib.load(smaller)
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, 1] = 0  # run 2's mask lacks one slice
+    nib.save(nib.Nifti1Image(data, img.affine), smaller)
+    inputs = _one_subject(tiny_bids)
+    inputs["bids"]["runs"] = ["1", "2"]
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=inputs))
+    (outcome,) = run_analysis(config, client=local_client)
+    assert (outcome.n_runs, outcome.n_volumes) == (2, 120)
+    assert outcome.n_voxels == 8 * 8 * 7  # the interior minus the slice run 2 lacks
+    z = nib.load(map_path(config, "sub-01_task-tiny", "a", "z")).get_fdata()
+    assert np.isnan(z[:, :, 1]).all() and np.isfinite(z[1:-1, 1:-1, 2:-1]).all()
