@@ -24,8 +24,6 @@ from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.signal import fftconvolve
-from scipy.stats import gamma
 
 from bigglm.exceptions import DesignError
 
@@ -107,6 +105,8 @@ class GammaDifference:
         >>> SPM.sample(2.0, oversampling=1, time_length=20.0).round(3)[:4]
         array([0.   , 0.   , 0.161, 0.443])
         """
+        from scipy.stats import gamma  # deferred: scipy.stats costs ~1 s at import
+
         step = tr / oversampling
         n_samples = int(np.rint(float(time_length) / step))
         times = np.linspace(0.0, time_length, n_samples) - onset
@@ -415,6 +415,8 @@ def convolve_regressor(signal: ArrayLike, kernel: ArrayLike) -> NDArray[np.float
     s = np.asarray(signal, dtype=np.float64)
     h = np.asarray(kernel, dtype=np.float64)
     if s.size * h.size > 200_000:
+        from scipy.signal import fftconvolve  # deferred: scipy.signal costs ~1 s at import
+
         full = fftconvolve(s, h)
     else:
         full = np.convolve(s, h)
