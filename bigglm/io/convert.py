@@ -17,7 +17,7 @@ How one run is converted:
 
 Voxels that are NaN or Inf at any time point are dropped from the mask, with a
 :class:`~bigglm.exceptions.BigGLMWarning` giving their number. Memory is bounded by a
-read block (about 64 MiB of source data) plus one row of ``bold`` chunks, whatever the
+read block (about 32 MiB of source data) plus one row of ``bold`` chunks, whatever the
 series length.
 """
 
@@ -60,7 +60,7 @@ Sources = PathLike | Sequence[PathLike]
 MaskLike = PathLike | np.ndarray
 
 #: Bytes of decoded float32 volumes read per block (bounds the memory of the read side).
-READ_BLOCK_BYTES = 64 * 1024 * 1024
+READ_BLOCK_BYTES = 32 * 1024 * 1024
 
 _SPILL_NAME = "spill.f32"
 
