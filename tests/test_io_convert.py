@@ -78,6 +78,8 @@ def test_store_layout_matches_contract(functional_nii: Path, tmp_path: Path) -> 
     np.testing.assert_allclose(ds.attrs["affine"], img.affine, rtol=0, atol=0)
     assert ds.attrs["volume_shape"] == [17, 21, 3]
     assert ds.attrs["tr"] == 2.0
+    assert ds.attrs["units"]["time"] == "s" and ds.attrs["units"]["space"] == "mm"
+    assert ds.time.attrs["units"] == "s"
     assert ds.attrs["version"] == bigglm.__version__
     assert ds.attrs["parameters"]["codec"] == BOLD_CODEC.to_dict()
     assert ds.attrs["store"] == str(store)

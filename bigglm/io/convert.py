@@ -24,6 +24,7 @@ series length.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -243,7 +244,7 @@ def _spill_series(series: SourceSeries, spill: Path) -> SourceSeries:
         inter=0.0,
         compressed=False,
     )
-    return SourceSeries((spill_file,), series.volume_shape, series.affine, series.tr, "spill")
+    return dataclasses.replace(series, files=(spill_file,))
 
 
 def _read_volumes(series: SourceSeries) -> int:
@@ -362,7 +363,7 @@ def _attributes(
         "affine": series.affine.tolist(),
         "volume_shape": list(series.volume_shape),
         "tr": series.tr,
-        "units": {"time": "s", "space": "mm", "bold": "source units (scaled)"},
+        "units": {"time": "s", "space": series.space_unit, "bold": "source units (scaled)"},
         "sources": provenance,
         "parameters": params,
         "version": __version__,
@@ -400,6 +401,8 @@ def convert_many(
         As in :func:`convert`, for every run.
     client : distributed.Client, optional
         Run the conversions on this client's workers. Default: one after another here.
+        If a run fails on a worker, its error is raised once every run has ended; the
+        runs that succeeded keep their stores.
     progress : callable, optional
         Called with ``(runs done, runs)``.
 

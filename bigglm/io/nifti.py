@@ -95,6 +95,8 @@ class SourceSeries:
         Repetition time in seconds.
     tr_from : str
         ``"header"`` or ``"argument"``: where ``tr`` came from.
+    space_unit : str
+        The header's spatial unit (``"mm"``, ``"meter"``, ``"micron"`` or ``"unknown"``).
     """
 
     files: tuple[SourceFile, ...]
@@ -102,6 +104,7 @@ class SourceSeries:
     affine: np.ndarray
     tr: float
     tr_from: str
+    space_unit: str = "mm"
 
     @property
     def n_volumes(self) -> int:
@@ -266,6 +269,7 @@ def inspect_sources(
         affine=np.asarray(first_img.affine, dtype=np.float64),
         tr=float(tr),
         tr_from=tr_from,
+        space_unit=first_img.header.get_xyzt_units()[0],
     )
 
 
