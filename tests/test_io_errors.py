@@ -119,6 +119,11 @@ def test_missing_tr(write_nifti, series, tmp_path: Path) -> None:
     _refuses(volumes, tmp_path, r"v0.nii: the header has no repetition time")
 
 
+def test_implausible_header_tr(example4d_niigz: Path, tmp_path: Path) -> None:
+    """nibabel's example4d says TR = 2000 with unit "sec": surely milliseconds."""
+    _refuses(example4d_niigz, tmp_path, r"repetition time is 2000 s, which is implausible")
+
+
 def test_bad_chunk_size(write_nifti, series, tmp_path: Path) -> None:
     path = write_nifti(series, "bold.nii")
     _refuses(path, tmp_path, "time_chunk must be a positive integer", time_chunk=0)

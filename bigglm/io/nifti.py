@@ -46,6 +46,10 @@ _TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 #: same grid can differ in the last bits; real grid differences are far larger.
 AFFINE_TOLERANCE = 1e-4
 
+#: Largest TR (s) believed from a header; a larger one is almost surely in ms mislabelled
+#: as s (nibabel's example4d.nii.gz has pixdim[4] = 2000 with unit "sec").
+MAX_HEADER_TR = 100.0
+
 #: Size of one raw read from disk (bytes) when hashing and decompressing.
 _READ_SIZE = 4 * 1024 * 1024
 
@@ -260,6 +264,11 @@ def inspect_sources(
             raise StoreError(
                 f"{first}: the header has no repetition time ({_tr_problem(first_img)}); "
                 "pass tr=... (or --tr on the command line)"
+            )
+        if tr > MAX_HEADER_TR:
+            raise StoreError(
+                f"{first}: the header's repetition time is {tr:g} s, which is implausible "
+                "(milliseconds labelled as seconds?); pass tr=... (or --tr) in seconds"
             )
     elif not (np.isfinite(tr) and tr > 0):
         raise StoreError(f"tr must be a positive number of seconds, got {tr!r}")
