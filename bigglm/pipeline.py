@@ -750,13 +750,20 @@ def _maps_step(
         key = _digest(fit_key, expression, kind, sorted(paths))
         outcome.maps.extend(paths.values())
         if steps.done(f"contrast-{name}", key, list(paths.values())):
+            if "z" in paths:
+                outcome.peaks[name] = _peak(np.asarray(_image(paths["z"]).dataobj))
             continue
         with steps.running(f"contrast-{name}", key):
             values = result.contrast(expression, kind=kind)
             for stat, path in paths.items():
                 to_nifti(values[stat], like, path)
-        z = np.asarray(values["z"])
-        outcome.peaks[name] = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else np.nan
+        outcome.peaks[name] = _peak(np.asarray(values["z"]))
+
+
+def _peak(z: np.ndarray) -> float:
+    """The largest ``|z|`` (NaN when no voxel has a finite z)."""
+    finite = np.abs(z[np.isfinite(z)])
+    return float(finite.max()) if finite.size else float("nan")
 
 
 def _provenance_step(
