@@ -592,6 +592,21 @@ def _remove_partials(store: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def _remove_leftovers(unit: UnitPlan) -> None:
+    """Delete temporary files a killed run of this unit left (we hold the unit's lock).
+
+    Every output of the unit is named ``<unit>_...`` (maps, result store) or
+    ``<run>_...`` (designs), and is written as a hidden ``.<name>...`` sibling first.
+    """
+    prefixes = (f".{unit.name}_", *(f".{rp.run.name}_" for rp in unit.runs))
+    for leftover in unit.folder.iterdir():
+        if leftover.name.startswith(prefixes):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 def _epi_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
     """The mask of the unit's first store as a NIfTI, so every run uses the same voxels."""
     from bigglm.io import open_run
@@ -883,6 +898,7 @@ def _run_unit(
     steps = _Steps(config.outputs.folder, unit.name)
     sums = _Checksums()
     unit.folder.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(unit)
     mask = unit.mask
     if mask is None and all(rp.run.mask is not None for rp in unit.runs):
         mask = _intersection_mask(unit, config)

@@ -434,3 +434,20 @@ def test_two_runs_with_different_masks_are_fitted_on_their_intersection(
     assert outcome.n_voxels == 8 * 8 * 7  # the interior minus the slice run 2 lacks
     z = nib.load(map_path(config, "sub-01_task-tiny", "a", "z")).get_fdata()
     assert np.isnan(z[:, :, 1]).all() and np.isfinite(z[1:-1, 1:-1, 2:-1]).all()
+
+
+def test_temporary_files_of_a_killed_run_are_removed(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    folder = tmp_path / "out" / "sub-01"
+    folder.mkdir(parents=True)
+    half_map = folder / ".sub-01_task-tiny_contrast-a_stat-z_statmap.nii.gz.partial-0123"
+    half_map.write_bytes(b"\x1f\x8b half")
+    half_store = folder / ".sub-01_task-tiny_glm.zarr.partial-0123"
+    half_store.mkdir()
+    other_task = folder / ".sub-01_task-other_glm.zarr.partial-0123"  # another unit's: kept
+    other_task.mkdir()
+    run_analysis(config, client=local_client)
+    assert not half_map.exists() and not half_store.exists()
+    assert other_task.exists()
