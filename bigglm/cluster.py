@@ -176,7 +176,7 @@ def client_from_profile(profile: ClusterConfig | None = None) -> Iterator[Any]:
     Examples
     --------
     >>> from bigglm.config import ClusterConfig
-    >>> with client_from_profile(ClusterConfig(n_workers=1)) as client:  # doctest: +SKIP
+    >>> with client_from_profile(ClusterConfig(n_workers=1)) as client:
     ...     client.submit(sum, [1, 2]).result()
     3
     """

@@ -155,7 +155,11 @@ class RunInput(_Section):
 
 
 class Inputs(_Section):
-    """Where the data come from: ``bids`` or ``runs`` (exactly one), plus shared options."""
+    """Where the data come from: ``bids`` or ``runs`` (exactly one), plus shared options.
+
+    ``confounds`` lists the confound columns to use (names or globs such as ``trans_*``);
+    when it is empty the confounds files are not used. ``mask`` replaces every run's mask.
+    """
 
     bids: BIDSInputs | None = None
     runs: list[RunInput] | None = None

@@ -340,9 +340,13 @@ def run_demo(
 
     Examples
     --------
-    >>> import tempfile, dask
-    >>> with dask.config.set(scheduler="synchronous"):  # doctest: +SKIP
-    ...     report = run_demo(tempfile.mkdtemp(), n_scans=60)
+    A whole run starts a local cluster and takes about 10 s (``tests/test_demo.py``
+    runs it):
+
+    >>> import tempfile
+    >>> report = run_demo(tempfile.mkdtemp(), n_scans=60)  # doctest: +SKIP
+    >>> [r.contrast for r in report.recoveries]  # doctest: +SKIP
+    ['faces', 'houses', 'faces_minus_houses']
     """
     from bigglm.pipeline import run_analysis
 
