@@ -342,8 +342,12 @@ def _add_convert(sub: SubParsers) -> None:
     parser.add_argument("--mask", type=Path, help="mask NIfTI on the same grid (default: EPI mask)")
     parser.add_argument("--tr", type=float, help="repetition time in s (default: from header)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    parser.add_argument("--time-chunk", type=int, help="volumes per chunk (default 128)")
-    parser.add_argument("--voxel-chunk", type=int, help="voxels per chunk (default: ~16 MiB)")
+    parser.add_argument(
+        "--time-chunk", type=int, metavar="N", help="volumes per chunk (default 128)"
+    )
+    parser.add_argument(
+        "--voxel-chunk", type=int, metavar="N", help="voxels per chunk (default: ~16 MiB)"
+    )
     parser.set_defaults(func=_cmd_convert)
 
 
