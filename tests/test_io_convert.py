@@ -269,3 +269,18 @@ def test_complex_voxels_are_refused(tmp_path: Path) -> None:
     nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), path)
     with pytest.raises(bigglm.StoreError, match=r"complex\.nii: voxels of type complex64"):
         bigglm.convert(path, tmp_path / "run.zarr", tr=1.0)
+
+
+def test_gz_volumes_with_computed_mask_equal_the_4d_nii(
+    write_nifti, brain_series, tmp_path: Path
+) -> None:
+    """The spill path (compressed 3D volumes, no mask) equals the re-read path (.nii)."""
+    data = brain_series((16, 16, 12), 9, seed=8)
+    four_d = write_nifti(data, "bold.nii")
+    volumes = [write_nifti(data[..., t], f"vol{t}.nii.gz") for t in range(9)]
+    a = bigglm.open_run(bigglm.convert(four_d, tmp_path / "a.zarr", time_chunk=4))
+    b = bigglm.open_run(bigglm.convert(volumes, tmp_path / "b.zarr", tr=2.0, time_chunk=4))
+    np.testing.assert_array_equal(a.mask.values, b.mask.values)
+    np.testing.assert_array_equal(a.bold.values, b.bold.values)
+    np.testing.assert_array_equal(a.bold.values, data[a.mask.values].T)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
