@@ -199,10 +199,11 @@ class ModelConfig(_Section):
 
 
 class OutputsConfig(_Section):
-    """Where results go and which maps are written for each contrast."""
+    """Where results go, which maps are written for each contrast, and an HTML report."""
 
     folder: ConfigPath
     maps: list[MapName] = Field(default_factory=lambda: list(_DEFAULT_MAPS))
+    report: bool = True
 
 
 class StoreConfig(_Section):

@@ -114,6 +114,7 @@ class UnitOutcome:
     maps: list[Path] = field(default_factory=list)
     peaks: dict[str, float] = field(default_factory=dict)
     provenance: Path | None = None
+    report: Path | None = None
 
 
 def discover(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> list[Run]:
@@ -912,7 +913,35 @@ def _run_unit(
     _maps_step(unit, config, result, fit_key, steps, outcome)
     outcome.steps = dict(steps.timings)
     outcome.provenance = _provenance_step(unit, config, outcome, sums, started)
+    if config.outputs.report:
+        outcome.report = _report_step(unit, config, outcome)
     return outcome
+
+
+def _report_step(unit: UnitPlan, config: AnalysisConfig, outcome: UnitOutcome) -> Path:
+    """The unit's HTML report (designs, z mosaics, steps); cheap, so always rewritten."""
+    from bigglm.report.html import write_html_report
+
+    z_maps = {
+        name: np.asarray(_image(map_path(config, unit.name, name, "z")).dataobj)
+        for name in config.contrasts
+        if "z" in config.outputs.maps
+    }
+    facts = [
+        ("runs", ", ".join(rp.run.name for rp in unit.runs)),
+        ("volumes", str(outcome.n_volumes)),
+        ("voxels", str(outcome.n_voxels)),
+        ("noise model", config.model.noise),
+        ("provenance", str(outcome.provenance)),
+    ]
+    return write_html_report(
+        unit.folder / f"{unit.name}_report.html",
+        title=unit.name,
+        designs={rp.run.name: rp.design for rp in unit.runs},
+        z_maps=z_maps,
+        steps=outcome.steps,
+        facts=facts,
+    )
 
 
 # --- bigglm fit: stores and files from the command line, no YAML ------------------------------

@@ -157,6 +157,10 @@ def test_provenance_records_config_versions_checksums_and_timings(
     (entry,) = [i for i in record["inputs"] if i["path"] == str(bold.resolve())]
     assert entry["sha256"] == hashlib.sha256(bold.read_bytes()).hexdigest()
     assert record["steps"]["fit"]["status"] == "ran" and record["steps"]["fit"]["seconds"] >= 0
+    assert outcome.report is not None  # the HTML report: a mosaic per contrast, the design
+    page = outcome.report.read_text()
+    assert all(f"<h3>{name}</h3>" in page for name in ("a", "a_minus_b", "any"))
+    assert page.count("data:image/png;base64,") == 4
 
 
 def _one_subject(dataset: Path) -> dict[str, Any]:

@@ -50,4 +50,6 @@ def format_summary(outcomes: Sequence[Any]) -> str:
             lines.append("  peak |z|: " + ", ".join(f"{k} {v:.2f}" for k, v in o.peaks.items()))
         folder = o.maps[0].parent if o.maps else None
         lines.append(f"  {len(o.maps)} maps in {folder}; provenance {o.provenance}")
+        if getattr(o, "report", None) is not None:
+            lines.append(f"  report {o.report}")
     return "\n".join(lines)
