@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +14,15 @@ from scipy import integrate, stats
 import bigglm
 from bigglm import contrasts as con
 from bigglm.exceptions import DesignError
+
+
+@pytest.fixture(autouse=True)
+def _in_process_scheduler() -> Iterator[None]:
+    """Compute with threads in this process, even if an earlier test left a distributed
+    client registered as Dask's default (fit(client=None) would otherwise use it)."""
+    with dask.config.set(scheduler="threads"):
+        yield
+
 
 COLUMNS = ["faces", "houses", "trans_x", "constant"]
 

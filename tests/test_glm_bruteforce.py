@@ -9,7 +9,9 @@ only (observed ~1e-11 on data with a mean of 1,000).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +21,15 @@ import xarray as xr
 from statsmodels.tsa.arima_process import arma_acovf
 
 import bigglm
+
+
+@pytest.fixture(autouse=True)
+def _in_process_scheduler() -> Iterator[None]:
+    """Compute with threads in this process, even if an earlier test left a distributed
+    client registered as Dask's default (fit(client=None) would otherwise use it)."""
+    with dask.config.set(scheduler="threads"):
+        yield
+
 
 RTOL = 1e-6
 

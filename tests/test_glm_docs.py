@@ -7,8 +7,19 @@ from __future__ import annotations
 
 import doctest
 import importlib
+from collections.abc import Iterator
 
+import dask
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _in_process_scheduler() -> Iterator[None]:
+    """Compute with threads in this process, even if an earlier test left a distributed
+    client registered as Dask's default (fit(client=None) would otherwise use it)."""
+    with dask.config.set(scheduler="threads"):
+        yield
+
 
 MODULES = [
     "bigglm.contrasts",

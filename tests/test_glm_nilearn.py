@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import dask
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -22,6 +24,15 @@ import scipy.signal
 from nilearn.glm.first_level import FirstLevelModel
 
 import bigglm
+
+
+@pytest.fixture(autouse=True)
+def _in_process_scheduler() -> Iterator[None]:
+    """Compute with threads in this process, even if an earlier test left a distributed
+    client registered as Dask's default (fit(client=None) would otherwise use it)."""
+    with dask.config.set(scheduler="threads"):
+        yield
+
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*Generation of a mask has been requested", "ignore:The same contrast will be used"

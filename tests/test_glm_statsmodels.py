@@ -8,6 +8,9 @@ two-sided p is ``2 min(p, 1 - p)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +18,14 @@ import statsmodels.api as sm
 import xarray as xr
 
 import bigglm
+
+
+@pytest.fixture(autouse=True)
+def _in_process_scheduler() -> Iterator[None]:
+    """Compute with threads in this process, even if an earlier test left a distributed
+    client registered as Dask's default (fit(client=None) would otherwise use it)."""
+    with dask.config.set(scheduler="threads"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,23 @@ everywhere (1/12), printed to 2 decimals.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import dask
 import numpy as np
 import pandas as pd
+import pytest
 import xarray as xr
 
 import bigglm
+
+
+@pytest.fixture(autouse=True)
+def _in_process_scheduler() -> Iterator[None]:
+    """Compute with threads in this process, even if an earlier test left a distributed
+    client registered as Dask's default (fit(client=None) would otherwise use it)."""
+    with dask.config.set(scheduler="threads"):
+        yield
 
 
 def seed_design() -> np.ndarray:
