@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -159,7 +160,10 @@ class GLMResult:
             return self._computed
         assert self._finishes is not None
         tasks = [fin for run in self._finishes for _, fin in run]
+        logger.info("fitting %d voxel blocks of %d run(s)", len(tasks), len(self._runs))
+        started = time.perf_counter()
         values = iter(self._run_tasks(tasks, progress))
+        logger.info("fit done in %.1f s", time.perf_counter() - started)
         runs = [
             self._assemble(ds, [next(values) for _ in blocks])
             for ds, blocks in zip(self._runs, self._finishes, strict=True)
