@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bigglm
 from bigglm.exceptions import DesignError, StoreError
@@ -269,3 +271,31 @@ def test_nonstationary_ar_estimate_gives_nan_and_is_counted(
     assert np.isnan(result.ar.values[:, 0]).all() and np.isnan(result.sigma2.values[0])
     assert np.isfinite(result.contrast("constant")["z"].values[1:]).all()
     assert "1 nonstationary voxels" in caplog.text
+
+
+@st.composite
+def chunkings(draw: st.DrawFn, n_scans: int, n_vox: int) -> tuple[tuple[int, ...], int, int]:
+    """Random time chunks (any sizes summing to n_scans), a voxel chunk and a fan-in."""
+    cuts = sorted(draw(st.sets(st.integers(1, n_scans - 1), max_size=6)))
+    sizes = tuple(np.diff([0, *cuts, n_scans]).tolist())
+    return sizes, draw(st.integers(1, n_vox)), draw(st.integers(2, 5))
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), order=st.integers(0, 3))
+def test_any_chunking_gives_the_unchunked_fit(data: st.DataObject, order: int) -> None:
+    """Property: for any chunking and reduction fan-in, the statistics equal the
+    single-chunk fit to 1e-12 (only the order of float64 sums changes)."""
+    design, y = make_data(n_scans=37, n_vox=9, seed=order)
+    time_chunks, voxel_chunk, fan_in = data.draw(chunkings(37, 9))
+    noise = "ols" if order == 0 else f"ar{order}"
+    whole = bigglm.fit(xr.Dataset({"bold": (("time", "voxel"), y)}), design.to_numpy(), noise=noise)
+    ds = xr.Dataset({"bold": (("time", "voxel"), y)}).chunk(
+        {"time": time_chunks, "voxel": voxel_chunk}
+    )
+    chunked = bigglm.fit(ds, design.to_numpy(), noise=noise, split_every=fan_in)
+    np.testing.assert_allclose(
+        chunked.compute().beta.values, whole.compute().beta.values, rtol=1e-12
+    )
+    np.testing.assert_allclose(chunked.sigma2.values, whole.sigma2.values, rtol=1e-12)
+    assert list(chunked.beta["regressor"].values) == ["x0", "x1", "x2"]
