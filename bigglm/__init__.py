@@ -24,7 +24,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 # --- classes ----------------------------------------------------------------
 # (engine) GLMResult                              -- bigglm.glm
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by kind (STYLE.md), sorted within each group
     # functions
     "convert",
     "convert_many",
