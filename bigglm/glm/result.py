@@ -125,7 +125,7 @@ class GLMResult:
         return [ds["design"] for ds in self.runs]
 
     def __repr__(self) -> str:
-        state = "computed" if self._computed is self else "lazy"
+        state = "lazy" if self._computed is None else "computed"
         first = self._runs[0]
         return (
             f"<GLMResult {len(self._runs)} run(s), {first.sizes['voxel']} voxels, "
