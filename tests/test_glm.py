@@ -299,3 +299,13 @@ def test_any_chunking_gives_the_unchunked_fit(data: st.DataObject, order: int) -
     )
     np.testing.assert_allclose(chunked.sigma2.values, whole.sigma2.values, rtol=1e-12)
     assert list(chunked.beta["regressor"].values) == ["x0", "x1", "x2"]
+
+
+def test_voxels_with_nan_data_are_flagged_nonfinite() -> None:
+    design, y = make_data(n_vox=6)
+    y[10, 4] = np.nan
+    result = bigglm.fit(xr.Dataset({"bold": (("time", "voxel"), y)}), design, noise="ar1").compute()
+    assert result.dataset["status"].values.tolist() == [0, 0, 0, 0, 3, 0]
+    assert result.runs[0]["status"].attrs["flag_meanings"] == "ok constant nonstationary nonfinite"
+    z = result.contrast("faces")["z"].values
+    assert np.isnan(z[4]) and np.isfinite(np.delete(z, 4)).all()

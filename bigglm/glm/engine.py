@@ -289,7 +289,7 @@ def _status_attrs() -> dict[str, Any]:
     return {
         "flag_values": list(STATUS_FLAGS.values()),
         "flag_meanings": " ".join(STATUS_FLAGS),
-        "long_name": "fit status (constant voxels and non-stationary AR estimates are NaN)",
+        "long_name": "fit status; voxels that are not ok have NaN statistics",
     }
 
 

@@ -17,7 +17,7 @@ __all__ = ["STATUS_FLAGS", "ar_contrast_variance", "finish_block"]
 Array = NDArray[np.float64]
 
 #: Values of the per-voxel ``status`` variable (CF ``flag_values`` / ``flag_meanings``).
-STATUS_FLAGS = {"ok": 0, "constant": 1, "nonstationary": 2}
+STATUS_FLAGS = {"ok": 0, "constant": 1, "nonstationary": 2, "nonfinite": 3}
 
 #: Voxels per batch when per-voxel P x P matrices are formed (bounds task memory).
 _BATCH_BYTES = 64 * 2**20
@@ -53,7 +53,12 @@ def finish_block(total: Partial, offset: Array, terms: DesignTerms) -> dict[str,
     """
     dof = terms.matrix.shape[0] - terms.rank
     ols_beta = terms.gram_pinv @ total.cross[0]
-    status = np.where(total.lag_sums[0] == 0, STATUS_FLAGS["constant"], 0).astype(np.int8)
+    energy = total.lag_sums[0]
+    status = np.select(
+        [~np.isfinite(energy), energy == 0],
+        [STATUS_FLAGS["nonfinite"], STATUS_FLAGS["constant"]],
+        STATUS_FLAGS["ok"],
+    ).astype(np.int8)
     if terms.order == 0:
         beta = ols_beta
         rss = total.lag_sums[0] - np.einsum("av,av->v", ols_beta, total.cross[0])

@@ -195,11 +195,12 @@ class GLMResult:
                 out[name] = (lazy[name].dims, data, lazy[name].attrs)
         status = out["status"].values
         for flag, value in STATUS_FLAGS.items():
+            if not value:
+                continue
             count = int((status == value).sum())
-            if value and count:
+            out.attrs[f"n_{flag}"] = count
+            if count:
                 logger.warning("%d %s voxels: their statistics are NaN", count, flag)
-        out.attrs["n_constant"] = int((status == STATUS_FLAGS["constant"]).sum())
-        out.attrs["n_nonstationary"] = int((status == STATUS_FLAGS["nonstationary"]).sum())
         return out
 
     # --- contrasts -------------------------------------------------------------
