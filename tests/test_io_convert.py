@@ -274,7 +274,7 @@ def test_complex_voxels_are_refused(tmp_path: Path) -> None:
 def test_gz_volumes_with_computed_mask_equal_the_4d_nii(
     write_nifti, brain_series, tmp_path: Path
 ) -> None:
-    """The spill path (compressed 3D volumes, no mask) equals the re-read path (.nii)."""
+    """Two passes over compressed 3D volumes (no mask) equal two over one 4D .nii."""
     data = brain_series((16, 16, 12), 9, seed=8)
     four_d = write_nifti(data, "bold.nii")
     volumes = [write_nifti(data[..., t], f"vol{t}.nii.gz") for t in range(9)]
@@ -284,3 +284,20 @@ def test_gz_volumes_with_computed_mask_equal_the_4d_nii(
     np.testing.assert_array_equal(a.bold.values, b.bold.values)
     np.testing.assert_array_equal(a.bold.values, data[a.mask.values].T)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_source_changed_between_passes_is_refused(
+    write_nifti, brain_series, tmp_path: Path
+) -> None:
+    """With no mask the source is read twice; a file rewritten in between is caught."""
+    data = brain_series((16, 16, 12), 6, seed=9)
+    path = write_nifti(data, "bold.nii.gz")
+    other = write_nifti(data[..., ::-1].copy(), "other.nii.gz")
+
+    def rewrite_after_first_pass(done: int, total: int) -> None:
+        if done == total // 2:
+            path.write_bytes(other.read_bytes())
+
+    with pytest.raises(bigglm.StoreError, match=r"bold\.nii\.gz: changed while it was converted"):
+        bigglm.convert(path, tmp_path / "run.zarr", progress=rewrite_after_first_pass)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bold.nii.gz", "other.nii.gz"]
