@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 import zarr
 from dask.callbacks import Callback
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from zarr.storage import LocalStore, WrapperStore
@@ -157,11 +157,7 @@ def test_to_nifti_bool_and_int_maps(store: Path, tmp_path: Path) -> None:
     assert (np.asarray(nibabel.load(labels).dataobj)[~mask] == 0).all()
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@settings(max_examples=25, deadline=None)
 @given(
     shape=st.tuples(*(st.integers(1, 6),) * 3),
     n_volumes=st.integers(1, 7),

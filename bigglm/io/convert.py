@@ -156,6 +156,14 @@ def convert(
             chosen, done = given_mask, 0
         reader = VolumeStream(series)
         chunks = choose_chunks(series.n_volumes, int(chosen.sum()), time_chunk, voxel_chunk)
+        logger.info(
+            "converting %s: %d volumes x %d in-mask voxels, chunks %s, TR %g s",
+            series.files[0].path,
+            series.n_volumes,
+            int(chosen.sum()),
+            chunks,
+            series.tr,
+        )
         nonfinite = first.nonfinite if first is not None else None
         writer, bad = _write_pass(series, reader, chosen, chunks, stage, nonfinite, report, done)
         provenance = reader.provenance
