@@ -192,3 +192,25 @@ def test_rank_deficient_design_gives_minimum_norm_betas(noise: str, order: int) 
     np.testing.assert_allclose(
         result.sigma2.values, expected["sigma2"] * (len(design) - n_cols) / dof, rtol=RTOL
     )
+
+
+@pytest.mark.parametrize("noise,order", [("ols", 0), ("ar2", 2)])
+def test_f_contrast_matches_brute_force(noise: str, order: int) -> None:
+    """F = (Cb)' [C (X~'X~)^-1 C']^-1 (Cb) / (q sigma2), per voxel from whitened lstsq."""
+    design, y = simulate(seed=8, n_vox=10, phi=(0.4, 0.1))
+    c = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    result = bigglm.fit(as_run(y, (21, 4)), design, noise=noise)
+    got = result.contrast(["faces", "houses"], kind="F")["stat"].values
+    fit = brute_force(design.to_numpy(), y, order)
+    x = design.to_numpy()
+    expected = []
+    for v in range(y.shape[1]):
+        if order:
+            acov = arma_acovf(np.r_[1, -fit["ar"][:, v]], [1], nobs=len(x))
+            w = np.linalg.inv(np.linalg.cholesky(scipy.linalg.toeplitz(acov)))
+        else:
+            w = np.eye(len(x))
+        cov = c @ np.linalg.inv((w @ x).T @ (w @ x)) @ c.T
+        cb = c @ fit["beta"][:, v]
+        expected.append(cb @ np.linalg.solve(cov, cb) / (2 * fit["sigma2"][v]))
+    np.testing.assert_allclose(got, expected, rtol=RTOL)
