@@ -264,3 +264,4 @@ def test_to_nifti_accepts_voxel_first_dataarrays(store: Path, tmp_path: Path) ->
     a = bigglm.to_nifti(ds.bold, ds, tmp_path / "a.nii")
     b = bigglm.to_nifti(ds.bold.transpose("voxel", "time"), ds, tmp_path / "b.nii")
     np.testing.assert_array_equal(nibabel.load(a).get_fdata(), nibabel.load(b).get_fdata())
+    assert nibabel.load(b).header.get_zooms()[3] == ds.attrs["tr"]

@@ -81,9 +81,9 @@ def to_nifti(
     """
     ds = like if isinstance(like, xr.Dataset) else open_run(like)
     mask = np.asarray(ds["mask"].values, dtype=bool)
-    is_series = _is_time_series(values, ds)
     if isinstance(values, xr.DataArray) and "voxel" in values.dims:
         values = values.transpose(..., "voxel")
+    is_series = _is_time_series(values, ds)
     data = values.data if isinstance(values, xr.DataArray) else values
     if not hasattr(data, "ndim"):
         data = np.asarray(data)
@@ -98,8 +98,9 @@ def to_nifti(
     try:
         with _open_output(partial, target) as out:
             header.write_to(out)
+            columns = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
             for block in _blocks(data, n, mask.size * dtype.itemsize):
-                out.write(_scatter(block, mask, dtype, fill_value).tobytes())
+                out.write(_scatter(block, columns, mask.size, dtype, fill_value).tobytes())
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -160,9 +161,10 @@ def _blocks(data: Any, n: int, volume_bytes: int) -> Any:
         yield np.asarray(data[start : start + step])
 
 
-def _scatter(rows: np.ndarray, mask: np.ndarray, dtype: np.dtype[Any], fill: float) -> np.ndarray:
-    """Place ``(n, V)`` rows onto ``(n, X*Y*Z)`` volumes in NIfTI (Fortran) voxel order."""
-    columns = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
-    volumes = np.full((rows.shape[0], mask.size), fill, dtype=dtype)
+def _scatter(
+    rows: np.ndarray, columns: np.ndarray, n_voxels: int, dtype: np.dtype[Any], fill: float
+) -> np.ndarray:
+    """Place ``(n, V)`` rows at ``columns`` of ``(n, X*Y*Z)`` volumes (NIfTI's Fortran order)."""
+    volumes = np.full((rows.shape[0], n_voxels), fill, dtype=dtype)
     volumes[:, columns] = rows
     return volumes
