@@ -38,6 +38,11 @@ def test_missing_file(tmp_path: Path) -> None:
     assert "nope.nii.gz" in str(err)
 
 
+def test_folder_instead_of_file(tmp_path: Path) -> None:
+    (tmp_path / "func").mkdir()
+    _refuses(tmp_path / "func", tmp_path, "func: is a folder, not a NIfTI file")
+
+
 def test_not_a_nifti(tmp_path: Path) -> None:
     path = tmp_path / "notes.nii"
     path.write_text("these are not voxels\n" * 40)

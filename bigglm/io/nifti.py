@@ -123,6 +123,8 @@ class SourceSeries:
 
 def _load_header(path: Path) -> nib.Nifti1Image:
     """Open ``path`` with nibabel (header only) or raise a StoreError naming it."""
+    if path.is_dir():
+        raise StoreError(f"{path}: is a folder, not a NIfTI file; give the .nii/.nii.gz inside")
     if not path.is_file():
         raise StoreError(f"{path}: no such file; check the path")
     if not os.access(path, os.R_OK):
