@@ -174,6 +174,16 @@ def test_nan_voxels_dropped_from_a_computed_mask(write_nifti, series, tmp_path: 
     assert np.isfinite(ds.bold.values).all()
 
 
+def test_all_voxels_nonfinite(write_nifti, series, tmp_path: Path) -> None:
+    data = series.copy()
+    data[:4, :4, :4, 1] = np.nan
+    path = write_nifti(data, "bold.nii")
+    mask = np.zeros((16, 16, 12), bool)
+    mask[:4, :4, :4] = True
+    with pytest.warns(BigGLMWarning, match="64 voxel"):
+        _refuses(path, tmp_path, "every voxel of the mask has NaN or Inf", mask=mask)
+
+
 def test_finite_series_gives_no_warning(write_nifti, series, tmp_path: Path) -> None:
     path = write_nifti(series, "bold.nii")
     with warnings.catch_warnings():

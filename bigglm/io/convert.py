@@ -238,6 +238,7 @@ def _write_pass(
     if nonfinite is not None:
         mask, bad = _drop_nonfinite(mask, nonfinite.reshape(series.volume_shape, order="F"))
         _warn_nonfinite(series, bad)
+        _require_voxels(mask, series)
     columns = _flat_indices(mask)
     writer = StoreWriter(stage, mask, n_volumes=series.n_volumes, tr=series.tr, chunks=chunks)
     seen_bad = write_rows(
@@ -252,9 +253,18 @@ def _write_pass(
         _warn_nonfinite(series, int(seen_bad.sum()))
         keep = mask.copy()
         keep[mask] = ~seen_bad
+        _require_voxels(keep, series)
         writer = _rewrite_without(stage, keep, seen_bad, series, chunks)
         return writer, int(seen_bad.sum())
     return writer, 0 if nonfinite is None else bad
+
+
+def _require_voxels(mask: np.ndarray, series: SourceSeries) -> None:
+    if not mask.any():
+        raise StoreError(
+            f"{series.files[0].path}: every voxel of the mask has NaN or Inf values; "
+            "check the data (or the mask)"
+        )
 
 
 def _drop_nonfinite(mask: np.ndarray, nonfinite: np.ndarray) -> tuple[np.ndarray, int]:
