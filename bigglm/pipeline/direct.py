@@ -1,0 +1,160 @@
+"""``bigglm fit``: fit converted stores with events, confounds and contrasts, no YAML."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from bigglm.exceptions import ConfigError
+from bigglm.pipeline.plan import bids_label
+from bigglm.pipeline.steps import F_MAPS
+from bigglm.typing import ContrastKind
+
+__all__ = ["fit_stores", "parse_contrast_options"]
+
+logger = logging.getLogger(__name__)
+
+
+def parse_contrast_options(options: Sequence[str]) -> dict[str, str | list[str]]:
+    """``["name=expr", "F=a;b"]`` -> ``{"name": "expr", "F": ["a", "b"]}`` (``;`` makes F).
+
+    Parameters
+    ----------
+    options : sequence of str
+        ``NAME=EXPRESSION`` items; rows separated by ``;`` make an F contrast.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ConfigError
+        For an item without ``=`` or with an empty name.
+
+    Examples
+    --------
+    >>> parse_contrast_options(["d=faces - houses", "any=faces; houses"])
+    {'d': 'faces - houses', 'any': ['faces', 'houses']}
+    """
+    out: dict[str, str | list[str]] = {}
+    for option in options:
+        name, sep, expression = option.partition("=")
+        if not sep or not name.strip() or not expression.strip():
+            raise ConfigError(
+                f"--contrast {option!r}: write NAME=EXPRESSION, e.g. "
+                "--contrast 'faces_minus_houses=faces - houses'"
+            )
+        rows = [row.strip() for row in expression.split(";") if row.strip()]
+        out[name.strip()] = rows[0] if len(rows) == 1 else rows
+    return out
+
+
+def _per_store(values: Sequence[Path] | None, n: int, option: str) -> list[Path | None]:
+    if not values:
+        return [None] * n
+    if len(values) != n:
+        raise ConfigError(f"{option}: got {len(values)} files for {n} stores; give one per store")
+    return list(values)
+
+
+def fit_stores(
+    stores: Sequence[Path],
+    output: Path,
+    *,
+    events: Sequence[Path] | None = None,
+    confounds: Sequence[Path] | None = None,
+    confound_columns: Sequence[str] | None = None,
+    contrasts: Sequence[str] = (),
+    noise: str = "ar1",
+    hrf: str = "glover",
+    drift: str | None = "cosine",
+    high_pass: float = 0.01,
+    slice_time_ref: float = 0.0,
+    address: str | None = None,
+) -> list[Path]:
+    """Fit converted stores (one subject's runs) and write each contrast's maps.
+
+    The ``bigglm fit`` command: designs are built from the stores' TR and length and the
+    given events and confounds, the runs are fitted together, and for every contrast the
+    effect, variance, stat and z maps (stat and z for F) are written to ``output``, with
+    the result store ``glm.zarr``.
+
+    Parameters
+    ----------
+    stores : sequence of Path
+        Stores from :func:`bigglm.convert`, all on one grid.
+    output : Path
+        Folder for the maps (created).
+    events, confounds : sequence of Path, optional
+        One file per store.
+    confound_columns : sequence of str, optional
+        Confound columns (names or globs); all when omitted.
+    contrasts : sequence of str
+        ``NAME=EXPRESSION`` items (see :func:`parse_contrast_options`).
+    noise, hrf, drift, high_pass, slice_time_ref
+        As in the YAML ``model`` section (``drift="none"``: no drift terms).
+    address : str, optional
+        A Dask scheduler; default a local cluster sized to the machine.
+
+    Returns
+    -------
+    list of Path
+        The maps written.
+
+    Raises
+    ------
+    ConfigError, DesignError, StoreError
+        For bad options, files or stores.
+
+    Examples
+    --------
+    >>> fit_stores([Path("/nope.zarr")], Path("/tmp/o"), contrasts=["a"])
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.ConfigError: --contrast 'a': write NAME=EXPRESSION, ...
+    """
+    from bigglm.cluster import client_from_profile
+    from bigglm.config import ClusterConfig, ModelConfig
+    from bigglm.design import make_run_design
+    from bigglm.glm import fit
+    from bigglm.io import open_run, to_nifti
+
+    named = parse_contrast_options(contrasts)
+    try:
+        model = ModelConfig.model_validate(
+            {"noise": noise, "hrf": hrf, "drift": None if drift == "none" else drift}
+        )
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[-1].strip()) from None
+    runs = [open_run(s) for s in stores]
+    event_files = _per_store(events, len(runs), "--events")
+    confound_files = _per_store(confounds, len(runs), "--confounds")
+    designs = [
+        make_run_design(
+            ds.sizes["time"],
+            float(ds.attrs["tr"]),
+            events=ev,
+            confounds=cf,
+            confound_columns=confound_columns,
+            slice_time_ref=slice_time_ref,
+            hrf=model.hrf,
+            drift=model.drift,
+            high_pass=high_pass,
+        )
+        for ds, ev, cf in zip(runs, event_files, confound_files, strict=True)
+    ]
+    profile = ClusterConfig(profile="address", address=address) if address else ClusterConfig()
+    output.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with client_from_profile(profile) as client:
+        result = fit(runs, designs, noise=model.noise, client=client).compute()
+    result.to_zarr(output / "glm.zarr", overwrite=True)
+    for name, expression in named.items():
+        kind: ContrastKind = "t" if isinstance(expression, str) else "F"
+        values = result.contrast(expression, kind=kind)
+        for stat in ("effect", "variance", "stat", "z") if kind == "t" else F_MAPS:
+            path = output / f"contrast-{bids_label(name)}_stat-{stat}_statmap.nii.gz"
+            written.append(to_nifti(values[stat], stores[0], path))
+    return written

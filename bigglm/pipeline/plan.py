@@ -1,0 +1,383 @@
+"""Plan an analysis: find its runs, group them into units, check every input cheaply.
+
+Nothing here reads voxel data: NIfTI headers, events, confounds and masks are enough to
+catch a bad configuration in seconds, before any long work.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from bigglm.bids import Run, find_runs, parse_entities
+from bigglm.config import AnalysisConfig, RunInput
+from bigglm.exceptions import ConfigError, DesignError
+
+__all__ = [
+    "STATE",
+    "RunPlan",
+    "UnitPlan",
+    "discover",
+    "map_path",
+    "plan",
+    "unit_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Hidden folder of the step records, locks and job scripts inside ``outputs.folder``.
+STATE = ".bigglm"
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+@dataclass
+class RunPlan:
+    """One run, checked: its TR, length, design and where its store goes."""
+
+    run: Run
+    tr: float
+    n_scans: int
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    slice_time_ref: float
+    store: Path
+    design: pd.DataFrame
+
+
+@dataclass
+class UnitPlan:
+    """The runs fitted together (one subject and task) and where their outputs go."""
+
+    name: str
+    runs: list[RunPlan]
+    mask: Path | None
+    folder: Path
+
+    @property
+    def subject(self) -> str:
+        """The subject label shared by the unit's runs."""
+        return self.runs[0].run.subject
+
+
+def discover(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> list[Run]:
+    """The runs a configuration names, BIDS-discovered or explicit, optionally filtered.
+
+    Parameters
+    ----------
+    config : AnalysisConfig
+        A validated configuration.
+    subjects : sequence of str, optional
+        Keep only these subject labels (``bigglm run --subject``; array jobs).
+
+    Returns
+    -------
+    list of Run
+        The runs, with events, confounds, mask and TR where known.
+
+    Raises
+    ------
+    ConfigError
+        If nothing is found, or a subject filter matches no run.
+
+    Examples
+    --------
+    >>> from bigglm.config import parse_config
+    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "/d/sub-02_task-x_bold.nii.gz"}]},
+    ...                     "outputs": {"folder": "/o"}})
+    >>> [(r.subject, r.task, r.name) for r in discover(cfg)]
+    [('02', 'x', 'sub-02_task-x')]
+    """
+    inputs = config.inputs
+    if inputs.bids is not None:
+        b = inputs.bids
+        runs = find_runs(
+            b.derivatives,
+            raw=b.raw,
+            subjects=b.subjects,
+            sessions=b.sessions,
+            tasks=b.tasks,
+            runs=b.runs,
+            space=b.space,
+        )
+    else:
+        runs = [_explicit_run(item, index) for index, item in enumerate(inputs.runs or [])]
+    if inputs.mask is not None:
+        runs = [_replace(r, mask=inputs.mask) for r in runs]
+    if subjects:
+        wanted = {s.removeprefix("sub-") for s in subjects}
+        runs = [r for r in runs if r.subject in wanted]
+        if not runs:
+            raise ConfigError(f"--subject {', '.join(sorted(wanted))}: no run of these subjects")
+    return runs
+
+
+def _explicit_run(item: RunInput, index: int) -> Run:
+    entities = {k: v for k, v in parse_entities(item.bold).items() if k != "suffix"}
+    subject = item.subject or entities.get("sub") or "01"
+    task = item.task or entities.get("task")
+    if "sub" not in entities:
+        entities = {"sub": subject, **({"task": task} if task else {}), "run": str(index + 1)}
+    return Run(
+        bold=item.bold,
+        subject=subject,
+        task=task,
+        session=entities.get("ses"),
+        run=entities.get("run"),
+        events=item.events,
+        confounds=item.confounds,
+        mask=item.mask,
+        tr=item.tr,
+        entities=entities,
+    )
+
+
+def _replace(run: Run, **changes: Any) -> Run:
+    from dataclasses import replace
+
+    return replace(run, **changes)
+
+
+def plan(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> list[UnitPlan]:
+    """Check a configuration against its inputs and plan the work, without reading voxel data.
+
+    Reads NIfTI headers, events and confounds, builds every design, and checks that the
+    runs of a unit share one grid, that TRs are known and that every contrast names real
+    design columns.
+
+    Parameters
+    ----------
+    config : AnalysisConfig
+        A validated configuration.
+    subjects : sequence of str, optional
+        Only these subjects.
+
+    Returns
+    -------
+    list of UnitPlan
+        One per subject and task.
+
+    Raises
+    ------
+    ConfigError
+        For a missing file, unknown TR, grids that differ, or a contrast on no column.
+    DesignError
+        For bad events or confounds (the message names the file and row).
+
+    Examples
+    --------
+    >>> from bigglm.config import parse_config
+    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "/nope/bold.nii.gz"}]},
+    ...                     "outputs": {"folder": "/o"}})
+    >>> plan(cfg)
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.ConfigError: inputs: /nope/bold.nii.gz does not exist; check the path
+    """
+    runs = discover(config, subjects)
+    names = [r.name for r in runs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ConfigError(
+            f"inputs: several runs are called {duplicated[0]!r}; give each run a distinct "
+            "'subject'/'task' or BIDS file name"
+        )
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.unit, []).append(r)
+    return [_plan_unit(config, name, members) for name, members in groups.items()]
+
+
+def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
+    planned = [_plan_run(config, r) for r in runs]
+    first = planned[0]
+    for other in planned[1:]:
+        if other.shape != first.shape or not np.allclose(other.affine, first.affine, atol=1e-4):
+            raise ConfigError(
+                f"inputs: {other.run.bold.name} is not on the grid of {first.run.bold.name} "
+                f"(shape {other.shape} vs {first.shape}); runs fitted together must be "
+                "resampled to one grid"
+            )
+    masks = [p.run.mask for p in planned]
+    for m in {m for m in masks if m is not None}:
+        _check_mask(m, first)
+    _check_contrasts(config, planned)
+    unit_mask = masks[0] if len(set(masks)) == 1 else None
+    return UnitPlan(name, planned, unit_mask, unit_folder(config, name))
+
+
+def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
+    for path in (run.bold, run.events, run.confounds):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"inputs: {path} does not exist; check the path")
+    shape, affine, n_scans, header_tr = _bold_header(run.bold)
+    tr = run.tr if run.tr is not None else header_tr
+    if tr is None:
+        raise ConfigError(
+            f"inputs: no TR for {run.bold.name} (no sidecar RepetitionTime, header pixdim[4] "
+            "is 0); give 'tr' for this run"
+        )
+    if header_tr is not None and run.tr is not None and abs(header_tr - run.tr) > 1e-3 * run.tr:
+        logger.warning(
+            "%s: header TR %.4g s differs from the sidecar/config TR %.4g s; using %.4g s",
+            run.bold.name,
+            header_tr,
+            run.tr,
+            run.tr,
+        )
+    ref = _slice_time_ref(config, run, tr)
+    design = _design(config, run, n_scans, tr, ref)
+    store = config.store_folder / f"{run.name}_bold.zarr"
+    return RunPlan(run, float(tr), n_scans, shape, affine, ref, store, design)
+
+
+def _bold_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray, int, float | None]:
+    try:
+        img: Any = nib.load(path)
+    except Exception as err:  # nibabel raises many kinds for a bad file
+        raise ConfigError(f"inputs: cannot read {path} as NIfTI ({err})") from None
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) != 4 or shape[3] < 2:
+        raise ConfigError(f"inputs: {path} has shape {shape}; a run must be a 4D series")
+    zooms = img.header.get_zooms()
+    units = img.header.get_xyzt_units()[1]
+    scale = {"msec": 1e-3, "usec": 1e-6}.get(units, 1.0)
+    header_tr = float(zooms[3]) * scale if len(zooms) > 3 and zooms[3] > 0 else None
+    return (shape[0], shape[1], shape[2]), np.asarray(img.affine), shape[3], header_tr
+
+
+def _slice_time_ref(config: AnalysisConfig, run: Run, tr: float) -> float:
+    if config.model.slice_time_ref is not None:
+        return config.model.slice_time_ref
+    if run.start_time is not None:
+        return min(max(run.start_time / tr, 0.0), 1.0)
+    return 0.0
+
+
+def _design(config: AnalysisConfig, run: Run, n_scans: int, tr: float, ref: float) -> pd.DataFrame:
+    from bigglm.design import make_run_design
+
+    m = config.model
+    columns = config.inputs.confounds
+    try:
+        return make_run_design(
+            n_scans,
+            tr,
+            events=run.events,
+            confounds=run.confounds if columns else None,
+            confound_columns=columns or None,
+            slice_time_ref=ref,
+            hrf=m.hrf,
+            drift=m.drift,
+            high_pass=m.high_pass,
+            drift_order=m.drift_order,
+            fir_delays=m.fir_delays,
+            oversampling=m.oversampling,
+            min_onset=m.min_onset,
+        )
+    except DesignError as err:
+        raise DesignError(f"{run.name}: {err}") from None
+
+
+def _check_mask(mask: Path, run: RunPlan) -> None:
+    if not mask.is_file():
+        raise ConfigError(f"inputs: mask {mask} does not exist; check the path")
+    img: Any = nib.load(mask)
+    if tuple(img.shape[:3]) != run.shape:
+        raise ConfigError(
+            f"inputs: mask {mask.name} has shape {tuple(img.shape)} but {run.run.bold.name} "
+            f"has volumes of shape {run.shape}; use a mask on the bold grid"
+        )
+
+
+def _check_contrasts(config: AnalysisConfig, runs: list[RunPlan]) -> None:
+    from bigglm.contrasts import expression_to_vector
+
+    for name, expression in config.contrasts.items():
+        rows = [expression] if isinstance(expression, str) else expression
+        for r in runs:
+            columns = [str(c) for c in r.design.columns]
+            for row in rows:
+                try:
+                    expression_to_vector(row, columns)
+                except DesignError as err:
+                    raise ConfigError(
+                        f"contrasts.{name}: {err} (design of {r.run.name} has columns: "
+                        f"{', '.join(columns)}){_closest(row, columns)}"
+                    ) from None
+
+
+def _closest(expression: str, columns: list[str]) -> str:
+    import difflib
+
+    for token in _IDENTIFIER.findall(expression):
+        if token not in columns:
+            close = difflib.get_close_matches(token, columns, n=1)
+            if close:
+                return f"; did you mean {close[0]!r} for {token!r}?"
+    return ""
+
+
+def unit_folder(config: AnalysisConfig, unit: str) -> Path:
+    """The output folder of a unit: ``<outputs.folder>/sub-<label>``.
+
+    Examples
+    --------
+    >>> from bigglm.config import parse_config
+    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "b.nii"}]}, "outputs": {"folder": "/o"}})
+    >>> unit_folder(cfg, "sub-01_task-faces").as_posix()
+    '/o/sub-01'
+    """
+    return config.outputs.folder / unit.split("_")[0]
+
+
+def map_path(config: AnalysisConfig, unit: str, contrast: str, stat: str) -> Path:
+    """Where a contrast's map is written (BIDS-derivatives name).
+
+    Parameters
+    ----------
+    config : AnalysisConfig
+        The analysis.
+    unit : str
+        The unit (``sub-<label>[_task-<label>]``).
+    contrast : str
+        The contrast's name in the config.
+    stat : str
+        ``effect``, ``variance``, ``stat``, ``p`` or ``z``.
+
+    Returns
+    -------
+    Path
+
+    Examples
+    --------
+    >>> from bigglm.config import parse_config
+    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "b.nii"}]}, "outputs": {"folder": "/o"}})
+    >>> map_path(cfg, "sub-01_task-x", "faces_minus_houses", "z").name
+    'sub-01_task-x_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
+    """
+    label = bids_label(contrast)
+    return unit_folder(config, unit) / f"{unit}_contrast-{label}_stat-{stat}_statmap.nii.gz"
+
+
+def bids_label(name: str) -> str:
+    """``faces_minus_houses`` -> ``facesMinusHouses`` (BIDS labels are alphanumeric).
+
+    Examples
+    --------
+    >>> bids_label("faces_minus_houses")
+    'facesMinusHouses'
+    """
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+#: Maps that exist for an F contrast (its effect is a vector per voxel).

@@ -1,0 +1,127 @@
+"""``run_analysis``: every unit of a configuration, step after step, resumably."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
+from typing import Any
+
+from bigglm.config import AnalysisConfig
+from bigglm.pipeline.lock import lock_units
+from bigglm.pipeline.plan import UnitPlan, plan
+from bigglm.pipeline.steps import (
+    Checksums,
+    ProgressFactory,
+    StepRecords,
+    UnitOutcome,
+    convert_step,
+    design_step,
+    epi_mask,
+    fit_step,
+    intersection_mask,
+    maps_step,
+    provenance_step,
+    remove_leftovers,
+    report_step,
+)
+
+__all__ = ["run_analysis"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_analysis(
+    config: AnalysisConfig,
+    *,
+    subjects: Sequence[str] | None = None,
+    client: Any = None,
+    progress: ProgressFactory | None = None,
+) -> list[UnitOutcome]:
+    """Run a first-level analysis end to end, resuming whatever an earlier run finished.
+
+    Parameters
+    ----------
+    config : AnalysisConfig
+        A validated configuration.
+    subjects : sequence of str, optional
+        Only these subjects (the other units are left as they are).
+    client : distributed.Client, optional
+        The Dask client for the fit; default: one from ``config.cluster``.
+    progress : callable, optional
+        ``progress(description)`` returns a context manager yielding a ``(done, total)``
+        callback (the CLI draws a bar with it).
+
+    Returns
+    -------
+    list of UnitOutcome
+        Per unit: steps run or reused, timings, the maps and provenance written.
+
+    Raises
+    ------
+    ConfigError, DesignError
+        From :func:`plan`, before any long work starts.
+    StoreError
+        If another run holds the outputs' lock, or a store cannot be written.
+
+    Examples
+    --------
+    >>> from bigglm.config import parse_config
+    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "/nope.nii.gz"}]},
+    ...                     "outputs": {"folder": "/tmp/o"}})
+    >>> run_analysis(cfg)
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.ConfigError: inputs: /nope.nii.gz does not exist; check the path
+    """
+    units = plan(config, subjects)
+    outputs = config.outputs.folder
+    outputs.mkdir(parents=True, exist_ok=True)
+    factory: ProgressFactory = progress or (lambda description: nullcontext(_no_progress))
+    with lock_units(outputs, [u.name for u in units]), _client(config, client) as active:
+        return [_run_unit(u, config, active, factory) for u in units]
+
+
+def _no_progress(done: int, total: int) -> None:
+    """A progress callback that does nothing."""
+
+
+@contextmanager
+def _client(config: AnalysisConfig, client: Any) -> Iterator[Any]:
+    if client is not None:
+        yield client
+        return
+    from bigglm.cluster import client_from_profile
+
+    with client_from_profile(config.cluster) as started:
+        yield started
+
+
+def _run_unit(
+    unit: UnitPlan, config: AnalysisConfig, client: Any, progress: ProgressFactory
+) -> UnitOutcome:
+    from bigglm.io import open_run
+
+    started = datetime.now(UTC).isoformat()
+    outcome = UnitOutcome(unit.name, len(unit.runs), sum(rp.n_scans for rp in unit.runs))
+    steps = StepRecords(config.outputs.folder, unit.name)
+    sums = Checksums()
+    unit.folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(unit)
+    mask = unit.mask
+    if mask is None and all(rp.run.mask is not None for rp in unit.runs):
+        mask = intersection_mask(unit, config)
+    for index, rp in enumerate(unit.runs):
+        convert_step(unit, rp, mask, steps, sums, config, progress)
+        if mask is None and index == 0 and len(unit.runs) > 1:
+            mask = epi_mask(unit, config)
+    design_step(unit, steps)
+    result, fit_key = fit_step(unit, config, steps, sums, client, progress)
+    outcome.n_voxels = int(open_run(unit.runs[0].store).sizes["voxel"])
+    maps_step(unit, config, result, fit_key, steps, outcome)
+    outcome.steps = dict(steps.timings)
+    outcome.provenance = provenance_step(unit, config, outcome, sums, started)
+    if config.outputs.report:
+        outcome.report = report_step(unit, config, outcome)
+    return outcome

@@ -1,0 +1,362 @@
+"""The steps of a unit, each recorded with a digest of its inputs so a rerun can skip it.
+
+A step's record (``<outputs>/.bigglm/steps/<unit>/<step>.json``) is written only after
+its outputs are complete (each written under a temporary name, then renamed), so a run
+killed at any point leaves either a finished step or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from bigglm.config import AnalysisConfig
+from bigglm.exceptions import StoreError
+from bigglm.pipeline.plan import STATE, RunPlan, UnitPlan, map_path
+from bigglm.report import environment, file_record, sha256_file, write_json_atomic
+from bigglm.typing import ContrastKind, ProgressCallback
+
+__all__ = ["ProgressFactory", "UnitOutcome"]
+
+logger = logging.getLogger(__name__)
+
+#: ``progress_factory(description)`` returns a context manager yielding a callback.
+ProgressFactory = Callable[[str], AbstractContextManager[ProgressCallback]]
+
+
+@dataclass
+class UnitOutcome:
+    """What happened to one unit: steps run or reused, their timings, maps written."""
+
+    name: str
+    n_runs: int
+    n_volumes: int
+    n_voxels: int = 0
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    maps: list[Path] = field(default_factory=list)
+    peaks: dict[str, float] = field(default_factory=dict)
+    provenance: Path | None = None
+    report: Path | None = None
+
+
+# --- step records: what is finished, with which inputs -------------------------------------
+
+
+def _digest(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _frame_digest(frame: pd.DataFrame) -> str:
+    return hashlib.sha256(frame.to_csv(sep="\t", float_format="%.17g").encode()).hexdigest()
+
+
+class StepRecords:
+    """Records of finished steps for one unit, and their timings for the provenance."""
+
+    def __init__(self, outputs: Path, unit: str) -> None:
+        self.folder = outputs / STATE / "steps" / unit
+        self.timings: dict[str, dict[str, Any]] = {}
+
+    def done(self, step: str, key: str, outputs: Sequence[Path]) -> bool:
+        record = self.folder / f"{step}.json"
+        try:
+            stored = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return False
+        finished = stored.get("key") == key and all(Path(p).exists() for p in outputs)
+        if finished:
+            self.timings[step] = {"status": "reused", "seconds": stored.get("seconds", 0.0)}
+            logger.info("%s: %s already done, skipped", self.folder.name, step)
+        return finished
+
+    @contextmanager
+    def running(self, step: str, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        logger.info("%s: %s ...", self.folder.name, step)
+        yield
+        seconds = round(time.perf_counter() - start, 3)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        finished = datetime.now(UTC).isoformat()
+        write_json_atomic(
+            self.folder / f"{step}.json", {"key": key, "seconds": seconds, "finished": finished}
+        )
+        self.timings[step] = {"status": "ran", "seconds": seconds}
+
+
+# --- the steps -----------------------------------------------------------------------------
+
+
+class Checksums:
+    """SHA-256 of input files, each computed once per process."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._known:
+            self._known[key] = sha256_file(path)
+        return self._known[key]
+
+
+def convert_step(
+    unit: UnitPlan,
+    rp: RunPlan,
+    mask: Path | None,
+    steps: StepRecords,
+    sums: Checksums,
+    config: AnalysisConfig,
+    progress: ProgressFactory,
+) -> None:
+    from bigglm.io import convert
+
+    mask_sum = sums(mask) if mask is not None else None
+    key = _digest(sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
+    if _store_matches(rp, sums) and steps.done(f"convert-{rp.run.name}", key, [rp.store]):
+        return
+    rp.store.parent.mkdir(parents=True, exist_ok=True)
+    _remove_partials(rp.store)
+    with steps.running(f"convert-{rp.run.name}", key), progress(f"convert {rp.run.name}") as cb:
+        convert(
+            rp.run.bold,
+            rp.store,
+            mask=mask,
+            tr=rp.tr,
+            overwrite=True,
+            time_chunk=config.store.time_chunk,
+            progress=cb,
+        )
+
+
+def _store_matches(rp: RunPlan, sums: Checksums) -> bool:
+    """A complete store exists, made from a file with the same SHA-256 and the same TR."""
+    from bigglm.io import open_run
+
+    if not rp.store.exists():
+        return False
+    try:
+        attrs = open_run(rp.store).attrs
+    except StoreError:
+        return False
+    recorded = [s.get("sha256") for s in attrs.get("sources", [])]
+    return recorded == [sums(rp.run.bold)] and abs(float(attrs.get("tr", 0)) - rp.tr) < 1e-9
+
+
+def _remove_partials(store: Path) -> None:
+    """Remove staging folders an interrupted conversion of this store left behind."""
+    for partial in store.parent.glob(f".{store.name}.*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def remove_leftovers(unit: UnitPlan) -> None:
+    """Delete temporary files a killed run of this unit left (we hold the unit's lock).
+
+    Every output of the unit is named ``<unit>_...`` (maps, result store) or
+    ``<run>_...`` (designs), and is written as a hidden ``.<name>...`` sibling first.
+    """
+    prefixes = (f".{unit.name}_", *(f".{rp.run.name}_" for rp in unit.runs))
+    for leftover in unit.folder.iterdir():
+        if leftover.name.startswith(prefixes):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def epi_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
+    """The mask of the unit's first store as a NIfTI, so every run uses the same voxels."""
+    from bigglm.io import open_run
+
+    path = config.store_folder / f"{unit.name}_desc-epi_mask.nii.gz"
+    if not path.exists():
+        ds = open_run(unit.runs[0].store)
+        _save_mask(path, np.asarray(ds["mask"].values), np.asarray(ds.attrs["affine"]))
+    return path
+
+
+def intersection_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
+    """The voxels inside every run's own brain mask (fMRIPrep writes one per run)."""
+    paths = sorted({rp.run.mask for rp in unit.runs if rp.run.mask is not None})
+    images = [_image(p) for p in paths]
+    inside = np.logical_and.reduce([np.asarray(img.dataobj) > 0 for img in images])
+    path = config.store_folder / f"{unit.name}_desc-intersection_mask.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_mask(path, inside, np.asarray(images[0].affine))
+    logger.info("%s: the runs' masks differ; using their intersection (%s)", unit.name, path)
+    return path
+
+
+def _image(path: Path) -> Any:
+    return nib.load(path)
+
+
+def _save_mask(path: Path, inside: np.ndarray, affine: np.ndarray) -> None:
+    """Write a uint8 mask NIfTI atomically; rewrite only if its content would change."""
+    data = np.asarray(inside, dtype=np.uint8)
+    if path.exists() and np.array_equal(np.asarray(_image(path).dataobj), data):
+        return
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    nib.save(nib.Nifti1Image(data, affine.astype(float)), temp)
+    os.replace(temp, path)
+
+
+def design_step(unit: UnitPlan, steps: StepRecords) -> list[Path]:
+    paths = [unit.folder / f"{rp.run.name}_design.tsv" for rp in unit.runs]
+    key = _digest([_frame_digest(rp.design) for rp in unit.runs])
+    if steps.done("designs", key, paths):
+        return paths
+    with steps.running("designs", key):
+        for rp, path in zip(unit.runs, paths, strict=True):
+            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            rp.design.to_csv(temp, sep="\t", index=False, float_format="%.10g")
+            os.replace(temp, path)
+    return paths
+
+
+def fit_step(
+    unit: UnitPlan,
+    config: AnalysisConfig,
+    steps: StepRecords,
+    sums: Checksums,
+    client: Any,
+    progress: ProgressFactory,
+) -> tuple[Any, str]:
+    from bigglm.glm import GLMResult, fit
+    from bigglm.io import open_run
+
+    path = unit.folder / f"{unit.name}_glm.zarr"
+    key = _digest(
+        "fit",
+        config.model.noise,
+        [sums(rp.run.bold) for rp in unit.runs],
+        [_frame_digest(rp.design) for rp in unit.runs],
+        [str(rp.store) for rp in unit.runs],
+    )
+    if steps.done("fit", key, [path]):
+        return GLMResult.from_zarr(path), key
+    _remove_partials(path)
+    with steps.running("fit", key), progress(f"fit {unit.name}") as callback:
+        runs = [open_run(rp.store) for rp in unit.runs]
+        designs = [rp.design for rp in unit.runs]
+        result = fit(runs, designs, noise=config.model.noise, client=client)
+        result.compute(progress=callback).to_zarr(path, overwrite=True)
+    # Contrasts always come from the stored result, so a resumed run computes them from
+    # exactly the same numbers as an uninterrupted one.
+    return GLMResult.from_zarr(path), key
+
+
+F_MAPS = ("stat", "p", "z")
+
+
+def maps_step(
+    unit: UnitPlan,
+    config: AnalysisConfig,
+    result: Any,
+    fit_key: str,
+    steps: StepRecords,
+    outcome: UnitOutcome,
+) -> None:
+    from bigglm.io import to_nifti
+
+    like = unit.runs[0].store
+    for name, expression in config.contrasts.items():
+        kind: ContrastKind = "t" if isinstance(expression, str) else "F"
+        stats = [m for m in config.outputs.maps if kind == "t" or m in F_MAPS]
+        paths = {stat: map_path(config, unit.name, name, stat) for stat in stats}
+        key = _digest(fit_key, expression, kind, sorted(paths))
+        outcome.maps.extend(paths.values())
+        if steps.done(f"contrast-{name}", key, list(paths.values())):
+            if "z" in paths:
+                outcome.peaks[name] = _peak(np.asarray(_image(paths["z"]).dataobj))
+            continue
+        with steps.running(f"contrast-{name}", key):
+            values = result.contrast(expression, kind=kind)
+            for stat, path in paths.items():
+                to_nifti(values[stat], like, path)
+        outcome.peaks[name] = _peak(np.asarray(values["z"]))
+
+
+def _peak(z: np.ndarray) -> float:
+    """The largest ``|z|`` (NaN when no voxel has a finite z)."""
+    finite = np.abs(z[np.isfinite(z)])
+    return float(finite.max()) if finite.size else float("nan")
+
+
+def provenance_step(
+    unit: UnitPlan,
+    config: AnalysisConfig,
+    outcome: UnitOutcome,
+    sums: Checksums,
+    started: str,
+) -> Path:
+    inputs = []
+    for rp in unit.runs:
+        for path in (rp.run.bold, rp.run.events, rp.run.confounds, rp.run.mask):
+            if path is not None:
+                record = file_record(path)
+                inputs.append(record)
+    record = {
+        "bigglm_step": "first-level",
+        "unit": unit.name,
+        "started": started,
+        "finished": datetime.now(UTC).isoformat(),
+        "config": config.model_dump(mode="json"),
+        "environment": environment(),
+        "inputs": inputs,
+        "runs": [
+            {
+                "name": rp.run.name,
+                "tr": rp.tr,
+                "n_scans": rp.n_scans,
+                "slice_time_ref": rp.slice_time_ref,
+                "store": str(rp.store),
+            }
+            for rp in unit.runs
+        ],
+        "steps": outcome.steps,
+        "outputs": [str(p) for p in outcome.maps],
+    }
+    path = unit.folder / f"{unit.name}_provenance.json"
+    return write_json_atomic(path, record)
+
+
+def report_step(unit: UnitPlan, config: AnalysisConfig, outcome: UnitOutcome) -> Path:
+    """The unit's HTML report (designs, z mosaics, steps); cheap, so always rewritten."""
+    from bigglm.report.html import write_html_report
+
+    z_maps = {
+        name: np.asarray(_image(map_path(config, unit.name, name, "z")).dataobj)
+        for name in config.contrasts
+        if "z" in config.outputs.maps
+    }
+    facts = [
+        ("runs", ", ".join(rp.run.name for rp in unit.runs)),
+        ("volumes", str(outcome.n_volumes)),
+        ("voxels", str(outcome.n_voxels)),
+        ("noise model", config.model.noise),
+        ("provenance", str(outcome.provenance)),
+    ]
+    return write_html_report(
+        unit.folder / f"{unit.name}_report.html",
+        title=unit.name,
+        designs={rp.run.name: rp.design for rp in unit.runs},
+        z_maps=z_maps,
+        steps=outcome.steps,
+        facts=facts,
+    )
