@@ -455,3 +455,39 @@ def test_temporary_files_of_a_killed_run_are_removed(
     run_analysis(config, client=local_client)
     assert not half_map.exists() and not half_store.exists()
     assert other_task.exists()
+
+
+def test_a_store_converted_beforehand_from_the_same_file_is_reused(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    import bigglm
+
+    func = tiny_bids / "derivatives/sub-01/func"
+    stores = tmp_path / "out" / "stores"
+    stores.mkdir(parents=True)
+    bigglm.convert(
+        func / "sub-01_task-tiny_desc-preproc_bold.nii.gz",
+        stores / "sub-01_task-tiny_bold.zarr",
+        mask=func / "sub-01_task-tiny_desc-brain_mask.nii.gz",
+    )
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    (outcome,) = run_analysis(config, client=local_client)
+    assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "reused"
+    assert outcome.steps["fit"]["status"] == "ran"
+
+
+def test_a_store_with_other_voxels_is_converted_again(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    import bigglm
+
+    func = tiny_bids / "derivatives/sub-01/func"
+    stores = tmp_path / "out" / "stores"
+    stores.mkdir(parents=True)
+    bigglm.convert(
+        func / "sub-01_task-tiny_desc-preproc_bold.nii.gz", stores / "sub-01_task-tiny_bold.zarr"
+    )
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    (outcome,) = run_analysis(config, client=local_client)  # the EPI mask is not the brain mask
+    assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "ran"
+    assert outcome.n_voxels == 8 * 8 * 8

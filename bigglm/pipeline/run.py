@@ -110,7 +110,7 @@ def _run_unit(
     unit.folder.mkdir(parents=True, exist_ok=True)
     remove_leftovers(unit)
     mask = unit.mask
-    if mask is None and all(rp.run.mask is not None for rp in unit.runs):
+    if mask is None and any(rp.run.mask is not None for rp in unit.runs):
         mask = intersection_mask(unit, config)
     for index, rp in enumerate(unit.runs):
         convert_step(unit, rp, mask, steps, sums, config, progress)

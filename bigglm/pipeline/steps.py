@@ -84,6 +84,18 @@ class StepRecords:
             logger.info("%s: %s already done, skipped", self.folder.name, step)
         return finished
 
+    def adopt(self, step: str, key: str) -> None:
+        """Record as finished a step whose outputs were made outside this workflow."""
+        logger.info(
+            "%s: %s: reusing an existing output made from the same inputs", self.folder.name, step
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        finished = datetime.now(UTC).isoformat()
+        write_json_atomic(
+            self.folder / f"{step}.json", {"key": key, "seconds": 0.0, "finished": finished}
+        )
+        self.timings[step] = {"status": "reused", "seconds": 0.0}
+
     @contextmanager
     def running(self, step: str, key: str) -> Iterator[None]:
         start = time.perf_counter()
@@ -128,7 +140,11 @@ def convert_step(
 
     mask_sum = sums(mask) if mask is not None else None
     key = _digest(sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
-    if _store_matches(rp, sums) and steps.done(f"convert-{rp.run.name}", key, [rp.store]):
+    step = f"convert-{rp.run.name}"
+    if steps.done(step, key, [rp.store]) and _store_matches(rp, sums, None):
+        return
+    if _store_matches(rp, sums, mask):  # made elsewhere (`bigglm convert`) from the same file
+        steps.adopt(step, key)
         return
     rp.store.parent.mkdir(parents=True, exist_ok=True)
     _remove_partials(rp.store)
@@ -144,18 +160,26 @@ def convert_step(
         )
 
 
-def _store_matches(rp: RunPlan, sums: Checksums) -> bool:
-    """A complete store exists, made from a file with the same SHA-256 and the same TR."""
+def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
+    """A complete store exists, made from a file with the same SHA-256 and the same TR.
+
+    With ``mask``, the store's voxels must also be exactly those of that mask.
+    """
     from bigglm.io import open_run
 
     if not rp.store.exists():
         return False
     try:
-        attrs = open_run(rp.store).attrs
+        ds = open_run(rp.store)
     except StoreError:
         return False
-    recorded = [s.get("sha256") for s in attrs.get("sources", [])]
-    return recorded == [sums(rp.run.bold)] and abs(float(attrs.get("tr", 0)) - rp.tr) < 1e-9
+    recorded = [s.get("sha256") for s in ds.attrs.get("sources", [])]
+    if recorded != [sums(rp.run.bold)] or abs(float(ds.attrs.get("tr", 0)) - rp.tr) > 1e-9:
+        return False
+    if mask is None:
+        return True
+    wanted = np.asarray(_image(mask).dataobj)
+    return bool(np.array_equal(np.asarray(ds["mask"].values), np.isfinite(wanted) & (wanted != 0)))
 
 
 def _remove_partials(store: Path) -> None:
@@ -191,7 +215,7 @@ def epi_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
 
 
 def intersection_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
-    """The voxels inside every run's own brain mask (fMRIPrep writes one per run)."""
+    """The voxels inside every brain mask the unit's runs have (fMRIPrep: one per run)."""
     paths = sorted({rp.run.mask for rp in unit.runs if rp.run.mask is not None})
     images = [_image(p) for p in paths]
     inside = np.logical_and.reduce([np.asarray(img.dataobj) > 0 for img in images])
