@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: How long to wait for the first worker of a batch cluster before giving up.
 WORKER_TIMEOUT = 600.0
+#: The command each batch system submits jobs with.
+_SUBMIT = {"slurm": "sbatch", "pbs": "qsub", "sge": "qsub"}
 #: How long to try to reach an ``address`` scheduler.
 CONNECT_TIMEOUT = "30s"
 
@@ -218,6 +221,12 @@ def _start_cluster(profile: ClusterConfig) -> Iterator[Any]:
         with LocalCluster(**local_options(profile)) as cluster:
             yield cluster
         return
+    command = _SUBMIT[profile.profile]
+    if shutil.which(command) is None:
+        raise ConfigError(
+            f"cluster.profile {profile.profile!r}: {command} is not on PATH, so no worker job "
+            "can be submitted; run on a login node of that cluster, or use profile 'local'"
+        )
     cls = _jobqueue_class(profile.profile)
     with cls(**jobqueue_options(profile)) as cluster:
         logger.debug("batch job script:\n%s", cluster.job_script())

@@ -104,3 +104,12 @@ def test_unreachable_address_is_a_config_error(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ConfigError, match="cannot reach a Dask scheduler"):
         with client_from_profile(profile):
             pass
+
+
+def test_batch_profile_without_its_submit_command_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no qsub here
+    with pytest.raises(ConfigError, match="qsub is not on PATH"):
+        with client_from_profile(ClusterConfig(profile="pbs")):
+            pass
