@@ -3,6 +3,9 @@
 A step's record (``<outputs>/.bigglm/steps/<unit>/<step>.json``) is written only after
 its outputs are complete (each written under a temporary name, then renamed), so a run
 killed at any point leaves either a finished step or none.
+
+These are the building blocks of :func:`bigglm.pipeline.run_analysis`, internal to the
+package; :mod:`bigglm.pipeline` lists the public names.
 """
 
 from __future__ import annotations
