@@ -17,13 +17,6 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
-# --- functions -------------------------------------------------------------
-# (ingest) convert, open_run, to_nifti            -- bigglm.io
-# (design) design (sub-package)                   -- bigglm.design
-# (engine) fit                                    -- bigglm.glm
-# --- classes ----------------------------------------------------------------
-# (engine) GLMResult                              -- bigglm.glm
-
 __all__ = [  # noqa: RUF022 - grouped by kind (STYLE.md), sorted within each group
     # functions
     "convert",

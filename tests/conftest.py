@@ -186,11 +186,15 @@ def tiny_config() -> Callable[..., dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def local_client():
-    """One LocalCluster (two single-threaded worker processes) shared by the workflow tests."""
+    """One LocalCluster (two single-threaded worker processes) shared by the workflow tests.
+
+    Tests pass it explicitly; it is not made Dask's default scheduler, so tests that
+    compute without a client (and must stay in-process) are unaffected by it.
+    """
     from distributed import Client, LocalCluster
 
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
+        Client(cluster, set_as_default=False) as client,
     ):
         yield client
