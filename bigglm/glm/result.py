@@ -178,7 +178,7 @@ class GLMResult:
             from distributed import as_completed
 
             futures = self._client.compute(tasks)
-            for done, _ in enumerate(as_completed(futures), start=1):
+            for done, _ in enumerate(as_completed(futures, loop=self._client.loop), start=1):
                 if progress is not None:
                     progress(done, total)
             return list(self._client.gather(futures))

@@ -63,6 +63,10 @@ MaskLike = PathLike | np.ndarray
 #: Bytes of decoded float32 volumes read per block (bounds the memory of the read side).
 READ_BLOCK_BYTES = 32 * 1024 * 1024
 
+#: Read buffers reused in turn: a consumer behind :func:`prefetched` holds one block while
+#: one waits in the queue and the next is read, so a third buffer is never in use.
+RECYCLE = 3
+
 
 @dataclass
 class _FirstPass:
@@ -189,7 +193,7 @@ def _mean_pass(series: SourceSeries, report: ProgressCallback) -> _FirstPass:
     stream = VolumeStream(series)
     total = np.zeros(series.voxels_per_volume, dtype=np.float64)
     done = 0
-    with contextlib.closing(prefetched(stream.blocks(_read_volumes(series)))) as blocks:
+    with contextlib.closing(prefetched(stream.blocks(_read_volumes(series), recycle=RECYCLE))) as blocks:
         for block in blocks:
             total += block.sum(axis=0, dtype=np.float64)
             done += block.shape[0]
@@ -243,7 +247,7 @@ def _write_pass(
     writer = StoreWriter(stage, mask, n_volumes=series.n_volumes, tr=series.tr, chunks=chunks)
     seen_bad = write_rows(
         writer.write,
-        reader.blocks(_read_volumes(series)),
+        reader.blocks(_read_volumes(series), recycle=RECYCLE),
         columns,
         chunks[0],
         check_finite=nonfinite is None,
@@ -468,6 +472,6 @@ def _convert_on_client(
         client.submit(convert, src, dst, mask=m, pure=False, **options)
         for src, dst, m in zip(runs, stores, masks, strict=True)
     ]
-    for done, _ in enumerate(as_completed(futures), start=1):
+    for done, _ in enumerate(as_completed(futures, loop=client.loop), start=1):
         report(done, len(futures))
     return [Path(path) for path in client.gather(futures)]
