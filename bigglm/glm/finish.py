@@ -87,26 +87,50 @@ def _residual_lag_sums(total: Partial, beta: Array, terms: DesignTerms) -> Array
 
 
 def _gls(total: Partial, phi: Array, terms: DesignTerms) -> tuple[Array, Array]:
-    """GLS betas and whitened residual sums of squares, voxel batch by voxel batch."""
+    """GLS betas and whitened residual sums of squares, voxel batch by voxel batch.
+
+    AR(1) solves every voxel at once in the design's :class:`~bigglm.glm.ar.Ar1Basis`;
+    higher orders (and the rare AR(1) voxels with ``|phi|`` next to 1) form each voxel's
+    P x P whitened Gram and solve it.
+    """
     n_reg, n_vox = terms.matrix.shape[1], phi.shape[1]
-    beta = np.empty((n_reg, n_vox))
-    rss = np.empty(n_vox)
     step = max(1, _BATCH_BYTES // (8 * n_reg * n_reg))
+    batches: list[slice | NDArray[np.intp]]
+    if terms.ar1 is not None:
+        xqy, yqy = _whitened_data(total, phi, terms, slice(None))
+        beta, ok = ar.ar1_solve(terms.ar1, phi[0], xqy)
+        rss = yqy - np.einsum("av,av->v", beta, xqy)
+        todo = np.flatnonzero(~ok)
+        batches = [todo[lo : lo + step] for lo in range(0, todo.size, step)]
+    else:
+        beta = np.empty((n_reg, n_vox))
+        rss = np.empty(n_vox)
+        batches = [slice(lo, min(lo + step, n_vox)) for lo in range(0, n_vox, step)]
     x, p = terms.matrix, terms.order
-    for lo in range(0, n_vox, step):
-        sl = slice(lo, min(lo + step, n_vox))
+    for sl in batches:
         band = ar.band_coefficients(phi[:, sl])
         top, bottom = ar.corner_correction(phi[:, sl])
         gram = ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:])
-        heads = (x[:p], total.head[:, sl])
-        tails = (x[-p:], total.tail[:, sl])
-        xqy = ar.whitened_cross(band, top, bottom, total.cross[:, :, sl], heads, tails)
-        yqy = ar.whitened_energy(
-            band, top, bottom, total.lag_sums[:, sl], total.head[:, sl], total.tail[:, sl]
-        )
+        xqy, yqy = _whitened_data(total, phi, terms, sl)
         beta[:, sl] = ar.solve_psd(gram, xqy.T[:, :, None], terms.rank)[:, :, 0].T
         rss[sl] = yqy - np.einsum("av,av->v", beta[:, sl], xqy)
     return beta, rss
+
+
+def _whitened_data(
+    total: Partial, phi: Array, terms: DesignTerms, sl: slice | NDArray[np.intp]
+) -> tuple[Array, Array]:
+    """``X'QY`` (P, v) and ``Y'QY`` (v,) of the voxels ``sl``."""
+    x, p = terms.matrix, terms.order
+    band = ar.band_coefficients(phi[:, sl])
+    top, bottom = ar.corner_correction(phi[:, sl])
+    heads = (x[:p], total.head[:, sl])
+    tails = (x[-p:], total.tail[:, sl])
+    xqy = ar.whitened_cross(band, top, bottom, total.cross[:, :, sl], heads, tails)
+    yqy = ar.whitened_energy(
+        band, top, bottom, total.lag_sums[:, sl], total.head[:, sl], total.tail[:, sl]
+    )
+    return xqy, yqy
 
 
 def ar_contrast_variance(terms: DesignTerms, phi: Array, contrast: Array) -> Array:
@@ -132,10 +156,18 @@ def ar_contrast_variance(terms: DesignTerms, phi: Array, contrast: Array) -> Arr
     x, p = terms.matrix, terms.order
     bad = ~np.all(np.isfinite(phi), axis=0)
     clean = np.where(bad, 0.0, phi)
-    band = ar.band_coefficients(clean)
-    top, bottom = ar.corner_correction(clean)
-    gram = ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:])
-    rhs = np.broadcast_to(contrast.T, (gram.shape[0], *contrast.T.shape))
-    out = np.einsum("ia,vaj->ijv", contrast, ar.solve_psd(gram, rhs, terms.rank))
+    if terms.ar1 is not None:
+        out, ok = ar.ar1_inverse_form(terms.ar1, clean[0], contrast)
+        todo = np.flatnonzero(~ok)
+    else:
+        out = np.empty((contrast.shape[0], contrast.shape[0], phi.shape[1]))
+        todo = np.arange(phi.shape[1])
+    if todo.size:
+        sub = clean[:, todo]
+        band = ar.band_coefficients(sub)
+        top, bottom = ar.corner_correction(sub)
+        gram = ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:])
+        rhs = np.broadcast_to(contrast.T, (gram.shape[0], *contrast.T.shape))
+        out[:, :, todo] = np.einsum("ia,vaj->ijv", contrast, ar.solve_psd(gram, rhs, terms.rank))
     out[:, :, bad] = np.nan
     return out

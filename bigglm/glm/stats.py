@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from bigglm.glm.ar import Ar1Basis
+
 __all__ = ["DesignTerms", "Partial", "chunk_statistics", "combine"]
 
 Array = NDArray[np.float64]
@@ -44,6 +46,9 @@ class DesignTerms:
     constant_fit : numpy.ndarray or None, shape (P,)
         ``pinv(X) @ 1`` when the design spans the constant (then a per-voxel offset
         changes only the betas, by ``constant_fit * offset``); None otherwise.
+    ar1 : Ar1Basis or None
+        For AR(1) noise, the basis in which every voxel's whitened Gram is a diagonal
+        plus a rank-2 term (:class:`~bigglm.glm.ar.Ar1Basis`); None otherwise.
 
     Examples
     --------
@@ -59,6 +64,7 @@ class DesignTerms:
     rank: int
     gram_pinv: Array
     constant_fit: Array | None
+    ar1: Ar1Basis | None = None
 
     @classmethod
     def build(cls, matrix: ArrayLike, order: int) -> DesignTerms:
@@ -98,6 +104,7 @@ class DesignTerms:
             rank=rank,
             gram_pinv=v_r @ v_r.T,
             constant_fit=fit if spans else None,
+            ar1=Ar1Basis.build(x, rank, (u, s, vt)) if order == 1 else None,
         )
 
 
