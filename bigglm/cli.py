@@ -31,14 +31,25 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _configure_logging(verbosity: int) -> None:
-    """Attach one stderr handler to the ``bigglm`` logger (CLI only)."""
+@contextmanager
+def _logging_to_stderr(verbosity: int) -> Iterator[None]:
+    """Send the ``bigglm`` logger to stderr while the command runs, then restore it.
+
+    Only the CLI attaches a handler, and only for the duration of :func:`main`, so calling
+    ``main()`` from Python (or a test) leaves no handler behind on a stream that may close.
+    """
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    saved = (logger.handlers[:], logger.level, logger.propagate)
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:], _, logger.propagate = saved
+        logger.setLevel(saved[1])
 
 
 @contextmanager
@@ -367,17 +378,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbosity)
-    try:
-        return int(args.func(args) or 0)
-    except USER_ERRORS as err:
-        if args.verbosity > 0:
-            logger.exception("failed")
-        print(f"bigglm {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"bigglm {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with _logging_to_stderr(args.verbosity):
+        try:
+            return int(args.func(args) or 0)
+        except USER_ERRORS as err:
+            if args.verbosity > 0:
+                logger.exception("failed")
+            print(f"bigglm {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"bigglm {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
