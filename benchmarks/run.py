@@ -5,7 +5,8 @@
 
 Generates the data under benchmarks/data/ if absent, runs each step in a fresh subprocess
 (wall time and peak resident memory of its whole process tree, workers included), prints a
-Markdown table, and writes benchmarks/results/results.json and results.png.
+Markdown table, and writes benchmarks/results/results.json and results.png (``--output``
+names them otherwise).
 """
 
 from __future__ import annotations
@@ -248,6 +249,9 @@ def main() -> None:
         "--memory-limit", default="512MiB", help="per-worker memory limit in the scaling sweep"
     )
     parser.add_argument(
+        "--output", default="results", help="name of the JSON and PNG files in benchmarks/results"
+    )
+    parser.add_argument(
         "--steps", nargs="*", default=list(COMPARISONS), help="which 1x comparisons to run"
     )
     args = parser.parse_args()
@@ -267,10 +271,10 @@ def main() -> None:
         "ratios": ratios,
         "agreement": agree,
     }
-    (RESULTS / "results.json").write_text(json.dumps(report, indent=2))
-    plot(measured, RESULTS / "results.png")
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(report, indent=2))
+    plot(measured, RESULTS / f"{args.output}.png")
     print(markdown(measured, ratios, agree))
-    print(f"\nwrote {RESULTS / 'results.json'} and {RESULTS / 'results.png'} (data in {DATA})")
+    print(f"\nwrote {RESULTS / args.output}.json and .png (data in {DATA})")
 
 
 if __name__ == "__main__":
