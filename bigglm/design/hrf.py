@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import cast, get_args
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bigglm.exceptions import DesignError
+from bigglm.typing import HRFName
 
 __all__ = [
     "GLOVER",
@@ -44,15 +45,7 @@ __all__ = [
 KernelFunction = Callable[[float, int], ArrayLike]
 
 #: The named HRF models understood by :func:`hrf` and :func:`bigglm.design.make_design`.
-HRF_NAMES = (
-    "spm",
-    "spm + derivative",
-    "spm + derivative + dispersion",
-    "glover",
-    "glover + derivative",
-    "glover + derivative + dispersion",
-    "fir",
-)
+HRF_NAMES: tuple[str, ...] = get_args(HRFName)
 
 # Finite-difference steps of the derivative regressors (seconds, and dispersion units).
 _TIME_STEP = 0.1
