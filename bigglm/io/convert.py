@@ -193,7 +193,9 @@ def _mean_pass(series: SourceSeries, report: ProgressCallback) -> _FirstPass:
     stream = VolumeStream(series)
     total = np.zeros(series.voxels_per_volume, dtype=np.float64)
     done = 0
-    with contextlib.closing(prefetched(stream.blocks(_read_volumes(series), recycle=RECYCLE))) as blocks:
+    with contextlib.closing(
+        prefetched(stream.blocks(_read_volumes(series), recycle=RECYCLE))
+    ) as blocks:
         for block in blocks:
             total += block.sum(axis=0, dtype=np.float64)
             done += block.shape[0]
