@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from bigglm.glm.linalg import serial_matmul
+
 __all__ = [
     "Ar1Basis",
     "ar1_inverse_form",
@@ -237,7 +239,7 @@ def whitened_cross(
     """
     out = np.einsum("mv,mav->av", band, lag_cross)
     for corner, (x_rows, y_rows) in ((top, heads), (bottom, tails)):
-        out += x_rows.T @ np.einsum("vij,jv->iv", corner, y_rows)
+        out += serial_matmul(x_rows.T, np.einsum("vij,jv->iv", corner, y_rows))
     return out
 
 
@@ -392,16 +394,17 @@ def _ar1_parts(
     basis: Ar1Basis, phi: Array
 ) -> tuple[Array, Array, Array, Array, Array, NDArray[np.bool_]]:
     """Per voxel ``1 / diag`` (r, v), the 2 x 2 Woodbury matrix entries and the usable mask."""
-    with np.errstate(divide="ignore"):
-        inv_d = 1.0 / (1.0 + phi**2 - phi * basis.eigenvalues[:, None])
+    # 1 + r^2 - r lam >= (1 - |r|)^2 > 0 for every r: lam lies strictly inside (-2, 2)
+    inv_d = np.multiply(basis.eigenvalues[:, None], -phi)
+    inv_d += 1.0 + phi**2
+    np.reciprocal(inv_d, out=inv_d)
     w = basis.corners
     pairs = np.stack([w[:, 0] * w[:, 0], w[:, 0] * w[:, 1], w[:, 1] * w[:, 1]])
-    m = pairs @ inv_d
+    m = serial_matmul(pairs, inv_d)
     f = phi**2
     c00, c01, c11 = 1.0 - f * m[0], -f * m[1], 1.0 - f * m[2]
     det = c00 * c11 - c01 * c01
     ok = (c00 > 0) & (c11 > 0) & (det > _WOODBURY_MIN_RATIO * c00 * c11)
-    ok &= np.all(inv_d > 0, axis=0)
     return inv_d, c00, c01, c11, det, ok
 
 
@@ -435,14 +438,17 @@ def ar1_solve(basis: Ar1Basis, phi: Array, rhs: Array) -> tuple[Array, NDArray[n
     """
     inv_d, c00, c01, c11, det, ok = _ar1_parts(basis, phi)
     k, w = basis.transform, basis.corners
-    scaled = (k.T @ rhs) * inv_d
-    t0, t1 = w.T @ scaled
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u0 = (c11 * t0 - c01 * t1) / det
-        u1 = (c00 * t1 - c01 * t0) / det
+    rotated = serial_matmul(k.T, rhs)
+    t0, t1 = serial_matmul(w.T, rotated * inv_d)
     f = phi**2
-    scaled += inv_d * (w[:, :1] * (f * u0) + w[:, 1:] * (f * u1))
-    return k @ scaled, ok
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f_det = f / det
+    # H^-1 s = (s + r^2 W C^-1 W' D^-1 s) / d, with the 2 x 2 C^-1 written out
+    coef = np.stack([(c11 * t0 - c01 * t1) * f_det, (c00 * t1 - c01 * t0) * f_det])
+    inner = serial_matmul(w, coef)
+    inner += rotated
+    inner *= inv_d
+    return serial_matmul(k, inner), ok
 
 
 def ar1_inverse_form(
@@ -474,9 +480,9 @@ def ar1_inverse_form(
     w = basis.corners
     q = g.shape[1]
     outer = np.einsum("ia,ib->abi", g, g).reshape(q * q, -1)
-    form = (outer @ inv_d).reshape(q, q, -1)
-    t0 = (g * w[:, :1]).T @ inv_d  # (q, v)
-    t1 = (g * w[:, 1:]).T @ inv_d
+    form = serial_matmul(outer, inv_d).reshape(q, q, -1)
+    t0 = serial_matmul((g * w[:, :1]).T, inv_d)  # (q, v)
+    t1 = serial_matmul((g * w[:, 1:]).T, inv_d)
     f = phi**2
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = f / det

@@ -10,6 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bigglm.glm import ar
+from bigglm.glm.linalg import serial_matmul
 from bigglm.glm.stats import DesignTerms, Partial
 
 __all__ = ["STATUS_FLAGS", "ar_contrast_variance", "finish_block"]
@@ -52,7 +53,7 @@ def finish_block(total: Partial, offset: Array, terms: DesignTerms) -> dict[str,
     array([2., 7.])
     """
     dof = terms.matrix.shape[0] - terms.rank
-    ols_beta = terms.gram_pinv @ total.cross[0]
+    ols_beta = serial_matmul(terms.gram_pinv, total.cross[0])
     energy = total.lag_sums[0]
     status = np.select(
         [~np.isfinite(energy), energy == 0],
@@ -81,7 +82,7 @@ def _residual_lag_sums(total: Partial, beta: Array, terms: DesignTerms) -> Array
     """``e'L^k e`` for k = 0..p of the OLS residuals ``e = Y - X beta``, exactly."""
     out = [total.lag_sums[0] - np.einsum("av,av->v", beta, total.cross[0])]
     for k in range(1, terms.order + 1):
-        quad = np.einsum("av,ab,bv->v", beta, terms.lag_gram[k], beta)
+        quad = np.einsum("av,av->v", beta, serial_matmul(terms.lag_gram[k], beta))
         out.append(total.lag_sums[k] - np.einsum("av,av->v", beta, total.cross[k]) + quad / 2)
     return np.stack(out)
 

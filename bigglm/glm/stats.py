@@ -17,10 +17,14 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bigglm.glm.ar import Ar1Basis
+from bigglm.glm.linalg import serial_matmul
 
 __all__ = ["DesignTerms", "Partial", "chunk_statistics", "combine"]
 
 Array = NDArray[np.float64]
+
+#: Size of the float64 voxel slab a chunk is converted to, one slab at a time.
+_SLAB_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -164,14 +168,30 @@ def chunk_statistics(
     >>> part.lag_sums[:, 0]  # sum y^2, sum y_t y_(t-1)
     array([14.,  8.])
     """
-    y = np.asarray(block, dtype=np.float64) - np.asarray(offset, dtype=np.float64).reshape(1, -1)
-    n, n_vox = y.shape
+    data = np.asarray(block)
+    if not np.issubdtype(data.dtype, np.floating):
+        data = data.astype(np.float64)
+    base = np.asarray(offset, dtype=np.float64).reshape(-1)
+    n, n_vox = data.shape
     lags, p = terms.order + 1, terms.order
     design = terms.lag_design[:, start : start + n, :]  # (p + 1, n, P)
-    flat = design.transpose(0, 2, 1).reshape(-1, n)
-    cross = (flat @ y).reshape(lags, -1, n_vox)
-    lag_sums = np.stack([np.einsum("tv,tv->v", y[m:], y[: n - m]) for m in range(lags)])
-    return Partial(cross=cross, lag_sums=lag_sums, head=y[:p].copy(), tail=y[n - p :].copy())
+    flat = np.ascontiguousarray(design.transpose(0, 2, 1).reshape(-1, n))
+    cross = np.empty((flat.shape[0], n_vox))
+    lag_sums = np.empty((lags, n_vox))
+    head, tail = np.empty((p, n_vox)), np.empty((p, n_vox))
+    # voxel slabs small enough that the float64 copy stays in cache for all its uses
+    width = max(256, _SLAB_BYTES // (8 * max(n, 1)))
+    y = np.empty((n, min(width, n_vox)))
+    for lo in range(0, n_vox, width):
+        hi = min(lo + width, n_vox)
+        slab = y[:, : hi - lo]
+        np.subtract(data[:, lo:hi], base[lo:hi], out=slab, dtype=np.float64)
+        serial_matmul(flat, slab, out=cross[:, lo:hi])
+        for m in range(lags):
+            np.einsum("tv,tv->v", slab[m:], slab[: n - m], out=lag_sums[m, lo:hi])
+        head[:, lo:hi] = slab[:p]
+        tail[:, lo:hi] = slab[n - p :]
+    return Partial(cross=cross.reshape(lags, -1, n_vox), lag_sums=lag_sums, head=head, tail=tail)
 
 
 def combine(parts: Sequence[Partial]) -> Partial:
