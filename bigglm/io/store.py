@@ -29,7 +29,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, ZstdCodec
+from zarr.codecs.bytes import Endian
+from zarr.core.metadata import ArrayV3Metadata
+from zarr.storage import LocalStore
 
 from bigglm.exceptions import StoreError
 
@@ -255,6 +258,9 @@ class StoreWriter:
         for name, index in zip("ijk", np.nonzero(mask), strict=True):
             self._small(name, index.astype(np.int32), ("voxel",))
         self._small("time", np.arange(n_volumes, dtype=np.float64) * tr, ("time",), units="s")
+        self._bold_dir = path / "bold"
+        self._encoder = _chunk_encoder(self.bold)
+        self._tile: np.ndarray | None = None
 
     def _small(
         self, name: str, data: np.ndarray, dims: tuple[str, ...], units: str | None = None
@@ -269,13 +275,81 @@ class StoreWriter:
         )
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        """Write ``rows`` (``(n, V)`` float32) at volume ``start``: whole chunks only."""
-        self.bold[start : start + rows.shape[0], :] = rows
+        """Write ``rows`` (``(n, V)`` float32) at volume ``start``: whole chunks only.
+
+        A row of whole chunks (``start`` on a chunk boundary, ``n`` the time chunk or the
+        rest of the series) is encoded here and each chunk's bytes written to its file,
+        exactly as Zarr would write them (same codec, NaN padding at the edges, chunks
+        all NaN left out), without Zarr's per-chunk copies and event loop: about half
+        the CPU of ``bold[...] = rows``. Anything else goes through Zarr.
+        """
+        if not self._write_chunk_row(start, rows):
+            self.bold[start : start + rows.shape[0], :] = rows
+
+    def _write_chunk_row(self, start: int, rows: np.ndarray) -> bool:
+        """Encode and write a row of whole ``bold`` chunks; False if ``rows`` is not one."""
+        n_volumes, n_voxels = self.bold.shape
+        time_chunk, voxel_chunk = self.bold.chunks
+        n = rows.shape[0]
+        whole = start % time_chunk == 0 and (n == time_chunk or start + n == n_volumes)
+        if self._encoder is None or not whole or rows.shape[1] != n_voxels or n == 0:
+            return False
+        if self._tile is None:
+            self._tile = np.empty((time_chunk, voxel_chunk), dtype=np.float32)
+        tile = self._tile
+        tile[n:] = np.nan  # the fill value, where a chunk overhangs the array's end
+        for index, first in enumerate(range(0, n_voxels, voxel_chunk)):
+            width = min(voxel_chunk, n_voxels - first)
+            tile[:n, :width] = rows[:, first : first + width]
+            tile[:n, width:] = np.nan
+            key = self._bold_dir / self.bold.metadata.encode_chunk_key((start // time_chunk, index))
+            if np.isnan(tile[0, 0]) and np.isnan(tile).all():
+                key.unlink(missing_ok=True)  # Zarr stores no chunk equal to the fill value
+                continue
+            key.parent.mkdir(parents=True, exist_ok=True)
+            with open(key, "wb") as out:
+                out.write(self._encoder.encode(tile))
+        return True
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
         """Write the metadata, then the completion flag (last)."""
         self.group.attrs.update({_ATTRS: dict(attrs)})
         self.group.attrs.update({_COMPLETE: True})
+
+
+def _chunk_encoder(array: zarr.Array) -> Any:
+    """A numcodecs Blosc giving the bytes Zarr writes for ``array``'s chunks, if it can.
+
+    That is when the array lives in a local directory, is little-endian float32 and its
+    codecs are ``bytes`` then ``blosc`` (as :data:`BOLD_CODEC`); otherwise None.
+    """
+    from numcodecs import Blosc
+
+    if not isinstance(array.metadata, ArrayV3Metadata):
+        return None
+    codecs = array.metadata.codecs
+    if (
+        not isinstance(array.store, LocalStore)
+        or array.dtype != np.dtype("<f4")
+        or len(codecs) != 2
+        or not isinstance(codecs[0], BytesCodec)
+        or codecs[0].endian not in (Endian.little, None)
+        or not isinstance(codecs[1], BloscCodec)
+    ):
+        return None
+    blosc = codecs[1]
+    shuffle = {
+        BloscShuffle.noshuffle: Blosc.NOSHUFFLE,
+        BloscShuffle.shuffle: Blosc.SHUFFLE,
+        BloscShuffle.bitshuffle: Blosc.BITSHUFFLE,
+    }[blosc.shuffle]
+    return Blosc(
+        cname=blosc.cname.value,
+        clevel=blosc.clevel,
+        shuffle=shuffle,
+        blocksize=blosc.blocksize,
+        typesize=blosc.typesize,
+    )
 
 
 def _open_group(store: Any) -> tuple[zarr.Group, str]:
