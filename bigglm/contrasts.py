@@ -280,7 +280,10 @@ def t_test(effect: Array, variance: Array, dof: float) -> dict[str, Array]:
         magnitude = np.abs(stat)
         log_upper = np.log(0.5) + _log_betainc(dof / 2, 0.5, dof / (dof + magnitude**2))
         z_mag = -special.ndtri_exp(log_upper)
-        p = np.where(stat >= 0, np.exp(log_upper), special.stdtr(dof, magnitude))
+        p = np.array(np.exp(log_upper), dtype=np.float64)
+        # the lower tail only where it is needed (NaN stays NaN: NaN >= 0 is False)
+        below = np.asarray(~(stat >= 0))
+        p[below] = special.stdtr(dof, np.asarray(magnitude)[below])
     return {"stat": stat, "p": _clip_p(p), "z": np.sign(stat) * z_mag}
 
 
