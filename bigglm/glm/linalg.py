@@ -60,6 +60,8 @@ def serial_matmul(a: Array, b: Array, out: Array | None = None) -> Array:
     if pieces:
         stacked_b = b[:, :cut].reshape(k, pieces, width).transpose(1, 0, 2)
         stacked_out = out[:, :cut].reshape(m, pieces, width).transpose(1, 0, 2)
+        if not np.may_share_memory(stacked_out, out):  # reshape had to copy: no view
+            return np.matmul(a, b, out=out)
         np.matmul(a, stacked_b, out=stacked_out)
     if cut < n:
         np.matmul(a, b[:, cut:], out=out[:, cut:])
