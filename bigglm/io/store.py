@@ -22,6 +22,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,9 @@ BOLD_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 #: Codec of the small arrays (mask, coordinates, time).
 _SMALL_CODEC = ZstdCodec(level=3)
+
+#: Threads encoding the chunks of a row of ``bold`` chunks (:meth:`StoreWriter.write`).
+ENCODE_THREADS = 2
 
 _COMPLETE = "complete"
 _ATTRS = "bigglm"
@@ -260,7 +264,7 @@ class StoreWriter:
         self._small("time", np.arange(n_volumes, dtype=np.float64) * tr, ("time",), units="s")
         self._bold_dir = path / "bold"
         self._encoder = _chunk_encoder(self.bold)
-        self._tile: np.ndarray | None = None
+        self._tiles: list[np.ndarray] = []
 
     def _small(
         self, name: str, data: np.ndarray, dims: tuple[str, ...], units: str | None = None
@@ -287,29 +291,48 @@ class StoreWriter:
             self.bold[start : start + rows.shape[0], :] = rows
 
     def _write_chunk_row(self, start: int, rows: np.ndarray) -> bool:
-        """Encode and write a row of whole ``bold`` chunks; False if ``rows`` is not one."""
+        """Encode and write a row of whole ``bold`` chunks; False if ``rows`` is not one.
+
+        The chunks are shared out between :data:`ENCODE_THREADS` threads (Blosc releases
+        the GIL), each copying its chunks into a tile of its own.
+        """
         n_volumes, n_voxels = self.bold.shape
         time_chunk, voxel_chunk = self.bold.chunks
         n = rows.shape[0]
         whole = start % time_chunk == 0 and (n == time_chunk or start + n == n_volumes)
         if self._encoder is None or not whole or rows.shape[1] != n_voxels or n == 0:
             return False
-        if self._tile is None:
-            self._tile = np.empty((time_chunk, voxel_chunk), dtype=np.float32)
-        tile = self._tile
+        firsts = list(range(0, n_voxels, voxel_chunk))
+        workers = min(ENCODE_THREADS, len(firsts))
+        while len(self._tiles) < workers:
+            self._tiles.append(np.empty((time_chunk, voxel_chunk), dtype=np.float32))
+        jobs = [(self._tiles[w], list(enumerate(firsts))[w::workers]) for w in range(workers)]
+        if workers == 1:
+            self._encode_chunks(start // time_chunk, rows, *jobs[0])
+            return True
+        with ThreadPoolExecutor(workers, thread_name_prefix="bigglm-encode") as pool:
+            done = [pool.submit(self._encode_chunks, start // time_chunk, rows, *j) for j in jobs]
+            for future in done:
+                future.result()
+        return True
+
+    def _encode_chunks(
+        self, row: int, rows: np.ndarray, tile: np.ndarray, chunks: list[tuple[int, int]]
+    ) -> None:
+        """Encode and write the chunks ``(index, first column)`` of chunk row ``row``."""
+        n = rows.shape[0]
         tile[n:] = np.nan  # the fill value, where a chunk overhangs the array's end
-        for index, first in enumerate(range(0, n_voxels, voxel_chunk)):
-            width = min(voxel_chunk, n_voxels - first)
+        for index, first in chunks:
+            width = min(tile.shape[1], rows.shape[1] - first)
             tile[:n, :width] = rows[:, first : first + width]
             tile[:n, width:] = np.nan
-            key = self._bold_dir / self.bold.metadata.encode_chunk_key((start // time_chunk, index))
+            key = self._bold_dir / self.bold.metadata.encode_chunk_key((row, index))
             if np.isnan(tile[0, 0]) and np.isnan(tile).all():
                 key.unlink(missing_ok=True)  # Zarr stores no chunk equal to the fill value
                 continue
             key.parent.mkdir(parents=True, exist_ok=True)
             with open(key, "wb") as out:
                 out.write(self._encoder.encode(tile))
-        return True
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
         """Write the metadata, then the completion flag (last)."""

@@ -91,8 +91,10 @@ def gather_rows(
     # Volume by volume, gather in memory order (a forward sweep the prefetcher follows),
     # then put the values in output order within a small, cache-resident vector: ~30 %
     # less CPU than one take along axis 1 when the blocks come cold from memory.
-    ascending = np.sort(columns)
-    order = np.searchsorted(ascending, columns)
+    by_position = np.argsort(columns, kind="stable")
+    ascending = columns[by_position]
+    order = np.empty_like(by_position)
+    order[by_position] = np.arange(columns.size)
     gathered = np.empty(columns.size, dtype=np.float32)
     current, filled = 0, 0
     for block in blocks:
