@@ -19,9 +19,10 @@ How one run is converted:
    mask (e.g. fMRIPrep's ``desc-brain_mask``) for a single pass.
 
 Voxels that are NaN or Inf at any time point are dropped from the mask, with a
-:class:`~bigglm.exceptions.BigGLMWarning` giving their number. Memory is bounded by a
-read block (about 32 MiB of source data) plus one row of ``bold`` chunks, whatever the
-series length.
+:class:`~bigglm.exceptions.BigGLMWarning` giving their number. Memory is bounded by
+three read blocks (about 32 MiB of decoded data each) plus two rows of ``bold`` chunks,
+whatever the series length (a 1.76 GB series with 128-volume rows peaks at 0.57 GB RSS,
+the interpreter and libraries included).
 """
 
 from __future__ import annotations

@@ -1,15 +1,24 @@
 """The conversion pipeline's moving parts: read ahead, gather rows of chunks, write behind.
 
-Three stages overlap so that a conversion costs little more than reading its source:
+Four stages overlap so that a conversion costs little more than reading its source:
 
-- :func:`prefetched`: the source is read (and decompressed and hashed, all of which
-  release the GIL) in a background thread, one block of volumes ahead;
+- :func:`prefetched`: the source is read (and decompressed, which releases the GIL) in
+  a background thread, one block of volumes ahead, into reused buffers;
+- the SHA-256 of what is read is computed in a thread of its own
+  (:class:`~bigglm.io.nifti.VolumeStream`), a few MiB behind the read;
 - :func:`gather_rows`: the in-mask voxels of each block are gathered into rows of whole
   ``bold`` chunks (``time_chunk`` volumes by all in-mask voxels);
-- :func:`write_rows`: each full row is compressed and written by a writer thread while
-  the next one is gathered.
+- :func:`write_rows`: each full row is compressed (two Blosc threads) and written by a
+  writer thread while the next one is gathered.
 
-At any moment at most three read blocks and two rows exist, whatever the series length.
+Measured on a 1.76 GB float32 series (400 volumes, 235,375 in-mask voxels, two cores,
+warm page cache), in-process: from the ``.nii``, 1.4 s wall and 2.3 s CPU against 1.3 s
+for nibabel's bare read of the whole array, the hash (1.1 s of CPU) being the longest
+stage; from the ``.nii.gz``, 1.85 s wall against 1.8 s for ISA-L's bare decompression,
+which is the longest stage.
+
+At any moment at most three read blocks, two rows and two chunks being encoded exist,
+whatever the series length.
 """
 
 from __future__ import annotations
