@@ -136,3 +136,39 @@ def test_ar1_basis_flags_coefficients_next_to_one_for_the_general_path() -> None
         finish._gls(total, phi[None], terms), finish._gls(total, phi[None], general), strict=True
     ):
         np.testing.assert_allclose(ours, expected, rtol=1e-7)
+
+
+def test_cholesky_solve_matches_lapack_and_flags_indefinite_matrices() -> None:
+    """The voxel-last Cholesky solve equals numpy's per-matrix solve on positive definite
+    matrices (also badly scaled ones) and flags matrices that are not."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(30, 7, 50))
+    gram = np.einsum("vai,vbi->abv", a, a) + 1e-3 * np.eye(7)[:, :, None]
+    scale = 10.0 ** rng.uniform(-4, 4, size=(7, 1))
+    gram = gram * scale[:, None] * scale[None]
+    gram[:, :, 3] = np.diag([1.0, -1.0, 1, 1, 1, 1, 1])  # indefinite
+    rhs = rng.normal(size=(7, 2, 30))
+    solution, ok = ar.cholesky_solve(gram, rhs)
+    assert ok.tolist() == [v != 3 for v in range(30)]
+    expected = np.linalg.solve(gram.transpose(2, 0, 1), rhs.transpose(2, 0, 1)).transpose(1, 2, 0)
+    np.testing.assert_allclose(solution[:, :, ok], expected[:, :, ok], rtol=1e-9)
+
+
+@pytest.mark.parametrize("deficient", [False, True])
+def test_general_solve_matches_the_pseudo_inverse(deficient: bool) -> None:
+    """AR(2): the Cholesky path (full rank) and the eigen path (rank-deficient, and any
+    voxel Cholesky refuses) both give (X'QX)^+ rhs."""
+    from bigglm.glm import finish
+    from bigglm.glm.stats import DesignTerms
+
+    t = np.arange(60)
+    x = np.column_stack([np.sin(t / 5), (t // 6 % 2).astype(float), np.ones(60)])
+    if deficient:
+        x = np.column_stack([x, x[:, 1] + x[:, 2]])
+    terms = DesignTerms.build(x, order=2)
+    phi = np.array([[0.5, 0.2, -0.3, 0.9], [-0.3, 0.1, 0.2, -0.5]])
+    rhs = np.random.default_rng(6).normal(size=(x.shape[1], 2, 4))
+    top, bottom = ar.corner_correction(phi)
+    gram = ar.whitened_gram(ar.band_coefficients(phi), top, bottom, terms.lag_gram, x[:2], x[-2:])
+    expected = np.einsum("vab,bkv->akv", np.linalg.pinv(gram, hermitian=True), rhs)
+    np.testing.assert_allclose(finish._general_solve(terms, phi, rhs), expected, rtol=1e-8)

@@ -107,15 +107,47 @@ def _gls(total: Partial, phi: Array, terms: DesignTerms) -> tuple[Array, Array]:
         beta = np.empty((n_reg, n_vox))
         rss = np.empty(n_vox)
         batches = [slice(lo, min(lo + step, n_vox)) for lo in range(0, n_vox, step)]
-    x, p = terms.matrix, terms.order
     for sl in batches:
-        band = ar.band_coefficients(phi[:, sl])
-        top, bottom = ar.corner_correction(phi[:, sl])
-        gram = ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:])
         xqy, yqy = _whitened_data(total, phi, terms, sl)
-        beta[:, sl] = ar.solve_psd(gram, xqy.T[:, :, None], terms.rank)[:, :, 0].T
+        beta[:, sl] = _general_solve(terms, phi[:, sl], xqy[:, None, :])[:, 0, :]
         rss[sl] = yqy - np.einsum("av,av->v", beta[:, sl], xqy)
     return beta, rss
+
+
+def _general_solve(terms: DesignTerms, phi: Array, rhs: Array) -> Array:
+    """``(X'QX)^+ rhs`` per voxel from each voxel's whitened Gram, voxel axis last.
+
+    Full-rank designs: a Cholesky solve vectorised over the voxels; the pseudo-inverse
+    (:func:`~bigglm.glm.ar.solve_psd`) for rank-deficient designs and for any voxel
+    whose Gram is not numerically positive definite.
+
+    Parameters
+    ----------
+    terms : DesignTerms
+    phi : numpy.ndarray, shape (p, v)
+    rhs : numpy.ndarray, shape (P, k, v)
+
+    Returns
+    -------
+    numpy.ndarray, shape (P, k, v)
+    """
+    x, p = terms.matrix, terms.order
+    band = ar.band_coefficients(phi)
+    top, bottom = ar.corner_correction(phi)
+    pieces = (band, top, bottom, terms.lag_gram, x[:p], x[-p:])
+    if terms.rank == x.shape[1]:
+        out, ok = ar.cholesky_solve(ar.whitened_gram_stack(*pieces), rhs)
+        todo = np.flatnonzero(~ok)
+    else:
+        out = np.empty(rhs.shape)
+        todo = np.arange(rhs.shape[-1])
+    if todo.size:
+        gram = ar.whitened_gram(
+            band[:, todo], top[todo], bottom[todo], terms.lag_gram, x[:p], x[-p:]
+        )
+        rows = np.ascontiguousarray(rhs[:, :, todo].transpose(2, 0, 1))
+        out[:, :, todo] = ar.solve_psd(gram, rows, terms.rank).transpose(1, 2, 0)
+    return out
 
 
 def _whitened_data(
@@ -154,7 +186,6 @@ def ar_contrast_variance(terms: DesignTerms, phi: Array, contrast: Array) -> Arr
     >>> ar_contrast_variance(terms, np.zeros((1, 1)), np.ones((1, 1)))  # white noise: 1 / T
     array([[[0.16666667]]])
     """
-    x, p = terms.matrix, terms.order
     bad = ~np.all(np.isfinite(phi), axis=0)
     clean = np.where(bad, 0.0, phi)
     if terms.ar1 is not None:
@@ -164,11 +195,8 @@ def ar_contrast_variance(terms: DesignTerms, phi: Array, contrast: Array) -> Arr
         out = np.empty((contrast.shape[0], contrast.shape[0], phi.shape[1]))
         todo = np.arange(phi.shape[1])
     if todo.size:
-        sub = clean[:, todo]
-        band = ar.band_coefficients(sub)
-        top, bottom = ar.corner_correction(sub)
-        gram = ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:p], x[-p:])
-        rhs = np.broadcast_to(contrast.T, (gram.shape[0], *contrast.T.shape))
-        out[:, :, todo] = np.einsum("ia,vaj->ijv", contrast, ar.solve_psd(gram, rhs, terms.rank))
+        rhs = np.broadcast_to(contrast.T[:, :, None], (*contrast.T.shape, todo.size))
+        solution = _general_solve(terms, clean[:, todo], rhs)
+        out[:, :, todo] = np.einsum("ia,ajv->ijv", contrast, solution)
     out[:, :, bad] = np.nan
     return out
