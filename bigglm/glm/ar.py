@@ -264,12 +264,11 @@ def cholesky_solve(gram: Array, rhs: Array) -> tuple[Array, NDArray[np.bool_]]:
     n = gram.shape[0]
     scale = np.sqrt(np.abs(np.einsum("iiv->iv", gram)))
     scale[scale == 0] = 1.0
-    a = gram / scale[:, None, :]
-    a /= scale[None, :, :]
+    factor = gram / scale[:, None, :]
+    factor /= scale[None, :, :]
     ok = np.ones(gram.shape[-1], dtype=bool)
-    factor = np.zeros_like(a)
-    for j in range(n):
-        column = a[j:, j] - np.einsum("ikv,kv->iv", factor[j:, :j], factor[j, :j])
+    for j in range(n):  # the lower triangle of ``factor`` becomes L, column by column
+        column = factor[j:, j] - np.einsum("ikv,kv->iv", factor[j:, :j], factor[j, :j])
         ok &= column[0] > 0
         pivot = np.sqrt(np.where(column[0] > 0, column[0], 1.0))
         factor[j, j] = pivot

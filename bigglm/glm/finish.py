@@ -23,6 +23,9 @@ STATUS_FLAGS = {"ok": 0, "constant": 1, "nonstationary": 2, "nonfinite": 3}
 #: Voxels per batch when per-voxel P x P matrices are formed (bounds task memory).
 _BATCH_BYTES = 64 * 2**20
 
+#: Voxels per vectorised Cholesky solve (their P x P Grams stay in cache).
+_SOLVE_SLAB = 2048
+
 
 def finish_block(total: Partial, offset: Array, terms: DesignTerms) -> dict[str, Array]:
     """Fit every voxel of a block from its sufficient statistics.
@@ -134,9 +137,15 @@ def _general_solve(terms: DesignTerms, phi: Array, rhs: Array) -> Array:
     x, p = terms.matrix, terms.order
     band = ar.band_coefficients(phi)
     top, bottom = ar.corner_correction(phi)
-    pieces = (band, top, bottom, terms.lag_gram, x[:p], x[-p:])
     if terms.rank == x.shape[1]:
-        out, ok = ar.cholesky_solve(ar.whitened_gram_stack(*pieces), rhs)
+        out = np.empty(rhs.shape)
+        ok = np.empty(rhs.shape[-1], dtype=bool)
+        for lo in range(0, rhs.shape[-1], _SOLVE_SLAB):  # (P, P, slab) stays in cache
+            sl = slice(lo, lo + _SOLVE_SLAB)
+            pieces = (band[:, sl], top[sl], bottom[sl], terms.lag_gram, x[:p], x[-p:])
+            out[:, :, sl], ok[sl] = ar.cholesky_solve(
+                ar.whitened_gram_stack(*pieces), rhs[:, :, sl]
+            )
         todo = np.flatnonzero(~ok)
     else:
         out = np.empty(rhs.shape)
