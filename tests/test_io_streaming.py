@@ -119,3 +119,24 @@ def test_direct_chunk_writes_equal_zarr_writes(
     expected = data.copy()
     expected[1:3] += 1
     np.testing.assert_array_equal(direct.bold[...], expected)
+
+
+def test_gather_rows_refuses_columns_out_of_range() -> None:
+    """The gather takes with mode="clip" for speed, so bad columns must be caught first."""
+    from bigglm.io.streaming import gather_rows
+
+    blocks = iter([np.zeros((2, 4), np.float32)])
+    with pytest.raises(IndexError, match="out of range"):
+        list(gather_rows(blocks, np.array([1, 4]), 2))
+    with pytest.raises(IndexError, match="out of range"):
+        list(gather_rows(iter([np.zeros((2, 4), np.float32)]), np.array([-1, 2]), 2))
+
+
+def test_gather_rows_puts_columns_in_the_order_given() -> None:
+    from bigglm.io.streaming import gather_rows
+
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(5, 50)).astype(np.float32)
+    columns = rng.permutation(50)[:17]
+    rows = [r.copy() for r in gather_rows(iter([block[:3], block[3:]]), columns, 2)]
+    np.testing.assert_array_equal(np.concatenate(rows), block[:, columns])
