@@ -115,6 +115,34 @@ def test_results_do_not_depend_on_chunking(noise: str) -> None:
             np.testing.assert_allclose(result.ar.values, reference.ar.values, rtol=1e-12)
 
 
+@pytest.mark.parametrize("noise", ["ols", "ar2"])
+def test_statistics_budget_splits_voxel_blocks_without_rereading(
+    noise: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A design with many columns gets narrower voxel blocks (bounded task memory); each
+    store chunk is still read once and the numbers do not change (1e-12)."""
+    from bigglm.glm import engine
+
+    design, y = make_data(n_scans=50, n_vox=24)
+    reference = bigglm.fit(xr.Dataset({"bold": (("time", "voxel"), y)}), design, noise=noise)
+    order = 0 if noise == "ols" else 2
+    rows = (order + 1) * design.shape[1] + 3 * order + 1
+    monkeypatch.setattr(engine, "STATS_BUDGET", 8 * rows * 5)  # at most 5 voxels a block
+    ds, source = counted_run(y, (20, 12))
+    result = bigglm.fit(ds, design, noise=noise)
+    graph = result.beta.data.__dask_graph__()
+    names = Counter(str(k[0] if isinstance(k, tuple) else k).rsplit("-", 1)[0] for k in graph)
+    assert names["chunk_statistics"] == 3 * 6  # 3 time blocks x (12 -> 4 + 4 + 4) x 2
+    result.compute()
+    assert len(source.reads) == 3 * 2 and set(source.reads.values()) == {1}
+    np.testing.assert_allclose(result.beta.values, reference.compute().beta.values, rtol=1e-12)
+    np.testing.assert_allclose(
+        result.contrast("faces - houses")["z"].values,
+        reference.contrast("faces - houses")["z"].values,
+        rtol=1e-12,
+    )
+
+
 def test_time_chunks_shorter_than_the_ar_order_are_merged() -> None:
     design, y = make_data(n_scans=41)
     ds = xr.Dataset({"bold": (("time", "voxel"), y)}).chunk({"time": (1, 2, 30, 1, 7)})

@@ -195,13 +195,49 @@ def _time_chunks(bold: xr.DataArray, order: int) -> xr.DataArray:
     return bold.chunk({"time": tuple(merged)})
 
 
+#: Largest size of one voxel block's sufficient statistics (a ``Partial``). A reduction
+#: task holds ``split_every + 1`` of them, so this bounds task memory whatever the design.
+STATS_BUDGET = 16 * 2**20
+
+
+def _voxel_chunks(bold: xr.DataArray, n_regressors: int, order: int) -> xr.DataArray:
+    """Split voxel chunks whose statistics would exceed :data:`STATS_BUDGET`.
+
+    The statistics of a voxel block are ``(p + 1) * P + 3p + 1`` float64 rows per voxel:
+    a long run with a cosine drift can have hundreds of regressors, and a 32,768-voxel
+    block then needs tens of MB per partial sum. Each store chunk is split into equal
+    pieces (dask reads it once and slices it), so the data are still read once.
+
+    Examples
+    --------
+    >>> bold = xr.DataArray(np.zeros((4, 100)), dims=("time", "voxel")).chunk({"voxel": 100})
+    >>> _voxel_chunks(bold, 2, 0).chunks[1]
+    (100,)
+    >>> _voxel_chunks(bold, 100_000, 0).chunks[1]  # 20 voxels of 100,001 rows fit 16 MiB
+    (20, 20, 20, 20, 20)
+    >>> _voxel_chunks(bold, 30_000, 0).chunks[1]
+    (50, 50)
+    """
+    rows = (order + 1) * n_regressors + 3 * order + 1
+    widest = max(1, STATS_BUDGET // (8 * rows))
+    chunks = bold.chunks[1] if bold.chunks else (bold.sizes["voxel"],)
+    if max(chunks) <= widest:
+        return bold
+    split: list[int] = []
+    for width in chunks:
+        pieces = -(-width // widest)
+        step = -(-width // pieces)
+        split += [step] * (width // step) + ([width % step] if width % step else [])
+    return bold.chunk({"voxel": tuple(split)})
+
+
 def _run_graph(
     ds: xr.Dataset, frame: pd.DataFrame, order: int, noise: str, split_every: int, index: int
 ) -> tuple[xr.Dataset, list[tuple[slice, Delayed]]]:
     """The lazy result Dataset of one run, and its per-voxel-block finish tasks."""
     _check(ds, frame, order, index)
     terms = DesignTerms.build(frame.to_numpy(), order)
-    bold = _time_chunks(ds["bold"], order)
+    bold = _voxel_chunks(_time_chunks(ds["bold"], order), frame.shape[1], order)
     array: da.Array = bold.data
     blocks = array.to_delayed(optimize_graph=False)
     terms_key = dask.delayed(terms, pure=True)
