@@ -32,6 +32,7 @@ from benchmarks.datasets import DATA, Spec, write_run
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("benchmarks")
+STEP_TIMEOUT = 1800  # seconds; a step that hangs (e.g. workers killed in a loop) fails
 
 #: The side-by-side comparisons on the 1x run, in the order they run.
 COMPARISONS = (
@@ -119,7 +120,12 @@ def measure(
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    code = child.wait()
+    try:
+        code = child.wait(timeout=STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        for p in [proc, *proc.children(recursive=True)]:
+            p.kill()
+        raise SystemExit(f"benchmark step {name} took over {STEP_TIMEOUT} s; stopped") from None
     result.wall = time.perf_counter() - start
     sampler.join()
     if code != 0:
