@@ -177,11 +177,24 @@ class GLMResult:
         if self._client is not None:
             from distributed import as_completed
 
+            # Each block's result is fetched as soon as it is done and released on the
+            # worker, so workers never hold the whole result (beta alone is P x V float64).
             futures = self._client.compute(tasks)
-            for done, _ in enumerate(as_completed(futures, loop=self._client.loop), start=1):
+            slots: dict[str, list[int]] = {}
+            for i, future in enumerate(futures):
+                slots.setdefault(future.key, []).append(i)
+            values: list[Any] = [None] * total
+            done = 0
+            stream = as_completed(futures, loop=self._client.loop, with_results=True)
+            del futures
+            for future, value in stream:
+                for i in slots.pop(future.key, []):
+                    values[i] = value
+                    done += 1
+                future.release()
                 if progress is not None:
                     progress(done, total)
-            return list(self._client.gather(futures))
+            return values
         with _FinishCounter(progress, total):
             return list(dask.compute(*tasks))
 
