@@ -72,22 +72,24 @@ class Measurement:
     wall: float = 0.0  # the whole process, start-up included
     peak_rss_gib: float = 0.0
     peak_process_gib: float = 0.0
+    peak_worker_gib: float = 0.0  # largest child process (a Dask worker), 0 without workers
     output: dict[str, float] = field(default_factory=dict)
 
 
-def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
-    """Total RSS of a process and its descendants, and the largest single one."""
+def _tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
+    """Total RSS of a process and its descendants, the largest single one, and the largest
+    descendant (with worker processes: the largest Dask worker or nanny)."""
     sizes = []
     try:
         family = [proc, *proc.children(recursive=True)]
     except psutil.Error:  # the step just ended
-        return 0, 0
+        return 0, 0, 0
     for p in family:
         try:
             sizes.append(p.memory_info().rss)
         except psutil.Error:
             pass
-    return sum(sizes), max(sizes, default=0)
+    return sum(sizes), max(sizes, default=0), max(sizes[1:], default=0)
 
 
 def measure(
@@ -110,12 +112,12 @@ def measure(
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=ROOT)
     proc = psutil.Process(child.pid)
-    peaks = [0, 0]
+    peaks = [0, 0, 0]
 
     def sample() -> None:
         while child.poll() is None:
-            total, largest = _tree_rss(proc)
-            peaks[0], peaks[1] = max(peaks[0], total), max(peaks[1], largest)
+            for i, size in enumerate(_tree_rss(proc)):
+                peaks[i] = max(peaks[i], size)
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -130,11 +132,13 @@ def measure(
     sampler.join()
     if code != 0:
         raise SystemExit(f"benchmark step {name} failed with exit status {code}")
-    result.peak_rss_gib, result.peak_process_gib = peaks[0] / 2**30, peaks[1] / 2**30
+    result.peak_rss_gib, result.peak_process_gib, result.peak_worker_gib = (
+        p / 2**30 for p in peaks
+    )
     result.output = json.loads((work / f"{name}.json").read_text())
     result.seconds = result.output.pop("seconds")
     logger.info(
-        "%-20s x%-3d w%d %8.2f s (process %.1f s)  peak %.2f GiB (largest process %.2f GiB)",
+        "%-20s x%-3d w%d %8.2f s (process %.1f s)  peak %.2f GiB (largest %.2f, worker %.2f)",
         name,
         scale,
         workers,
@@ -142,6 +146,7 @@ def measure(
         result.wall,
         result.peak_rss_gib,
         result.peak_process_gib,
+        result.peak_worker_gib,
     )
     return result
 
@@ -184,15 +189,16 @@ def markdown(
     measured: list[Measurement], ratios: list[dict[str, str | float]], agree: dict[str, float]
 ) -> str:
     lines = [
-        "| step | size | workers | work (s) | process (s) | peak RSS (GiB) | largest proc. (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| step | size | workers | work (s) | process (s) | peak RSS | largest proc. | worker |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in measured:
         workers = m.workers or "default"
         lines.append(
             f"| {m.step} | {m.scale}x | {workers} | {m.seconds:.2f} | {m.wall:.1f} | "
-            f"{m.peak_rss_gib:.2f} | {m.peak_process_gib:.2f} |"
+            f"{m.peak_rss_gib:.2f} | {m.peak_process_gib:.2f} | {m.peak_worker_gib:.2f} |"
         )
+    lines.append("(memory in GiB; worker: the largest Dask worker process, when there are any)")
     lines += ["", "| ratio | measured | target |", "|---|---|---|"]
     lines += [f"| {r['ratio']} | {r['value']} | {r['target']} |" for r in ratios]
     if agree:
@@ -220,7 +226,7 @@ def plot(measured: list[Measurement], path: Path) -> None:
         mid.plot([m.scale for m in fits], [m.seconds for m in fits], "o-", label=f"{n} worker(s)")
         right.plot(
             [m.scale for m in fits],
-            [m.peak_process_gib for m in fits],
+            [m.peak_worker_gib for m in fits],
             "o-",
             label=f"{n} worker(s)",
         )
@@ -228,7 +234,9 @@ def plot(measured: list[Measurement], path: Path) -> None:
         xlabel="data size (x 400 volumes)", ylabel="OLS fit time (s)", xscale="log", yscale="log"
     )
     right.set(
-        xlabel="data size (x 400 volumes)", ylabel="largest process peak RSS (GiB)", xscale="log"
+        xlabel="data size (x 400 volumes)",
+        ylabel="peak RSS of the largest worker (GiB)",
+        xscale="log",
     )
     for ax in (mid, right):
         if ax.lines:
