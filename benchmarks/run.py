@@ -1,6 +1,6 @@
 """Run every benchmark side by side and report ratios.
 
-    python -m benchmarks.run                      # 1x comparisons + scaling 1x, 4x, 16x
+    python -m benchmarks.run                      # 1x comparisons, longer runs and more runs
     python -m benchmarks.run --scales 1 4         # a quicker scaling sweep
 
 Generates the data under benchmarks/data/ if absent, runs each step in a fresh subprocess
@@ -12,6 +12,7 @@ names them otherwise).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -93,7 +94,13 @@ def _tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
 
 
 def measure(
-    name: str, run_dir: Path, work: Path, scale: int, workers: int = 0, memory_limit: str = "auto"
+    name: str,
+    run_dir: Path,
+    work: Path,
+    scale: int,
+    workers: int = 0,
+    memory_limit: str = "auto",
+    n_runs: int = 1,
 ) -> Measurement:
     """Run one step in a subprocess; sample its process tree's memory every 20 ms."""
     cmd = [
@@ -107,6 +114,8 @@ def measure(
         str(workers),
         "--memory-limit",
         memory_limit,
+        "--n-runs",
+        str(n_runs),
     ]
     result = Measurement(name, scale, workers)
     start = time.perf_counter()
@@ -176,6 +185,24 @@ def scaling(scales: list[int], workers: list[int], memory_limit: str) -> list[Me
     return rows
 
 
+def run_scaling(counts: list[int], workers: list[int], memory_limit: str) -> list[Measurement]:
+    """One subject with 1, 4, 16 runs (fixed design, seeds 0..n-1) fitted together."""
+    rows = []
+    first = DATA / Spec().name
+    work = RESULTS / "work" / Spec().name
+    for n in counts:
+        extra = [Spec(seed=k) for k in range(1, n)]
+        for spec in extra:
+            if not (RESULTS / "work" / spec.name / f"{spec.name}.zarr" / "zarr.json").exists():
+                write_run(spec, compressed=False)
+        rows.append(measure("convert_runs", first, work, n, n_runs=n))
+        for spec in extra:  # 1.76 GB of NIfTI per run; the stores are what the fits read
+            shutil.rmtree(DATA / spec.name, ignore_errors=True)
+        for w in workers:
+            rows.append(measure("bigglm_runs_ols", first, work, n, w, memory_limit, n_runs=n))
+    return rows
+
+
 def ratio_table(by_step: dict[str, Measurement]) -> list[dict[str, str | float]]:
     rows: list[dict[str, str | float]] = []
     for label, top, bottom, target in RATIOS:
@@ -218,20 +245,18 @@ def plot(measured: list[Measurement], path: Path) -> None:
     left.barh([m.step for m in ones], [m.seconds for m in ones], color="tab:blue")
     left.set_xlabel("wall time (s), 1x run")
     left.invert_yaxis()
-    for n in sorted({m.workers for m in measured if m.workers}):
+    kinds = {"bigglm_ols": "longer run", "bigglm_runs_ols": "more runs"}
+    for (step, kind), n in itertools.product(kinds.items(), (1, 2, 4, 8)):
         fits = sorted(
-            (m for m in measured if m.step == "bigglm_ols" and m.workers == n),
-            key=lambda m: m.scale,
+            (m for m in measured if m.step == step and m.workers == n), key=lambda m: m.scale
         )
-        mid.plot([m.scale for m in fits], [m.seconds for m in fits], "o-", label=f"{n} worker(s)")
-        right.plot(
-            [m.scale for m in fits],
-            [m.peak_worker_gib for m in fits],
-            "o-",
-            label=f"{n} worker(s)",
-        )
+        if not fits:
+            continue
+        label = f"{kind}, {n} worker(s)"
+        mid.plot([m.scale for m in fits], [m.seconds for m in fits], "o-", label=label)
+        right.plot([m.scale for m in fits], [m.peak_worker_gib for m in fits], "o-", label=label)
     mid.set(
-        xlabel="data size (x 400 volumes)", ylabel="OLS fit time (s)", xscale="log", yscale="log"
+        xlabel="data size (x the 1x run)", ylabel="OLS fit time (s)", xscale="log", yscale="log"
     )
     right.set(
         xlabel="data size (x 400 volumes)",
@@ -258,6 +283,7 @@ def machine() -> dict[str, str | int | float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument("--runs", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     parser.add_argument(
         "--memory-limit", default="512MiB", help="per-worker memory limit in the scaling sweep"
@@ -277,6 +303,7 @@ def main() -> None:
     by_step = {m.step: m for m in measured}
     agree = agreement(work) if {"nilearn_ar1", "bigglm_ar1", "nilearn_ols"} <= set(by_step) else {}
     measured += scaling(args.scales, args.workers, args.memory_limit)
+    measured += run_scaling(args.runs, args.workers, args.memory_limit)
     ratios = ratio_table(by_step)
     report = {
         "machine": machine(),

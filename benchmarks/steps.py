@@ -166,6 +166,54 @@ def bigglm_e2e_ar1(args: argparse.Namespace) -> dict[str, float]:
     return _fit(args, "ar1", _convert(args, "bold.nii.gz"))
 
 
+def _run_stores(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """(run folder, store) of runs 0..n-1: the 1x run with noise seeds 0..n-1."""
+    from benchmarks.datasets import DATA, Spec
+
+    names = [Spec(seed=k).name for k in range(args.n_runs)]
+    return [(DATA / n, args.work_dir.parent / n / f"{n}.zarr") for n in names]
+
+
+@step
+def convert_runs(args: argparse.Namespace) -> dict[str, float]:
+    """Convert those of the n runs that have no complete store yet."""
+    import bigglm
+    from bigglm.exceptions import StoreError
+
+    converted = 0
+    for run_dir, store in _run_stores(args):
+        try:
+            bigglm.open_run(store)
+        except StoreError:
+            shutil.rmtree(store, ignore_errors=True)
+            bigglm.convert(run_dir / "bold.nii", store, mask=run_dir / "mask.nii.gz")
+            converted += 1
+    return {"converted": converted}
+
+
+@step
+def bigglm_runs_ols(args: argparse.Namespace) -> dict[str, float]:
+    """One subject's n runs fitted together (OLS), fixed-effects contrast, on worker processes."""
+    from distributed import Client, LocalCluster
+
+    import bigglm
+
+    pairs = _run_stores(args)
+    design = _design(pairs[0][0])  # the runs share their events, so their design
+    with (
+        LocalCluster(
+            n_workers=args.workers or 1,
+            threads_per_worker=1,
+            memory_limit=args.memory_limit,
+            processes=True,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        result = bigglm.fit([s for _, s in pairs], [design] * len(pairs), client=client)
+        z = result.contrast(CONTRAST)["z"].values
+    return _summary(z, args.work_dir / f"{args.step}.npy")
+
+
 # --- nilearn -----------------------------------------------------------------
 
 
@@ -206,6 +254,7 @@ def main() -> None:
     parser.add_argument("work_dir", type=Path)
     parser.add_argument("--workers", type=int, default=0, help="0: bigglm's default")
     parser.add_argument("--memory-limit", default="auto")
+    parser.add_argument("--n-runs", type=int, default=1, help="runs of one subject")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     _warm_imports(args.step)
