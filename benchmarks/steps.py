@@ -186,6 +186,7 @@ def convert_runs(args: argparse.Namespace) -> dict[str, float]:
             bigglm.open_run(store)
         except StoreError:
             shutil.rmtree(store, ignore_errors=True)
+            store.parent.mkdir(parents=True, exist_ok=True)
             bigglm.convert(run_dir / "bold.nii", store, mask=run_dir / "mask.nii.gz")
             converted += 1
     return {"converted": converted}
