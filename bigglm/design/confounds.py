@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
+from bigglm.design.events import read_table
 from bigglm.exceptions import DesignError
 
 __all__ = ["FillNA", "load_confounds", "scrubbing_regressors", "select_columns"]
@@ -70,17 +71,6 @@ def select_columns(available: Sequence[str], patterns: Sequence[str], label: str
             )
         chosen.extend(c for c in hits if c not in chosen)
     return chosen
-
-
-def _read_table(source: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The confounds table and a label naming its origin."""
-    if isinstance(source, pd.DataFrame):
-        return source.copy(), "confounds table"
-    path = Path(source)
-    if not path.is_file():
-        raise DesignError(f"confounds file {path} does not exist; check the path")
-    sep = "," if path.suffix.lower() == ".csv" else "\t"
-    return pd.read_csv(path, sep=sep, na_values=["n/a"]), str(path)
 
 
 def _fill_leading(values: pd.Series, how: FillNA, label: str) -> pd.Series:
@@ -144,7 +134,7 @@ def load_confounds(
     1      0.1                  0.1
     2      0.2                  0.1
     """
-    table, label = _read_table(source)
+    table, label = read_table(source, "confounds")
     if n_scans is not None and len(table) != n_scans:
         raise DesignError(
             f"{label} has {len(table)} rows but the run has {n_scans} volumes; "

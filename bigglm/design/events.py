@@ -41,18 +41,22 @@ _REQUIRED = ("onset", "duration")
 HRFModel = str | KernelFunction | Sequence[KernelFunction] | None
 
 
-def _load_table(source: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """A DataFrame and a label naming where it came from (for error messages)."""
+def read_table(source: str | Path | pd.DataFrame, kind: str) -> tuple[pd.DataFrame, str]:
+    """A BIDS table (TSV, or CSV by suffix; ``n/a`` is missing) and a label for messages.
+
+    ``kind`` ("events", "confounds") names the table in errors and in the label of a
+    DataFrame given directly.
+    """
     if isinstance(source, pd.DataFrame):
-        return source.copy(), "events table"
+        return source.copy(), f"{kind} table"
     path = Path(source)
     if not path.is_file():
-        raise DesignError(f"events file {path} does not exist; check the path")
+        raise DesignError(f"{kind} file {path} does not exist; check the path")
     sep = "," if path.suffix.lower() == ".csv" else "\t"
     try:
         table = pd.read_csv(path, sep=sep, na_values=["n/a"], keep_default_na=True)
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DesignError(f"cannot read events file {path}: {err}") from err
+        raise DesignError(f"cannot read {kind} file {path}: {err}") from err
     return table, str(path)
 
 
@@ -102,7 +106,7 @@ def read_events(source: str | Path | pd.DataFrame) -> pd.DataFrame:
     0      dummy    0.0       5.0         1.0
     1      dummy   10.0       5.0         1.0
     """
-    table, label = _load_table(source)
+    table, label = read_table(source, "events")
     missing = [c for c in _REQUIRED if c not in table.columns]
     if missing:
         raise DesignError(
