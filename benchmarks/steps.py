@@ -15,8 +15,10 @@ import json
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -119,26 +121,36 @@ def convert_niigz(args: argparse.Namespace) -> dict[str, float]:
     return {}
 
 
-def _fit(args: argparse.Namespace, noise: str, store: Path) -> dict[str, float]:
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Any]:
+    """A LocalCluster of ``--workers`` single-threaded processes, or None (bigglm's default)."""
+    if not args.workers:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            memory_limit=args.memory_limit,
+            processes=True,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _fit(
+    args: argparse.Namespace, noise: str, stores: Path | list[Path], n_runs: int = 1
+) -> dict[str, float]:
+    """Fit one store (or several runs sharing the design) and compute the contrast's z."""
     import bigglm
 
-    design = _design(args.run_dir)
-    if args.workers:
-        from distributed import Client, LocalCluster
-
-        with (
-            LocalCluster(
-                n_workers=args.workers,
-                threads_per_worker=1,
-                memory_limit=args.memory_limit,
-                processes=True,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            result = bigglm.fit(store, design, noise=noise, client=client)
-            z = result.contrast(CONTRAST)["z"].values
-    else:
-        result = bigglm.fit(store, design, noise=noise)
+    designs = [_design(args.run_dir)] * n_runs
+    with _client(args) as client:
+        runs = stores if isinstance(stores, list) else [stores]
+        result = bigglm.fit(runs, designs, noise=noise, client=client)
         z = result.contrast(CONTRAST)["z"].values
     return _summary(z, args.work_dir / f"{args.step}.npy")
 
@@ -195,24 +207,9 @@ def convert_runs(args: argparse.Namespace) -> dict[str, float]:
 @step
 def bigglm_runs_ols(args: argparse.Namespace) -> dict[str, float]:
     """One subject's n runs fitted together (OLS), fixed-effects contrast, on worker processes."""
-    from distributed import Client, LocalCluster
-
-    import bigglm
-
-    pairs = _run_stores(args)
-    design = _design(pairs[0][0])  # the runs share their events, so their design
-    with (
-        LocalCluster(
-            n_workers=args.workers or 1,
-            threads_per_worker=1,
-            memory_limit=args.memory_limit,
-            processes=True,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        result = bigglm.fit([s for _, s in pairs], [design] * len(pairs), client=client)
-        z = result.contrast(CONTRAST)["z"].values
-    return _summary(z, args.work_dir / f"{args.step}.npy")
+    args.workers = args.workers or 1
+    stores = [store for _, store in _run_stores(args)]
+    return _fit(args, "ols", stores, n_runs=len(stores))
 
 
 # --- nilearn -----------------------------------------------------------------
