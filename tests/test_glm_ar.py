@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+from itertools import pairwise
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.linalg
 from statsmodels.regression.linear_model import yule_walker as sm_yule_walker
@@ -111,9 +113,14 @@ def test_ar1_basis_solve_matches_the_whitened_gram(deficient: bool) -> None:
 def test_ar1_basis_flags_coefficients_next_to_one_for_the_general_path() -> None:
     """phi a hair below 1 (a near-singular 2 x 2 Woodbury system for a design with slow
     regressors) is flagged, and finish and contrast fall back to the general path for
-    those voxels; elsewhere, also for phi next to -1 or beyond 1, the two agree. (At
-    phi = 1 - 1e-7 the whitened Gram's condition number is ~1e7, so any two solvers
-    differ by ~1e-9: hence rtol 1e-7 there.)"""
+    those voxels; elsewhere, also for phi next to -1 or beyond 1, the two agree.
+
+    Tolerance: two correct solvers given inputs that differ by rounding (the fast path
+    derives the lagged cross products; the batches differ) agree to about the whitened
+    Gram's condition number times that rounding, ~1e-14 relative here: the tolerance,
+    relative to the largest entry per voxel, is
+    ``cond * 1e-14`` per voxel, 1e-13 for the well-conditioned voxels and 4.5e-7 for
+    phi = 1 - 1e-7 (condition number 4.5e7)."""
     from bigglm.glm import finish
     from bigglm.glm.stats import DesignTerms, chunk_statistics
 
@@ -130,12 +137,21 @@ def test_ar1_basis_flags_coefficients_next_to_one_for_the_general_path() -> None
         finish.ar_contrast_variance(general, phi[None], contrast),
         rtol=1e-7,
     )
+    band, (top, bottom) = ar.band_coefficients(phi[None]), ar.corner_correction(phi[None])
+    gram = ar.whitened_gram(band, top, bottom, terms.lag_gram, x[:1], x[-1:])
+    rtol = np.linalg.cond(gram) * 1e-14
+    assert rtol[1] > 1e-7 > rtol[[0, 2, 3]].max()  # only the flagged voxel is ill-conditioned
     y = np.random.default_rng(4).normal(size=(80, 4)).cumsum(axis=0)
     total = chunk_statistics(y, np.zeros(4), terms, 0)
+    rotated = finish._ar1_rotated(total, terms, terms.ar1)
     for ours, expected in zip(
-        finish._gls(total, phi[None], terms), finish._gls(total, phi[None], general), strict=True
+        finish._ar1_gls(total, rotated, phi[None], terms, terms.ar1),
+        finish._gls(total, terms.lag_cross(total), phi[None], general),
+        strict=True,
     ):
-        np.testing.assert_allclose(ours, expected, rtol=1e-7)
+        # normwise per voxel (a small entry's error scales with the whole solution)
+        size = np.abs(expected).max(axis=0) if expected.ndim == 2 else np.abs(expected)
+        assert np.all(np.abs(ours - expected) <= rtol * size)
 
 
 def test_cholesky_solve_matches_lapack_and_flags_indefinite_matrices() -> None:
@@ -172,3 +188,52 @@ def test_general_solve_matches_the_pseudo_inverse(deficient: bool) -> None:
     gram = ar.whitened_gram(ar.band_coefficients(phi), top, bottom, terms.lag_gram, x[:2], x[-2:])
     expected = np.einsum("vab,bkv->akv", np.linalg.pinv(gram, hermitian=True), rhs)
     np.testing.assert_allclose(finish._general_solve(terms, phi, rhs), expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("drift", "order", "expected_probes"),
+    [
+        # cosine drifts and the constant: (L^m + F^m) of each is in the design's span
+        # plus terms on the first and last m scans, so only the 2 task columns per lag
+        # are multiplied by the data
+        ("cosine", 1, 2),
+        ("cosine", 3, 6),
+        # orthogonalised polynomials: (t - m)^k + (t + m)^k is a polynomial of degree k
+        ("polynomial", 2, 4),
+    ],
+)
+def test_lagged_cross_products_derived_from_the_design_equal_direct_products(
+    drift: str, order: int, expected_probes: int
+) -> None:
+    """The lagged cross products ``((L^m + F^m) X)' Y`` a fit needs are exactly those of a
+    direct product (to 1e-12 of their scale) when the drift and constant terms are
+    derived from X' Y and the run's first and last rows, over chunks and their
+    combination; a column that is no such combination (the smooth confound here) is
+    multiplied by the data like the task columns."""
+    from bigglm import design
+    from bigglm.glm.stats import DesignTerms, chunk_statistics, combine
+
+    rng = np.random.default_rng(order)
+    events = pd.DataFrame(
+        {"onset": [10.0, 50, 90, 130], "duration": 8.0, "trial_type": ["a", "b", "a", "b"]}
+    )
+    times = design.frame_times(120, 1.5)
+    frame = design.make_design(times, events, drift=drift, drift_order=3)
+    terms = DesignTerms.build(frame.to_numpy(), order)
+    assert terms.probes.shape[0] == frame.shape[1] + expected_probes
+    confound = np.sin(times / 17.0) + 0.1 * rng.normal(size=times.size)
+    with_confound = DesignTerms.build(np.column_stack([frame.to_numpy(), confound]), order)
+    assert with_confound.probes.shape[0] == frame.shape[1] + 1 + expected_probes + order
+
+    for each in (terms, with_confound):
+        y = 1000 + rng.normal(size=(120, 7)).cumsum(axis=0)
+        offset = y[0]
+        cuts = [0, 25, 26, 70, 120]  # uneven chunks, one of a single scan (order <= 1)
+        if order > 1:
+            cuts = [0, 25, 70, 120]
+        parts = [chunk_statistics(y[lo:hi], offset, each, lo) for lo, hi in pairwise(cuts)]
+        derived = each.lag_cross(combine(parts))
+        direct = np.einsum("mta,tv->mav", each.lag_design, y - offset)
+        # the bound on either product's size: sum_t |x_t| max|y|
+        scale = np.abs(each.lag_design).sum(axis=1)[:, :, None] * np.abs(y - offset).max()
+        assert np.max(np.abs(derived - direct) / scale) < 1e-12

@@ -36,6 +36,7 @@ __all__ = [
     "Ar1Basis",
     "ar1_inverse_form",
     "ar1_solve",
+    "ar1_solve_rotated",
     "band_coefficients",
     "cholesky_solve",
     "corner_correction",
@@ -515,9 +516,32 @@ def ar1_solve(basis: Ar1Basis, phi: Array, rhs: Array) -> tuple[Array, NDArray[n
     >>> bool(np.allclose(gram[0] @ b[:, 0], 1.0)), ok
     (True, array([ True]))
     """
+    rotated = serial_matmul(basis.transform.T, rhs)
+    inner, ok = ar1_solve_rotated(basis, phi, rotated)
+    return serial_matmul(basis.transform, inner), ok
+
+
+def ar1_solve_rotated(
+    basis: Ar1Basis, phi: Array, rotated: Array
+) -> tuple[Array, NDArray[np.bool_]]:
+    """:func:`ar1_solve` in the basis's coordinates: ``(K'X'QXK)^-1 rotated``.
+
+    With ``rotated = K' rhs`` the solution of :func:`ar1_solve` is ``K`` times this.
+
+    Parameters
+    ----------
+    basis : Ar1Basis
+    phi : numpy.ndarray, shape (v,)
+    rotated : numpy.ndarray, shape (r, v)
+
+    Returns
+    -------
+    solution : numpy.ndarray, shape (r, v)
+    ok : numpy.ndarray of bool, shape (v,)
+        As for :func:`ar1_solve`.
+    """
     inv_d, c00, c01, c11, det, ok = _ar1_parts(basis, phi)
-    k, w = basis.transform, basis.corners
-    rotated = serial_matmul(k.T, rhs)
+    w = basis.corners
     t0, t1 = serial_matmul(w.T, rotated * inv_d)
     f = phi**2
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -527,7 +551,7 @@ def ar1_solve(basis: Ar1Basis, phi: Array, rhs: Array) -> tuple[Array, NDArray[n
     inner = serial_matmul(w, coef)
     inner += rotated
     inner *= inv_d
-    return serial_matmul(k, inner), ok
+    return inner, ok
 
 
 def ar1_inverse_form(

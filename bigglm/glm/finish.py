@@ -56,7 +56,6 @@ def finish_block(total: Partial, offset: Array, terms: DesignTerms) -> dict[str,
     array([2., 7.])
     """
     dof = terms.matrix.shape[0] - terms.rank
-    ols_beta = serial_matmul(terms.gram_pinv, total.cross[0])
     energy = total.lag_sums[0]
     status = np.select(
         [~np.isfinite(energy), energy == 0],
@@ -64,15 +63,19 @@ def finish_block(total: Partial, offset: Array, terms: DesignTerms) -> dict[str,
         STATUS_FLAGS["ok"],
     ).astype(np.int8)
     if terms.order == 0:
-        beta = ols_beta
-        rss = total.lag_sums[0] - np.einsum("av,av->v", ols_beta, total.cross[0])
+        beta = serial_matmul(terms.gram_pinv, total.cross)
+        rss = energy - np.einsum("av,av->v", beta, total.cross)
         phi = np.zeros((0, beta.shape[1]))
+    elif (basis := terms.ar1) is not None:
+        rotated = _ar1_rotated(total, terms, basis)
+        phi = _coefficients(_ar1_residual_lag_sums(total, rotated, basis), terms, status)
+        beta, rss = _ar1_gls(total, rotated, np.nan_to_num(phi), terms, basis)
     else:
-        phi = ar.yule_walker(_residual_lag_sums(total, ols_beta, terms), terms.matrix.shape[0])
-        stationary = ar.is_stationary(phi)
-        status[(status == 0) & ~stationary] = STATUS_FLAGS["nonstationary"]
-        phi = np.where(status == 0, phi, np.nan)
-        beta, rss = _gls(total, np.nan_to_num(phi), terms)
+        cross = terms.lag_cross(total)
+        ols_beta = serial_matmul(terms.gram_pinv, cross[0])
+        acov = _residual_lag_sums(total.lag_sums, cross, ols_beta, terms)
+        phi = _coefficients(acov, terms, status)
+        beta, rss = _gls(total, cross, np.nan_to_num(phi), terms)
     if terms.constant_fit is not None:
         beta = beta + np.outer(terms.constant_fit, offset)
     bad = status != 0
@@ -81,37 +84,92 @@ def finish_block(total: Partial, offset: Array, terms: DesignTerms) -> dict[str,
     return {"beta": beta, "sigma2": sigma2, "ar": phi, "status": status}
 
 
-def _residual_lag_sums(total: Partial, beta: Array, terms: DesignTerms) -> Array:
+def _coefficients(acov: Array, terms: DesignTerms, status: NDArray[np.int8]) -> Array:
+    """Yule–Walker AR coefficients; non-stationary voxels are flagged in ``status`` (in
+    place) and they, like every voxel that is not ok, get NaN."""
+    phi = ar.yule_walker(acov, terms.matrix.shape[0])
+    stationary = ar.is_stationary(phi)
+    status[(status == 0) & ~stationary] = STATUS_FLAGS["nonstationary"]
+    return np.where(status == 0, phi, np.nan)
+
+
+def _residual_lag_sums(lag_sums: Array, cross: Array, beta: Array, terms: DesignTerms) -> Array:
     """``e'L^k e`` for k = 0..p of the OLS residuals ``e = Y - X beta``, exactly."""
-    out = [total.lag_sums[0] - np.einsum("av,av->v", beta, total.cross[0])]
+    out = [lag_sums[0] - np.einsum("av,av->v", beta, cross[0])]
     for k in range(1, terms.order + 1):
         quad = np.einsum("av,av->v", beta, serial_matmul(terms.lag_gram[k], beta))
-        out.append(total.lag_sums[k] - np.einsum("av,av->v", beta, total.cross[k]) + quad / 2)
+        out.append(lag_sums[k] - np.einsum("av,av->v", beta, cross[k]) + quad / 2)
     return np.stack(out)
 
 
-def _gls(total: Partial, phi: Array, terms: DesignTerms) -> tuple[Array, Array]:
-    """GLS betas and whitened residual sums of squares, voxel batch by voxel batch.
+def _ar1_rotated(total: Partial, terms: DesignTerms, basis: ar.Ar1Basis) -> Array:
+    """``K'X'Y`` and ``K'((L + F)X)'Y`` stacked, (2r, v), K of :class:`~bigglm.glm.ar.Ar1Basis`.
 
-    AR(1) solves every voxel at once in the design's :class:`~bigglm.glm.ar.Ar1Basis`;
-    higher orders (and the rare AR(1) voxels with ``|phi|`` next to 1) form each voxel's
-    P x P whitened Gram and solve it.
+    In these coordinates AR(1) needs no P x P product per voxel: ``K'X'XK = I`` and
+    ``K'X'(L + F)XK = diag(lam)``, and ``K'`` of the design's first and last rows are
+    the basis's ``corners``.
+    """
+    k_t = basis.transform.T
+    rank, n_reg = k_t.shape
+    combination = np.zeros((2 * rank, 2 * n_reg))
+    combination[:rank, :n_reg] = k_t
+    combination[rank:, n_reg:] = k_t
+    return terms.lag_cross(total, combination=combination)
+
+
+def _ar1_residual_lag_sums(total: Partial, rotated: Array, basis: ar.Ar1Basis) -> Array:
+    """:func:`_residual_lag_sums` for AR(1) in the basis's coordinates (OLS ``beta = K c0``)."""
+    c0, c1 = np.split(rotated, 2)
+    fitted = np.einsum("iv,iv->v", c0, c0)
+    lagged = np.einsum("iv,iv->v", c0, c1) - np.einsum("i,iv,iv->v", basis.eigenvalues, c0, c0) / 2
+    return np.stack([total.lag_sums[0] - fitted, total.lag_sums[1] - lagged])
+
+
+def _ar1_gls(
+    total: Partial, rotated: Array, phi: Array, terms: DesignTerms, basis: ar.Ar1Basis
+) -> tuple[Array, Array]:
+    """AR(1) GLS betas and whitened residual sums of squares in the basis's coordinates.
+
+    ``K'X'QY = (1 + r^2) c0 - r c1 - r^2 (w_first y_1 + w_last y_T)`` is solved by
+    :func:`~bigglm.glm.ar.ar1_solve_rotated` (``beta = K`` times the solution); voxels
+    whose rank-2 correction is too close to singular take the general path.
+    """
+    r = phi[0]
+    c0, c1 = np.split(rotated, 2)
+    head, tail = total.head[0], total.tail[0]
+    s = (1.0 + r**2) * c0 - r * c1
+    s -= r**2 * (basis.corners[:, :1] * head + basis.corners[:, 1:] * tail)
+    band = ar.band_coefficients(phi)
+    top, bottom = ar.corner_correction(phi)
+    yqy = ar.whitened_energy(band, top, bottom, total.lag_sums, total.head, total.tail)
+    inner, ok = ar.ar1_solve_rotated(basis, r, s)
+    beta = serial_matmul(basis.transform, inner)
+    rss = yqy - np.einsum("iv,iv->v", inner, s)
+    todo = np.flatnonzero(~ok)
+    if todo.size:
+        part = Partial(
+            cross=total.cross[:, todo],
+            lag_sums=total.lag_sums[:, todo],
+            head=total.head[:, todo],
+            tail=total.tail[:, todo],
+        )
+        beta[:, todo], rss[todo] = _gls(part, terms.lag_cross(part), phi[:, todo], terms)
+    return beta, rss
+
+
+def _gls(total: Partial, cross: Array, phi: Array, terms: DesignTerms) -> tuple[Array, Array]:
+    """GLS betas and whitened residual sums of squares from each voxel's whitened Gram.
+
+    The general path (AR(p) with p > 1, and AR(1) voxels with ``|phi|`` a hair below 1),
+    in voxel batches that bound the P x P matrices held at once.
     """
     n_reg, n_vox = terms.matrix.shape[1], phi.shape[1]
     step = max(1, _BATCH_BYTES // (8 * n_reg * n_reg))
-    batches: list[slice | NDArray[np.intp]]
-    if terms.ar1 is not None:
-        xqy, yqy = _whitened_data(total, phi, terms, slice(None))
-        beta, ok = ar.ar1_solve(terms.ar1, phi[0], xqy)
-        rss = yqy - np.einsum("av,av->v", beta, xqy)
-        todo = np.flatnonzero(~ok)
-        batches = [todo[lo : lo + step] for lo in range(0, todo.size, step)]
-    else:
-        beta = np.empty((n_reg, n_vox))
-        rss = np.empty(n_vox)
-        batches = [slice(lo, min(lo + step, n_vox)) for lo in range(0, n_vox, step)]
-    for sl in batches:
-        xqy, yqy = _whitened_data(total, phi, terms, sl)
+    beta = np.empty((n_reg, n_vox))
+    rss = np.empty(n_vox)
+    for lo in range(0, n_vox, step):
+        sl = slice(lo, min(lo + step, n_vox))
+        xqy, yqy = _whitened_data(total, cross, phi, terms, sl)
         beta[:, sl] = _general_solve(terms, phi[:, sl], xqy[:, None, :])[:, 0, :]
         rss[sl] = yqy - np.einsum("av,av->v", beta[:, sl], xqy)
     return beta, rss
@@ -160,7 +218,7 @@ def _general_solve(terms: DesignTerms, phi: Array, rhs: Array) -> Array:
 
 
 def _whitened_data(
-    total: Partial, phi: Array, terms: DesignTerms, sl: slice | NDArray[np.intp]
+    total: Partial, cross: Array, phi: Array, terms: DesignTerms, sl: slice | NDArray[np.intp]
 ) -> tuple[Array, Array]:
     """``X'QY`` (P, v) and ``Y'QY`` (v,) of the voxels ``sl``."""
     x, p = terms.matrix, terms.order
@@ -168,7 +226,7 @@ def _whitened_data(
     top, bottom = ar.corner_correction(phi[:, sl])
     heads = (x[:p], total.head[:, sl])
     tails = (x[-p:], total.tail[:, sl])
-    xqy = ar.whitened_cross(band, top, bottom, total.cross[:, :, sl], heads, tails)
+    xqy = ar.whitened_cross(band, top, bottom, cross[:, :, sl], heads, tails)
     yqy = ar.whitened_energy(
         band, top, bottom, total.lag_sums[:, sl], total.head[:, sl], total.tail[:, sl]
     )

@@ -50,6 +50,16 @@ class DesignTerms:
     constant_fit : numpy.ndarray or None, shape (P,)
         ``pinv(X) @ 1`` when the design spans the constant (then a per-voxel offset
         changes only the betas, by ``constant_fit * offset``); None otherwise.
+    probes : numpy.ndarray, shape (R, T)
+        The series every chunk multiplies the data by: the P columns of X, then the
+        lagged columns that are not derived (below). ``R = P`` for OLS.
+    lag_map : numpy.ndarray, shape ((p + 1) * P, R + 2p)
+        How the lagged cross products ``lag_design[m]' Y`` follow from the probe
+        products and the first and last p rows of Y. A lagged column that is a
+        combination of the columns of X plus terms on the first and last p scans
+        (drifts and the constant are: ``(L + F) cos(w t)`` is ``2 cos(w) cos(w t)``
+        away from the ends) is derived through this map and never multiplied by the
+        data; the others are probes, mapped by the identity.
     ar1 : Ar1Basis or None
         For AR(1) noise, the basis in which every voxel's whitened Gram is a diagonal
         plus a rank-2 term (:class:`~bigglm.glm.ar.Ar1Basis`); None otherwise.
@@ -59,6 +69,8 @@ class DesignTerms:
     >>> terms = DesignTerms.build(np.ones((4, 1)), order=1)
     >>> terms.lag_design[1, :, 0]
     array([1., 2., 2., 1.])
+    >>> terms.probes.shape  # (L + F) 1 = 2 - first - last: derived, not a probe
+    (1, 4)
     """
 
     matrix: Array
@@ -68,6 +80,8 @@ class DesignTerms:
     rank: int
     gram_pinv: Array
     constant_fit: Array | None
+    probes: Array
+    lag_map: Array
     ar1: Ar1Basis | None = None
 
     @classmethod
@@ -100,6 +114,7 @@ class DesignTerms:
         ones = np.ones(x.shape[0])
         fit = pinv @ ones
         spans = np.allclose(x @ fit, ones, rtol=0.0, atol=1e-8)
+        probes, lag_map = _probes(x, lag_design)
         return cls(
             matrix=x,
             order=order,
@@ -108,8 +123,98 @@ class DesignTerms:
             rank=rank,
             gram_pinv=v_r @ v_r.T,
             constant_fit=fit if spans else None,
+            probes=probes,
+            lag_map=lag_map,
             ar1=Ar1Basis.build(x, rank, (u, s, vt)) if order == 1 else None,
         )
+
+    def lag_cross(
+        self,
+        total: Partial,
+        voxels: slice | NDArray[np.intp] = slice(None),
+        combination: Array | None = None,
+    ) -> Array:
+        """``lag_design[m]' Y`` for m = 0..p, from a run's statistics.
+
+        Parameters
+        ----------
+        total : Partial
+            Statistics of the whole run (its ``head`` and ``tail`` are the run's first
+            and last p rows).
+        voxels : slice or array of int, optional
+            The voxels wanted (default all).
+        combination : numpy.ndarray, shape (k, (p + 1) * P), optional
+            Return these k combinations of the stacked lagged cross products instead
+            (one product with the combined map, not two).
+
+        Returns
+        -------
+        numpy.ndarray, shape (p + 1, P, v), or (k, v) with ``combination``
+
+        Examples
+        --------
+        >>> terms = DesignTerms.build(np.column_stack([np.arange(5.0), np.ones(5)]), 1)
+        >>> y = np.array([[1.0], [4.0], [2.0], [0.0], [3.0]])
+        >>> derived = terms.lag_cross(chunk_statistics(y, np.zeros(1), terms, 0))
+        >>> bool(np.allclose(derived, np.einsum("mta,tv->mav", terms.lag_design, y)))
+        True
+        """
+        n_reg = self.matrix.shape[1]
+        cross = total.cross[:, voxels]
+        if self.order == 0 and combination is None:
+            return cross.reshape(1, n_reg, -1)
+        known = np.concatenate([cross, total.head[:, voxels], total.tail[:, voxels]])
+        if combination is not None:
+            return serial_matmul(combination @ self.lag_map, known)
+        return serial_matmul(self.lag_map, known).reshape(self.order + 1, n_reg, -1)
+
+
+#: A lagged design column is derived from X when its least-squares residual on X and
+#: the edge scans is below this fraction of its norm. Exact relations (cosines,
+#: polynomials, the constant) leave ~1e-15; a column that fails is simply a probe, so
+#: the threshold trades speed only, never accuracy.
+_DERIVED_RESIDUAL = 1e-12
+
+
+def _probes(x: Array, lag_design: Array) -> tuple[Array, Array]:
+    """The probe series (R, T) and the lag map ((p + 1) P, R + 2p) of :class:`DesignTerms`.
+
+    The map's columns follow :meth:`DesignTerms.lag_cross`'s stacking: the R probe
+    products, then the first p rows of Y, then the last p rows.
+
+    Examples
+    --------
+    >>> x = np.column_stack([np.ones(6), [0.0, 1, 1, 0, 0, 0]])
+    >>> probes, lag_map = _probes(x, np.stack([x, _shift(x, 1) + _shift(x, -1)]))
+    >>> probes.shape, lag_map.shape  # X, plus the lagged task column: 3 probes
+    ((3, 6), (4, 5))
+    """
+    n_scans, n_reg = x.shape
+    order = lag_design.shape[0] - 1
+    if order == 0:
+        return np.ascontiguousarray(x.T), np.eye(n_reg)
+    edges = np.zeros((n_scans, 2 * order))
+    edges[np.arange(order), np.arange(order)] = 1.0
+    edges[n_scans - order + np.arange(order), order + np.arange(order)] = 1.0
+    basis = np.hstack([x, edges])
+    # rows: (m, column) of the lagged cross products; columns: X, extra probes, edges
+    from_x = np.zeros((order + 1, n_reg, n_reg))
+    from_x[0] = np.eye(n_reg)
+    from_edges = np.zeros((order + 1, n_reg, 2 * order))
+    extra: list[tuple[int, int]] = []
+    for m in range(1, order + 1):
+        coef = np.linalg.lstsq(basis, lag_design[m], rcond=None)[0]
+        residual = np.linalg.norm(basis @ coef - lag_design[m], axis=0)
+        derived = residual <= _DERIVED_RESIDUAL * np.linalg.norm(lag_design[m], axis=0)
+        from_x[m, derived] = coef[:n_reg, derived].T
+        from_edges[m, derived] = coef[n_reg:, derived].T
+        extra += [(m, int(a)) for a in np.flatnonzero(~derived)]
+    from_extra = np.zeros((order + 1, n_reg, len(extra)))
+    for index, (m, a) in enumerate(extra):
+        from_extra[m, a, index] = 1.0
+    lag_map = np.concatenate([from_x, from_extra, from_edges], axis=-1)
+    probes = np.vstack([x.T, *(lag_design[m][:, a] for m, a in extra)])
+    return probes, lag_map.reshape((order + 1) * n_reg, -1)
 
 
 def _shift(x: Array, m: int) -> Array:
@@ -128,8 +233,9 @@ class Partial:
 
     Attributes
     ----------
-    cross : numpy.ndarray, shape (p + 1, P, v)
-        ``lag_design[m]' Y`` summed over the scans.
+    cross : numpy.ndarray, shape (R, v)
+        ``probes Y`` summed over the scans (:meth:`DesignTerms.lag_cross` turns the
+        run's total into every lagged cross product).
     lag_sums : numpy.ndarray, shape (p + 1, v)
         ``sum_t y_t y_(t-m)`` over the pairs inside the scan range.
     head, tail : numpy.ndarray, shape (p, v)
@@ -174,8 +280,7 @@ def chunk_statistics(
     base = np.asarray(offset, dtype=np.float64).reshape(-1)
     n, n_vox = data.shape
     lags, p = terms.order + 1, terms.order
-    design = terms.lag_design[:, start : start + n, :]  # (p + 1, n, P)
-    flat = np.ascontiguousarray(design.transpose(0, 2, 1).reshape(-1, n))
+    flat = np.ascontiguousarray(terms.probes[:, start : start + n])
     cross = np.empty((flat.shape[0], n_vox))
     lag_sums = np.empty((lags, n_vox))
     head, tail = np.empty((p, n_vox)), np.empty((p, n_vox))
@@ -191,7 +296,7 @@ def chunk_statistics(
             np.einsum("tv,tv->v", slab[m:], slab[: n - m], out=lag_sums[m, lo:hi])
         head[:, lo:hi] = slab[:p]
         tail[:, lo:hi] = slab[n - p :]
-    return Partial(cross=cross.reshape(lags, -1, n_vox), lag_sums=lag_sums, head=head, tail=tail)
+    return Partial(cross=cross, lag_sums=lag_sums, head=head, tail=tail)
 
 
 def combine(parts: Sequence[Partial]) -> Partial:
