@@ -14,15 +14,17 @@ import logging
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from operator import getitem
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
-import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
+from dask.base import tokenize
 from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from bigglm.exceptions import DesignError
 from bigglm.glm.finish import STATUS_FLAGS, finish_block
@@ -203,7 +205,8 @@ STATS_BUDGET = 16 * 2**20
 def _voxel_chunks(bold: xr.DataArray, n_regressors: int, order: int) -> xr.DataArray:
     """Split voxel chunks whose statistics would exceed :data:`STATS_BUDGET`.
 
-    The statistics of a voxel block are ``(p + 1) * P + 3p + 1`` float64 rows per voxel:
+    The statistics of a voxel block are at most ``(p + 1) * P + 3p + 1`` float64 rows
+    per voxel (the finish expands the derived lagged products to all of them):
     a long run with a cosine drift can have hundreds of regressors, and a 32,768-voxel
     block then needs tens of MB per partial sum. Each store chunk is split into equal
     pieces (dask reads it once and slices it), so the data are still read once.
@@ -234,31 +237,47 @@ def _voxel_chunks(bold: xr.DataArray, n_regressors: int, order: int) -> xr.DataA
 def _run_graph(
     ds: xr.Dataset, frame: pd.DataFrame, order: int, noise: str, split_every: int, index: int
 ) -> tuple[xr.Dataset, list[tuple[slice, Delayed]]]:
-    """The lazy result Dataset of one run, and its per-voxel-block finish tasks."""
+    """The lazy result Dataset of one run, and its per-voxel-block finish tasks.
+
+    The graph is written out as one layer of tasks (building it with ``dask.delayed``
+    tokenises every call, which took longer than a small fit)."""
     _check(ds, frame, order, index)
     terms = DesignTerms.build(frame.to_numpy(), order)
     bold = _voxel_chunks(_time_chunks(ds["bold"], order), frame.shape[1], order)
     array: da.Array = bold.data
-    blocks = array.to_delayed(optimize_graph=False)
-    terms_key = dask.delayed(terms, pure=True)
+    token = tokenize(array.name, frame.to_numpy(), order, split_every)
+    fit_layer = f"bigglm-fit-{token}"
+    terms_key = f"DesignTerms-{token}"
+    layer: dict[Any, Any] = {terms_key: terms}
     starts = np.concatenate([[0], np.cumsum(array.chunks[0])[:-1]]).astype(int)
     spans = terms.constant_fit is not None
     if not spans:
         logger.info("design %d does not span the constant: sums are taken on raw values", index)
+    finish_keys = []
+    for j in range(len(array.chunks[1])):
+        offset = (f"offset-{token}", j)
+        layer[offset] = (_offset, (array.name, 0, j), spans)
+        leaves = []
+        for i, start in enumerate(starts):
+            leaves.append((f"chunk_statistics-{token}", i, j))
+            layer[leaves[-1]] = (
+                chunk_statistics,
+                (array.name, i, j),
+                offset,
+                terms_key,
+                int(start),
+            )
+        total = _tree(layer, leaves, split_every, f"combine-{token}", j)
+        finish_keys.append((f"finish_block-{token}", j))
+        layer[finish_keys[-1]] = (finish_block, total, offset, terms_key)
+    # dask's protocol stub disagrees with its own Array on __dask_scheduler__
+    graph = HighLevelGraph.from_collections(fit_layer, layer, dependencies=[array])  # type: ignore[list-item]
     finishes = []
     lo = 0
-    for j, width in enumerate(array.chunks[1]):
-        offset = dask.delayed(_offset, pure=True)(blocks[0, j], spans)
-        leaves = [
-            dask.delayed(chunk_statistics, pure=True)(blocks[i, j], offset, terms_key, int(s))
-            for i, s in enumerate(starts)
-        ]
-        total = _tree(leaves, split_every)
-        finishes.append(
-            (slice(lo, lo + width), dask.delayed(finish_block, pure=True)(total, offset, terms_key))
-        )
+    for key, width in zip(finish_keys, array.chunks[1], strict=True):
+        finishes.append((slice(lo, lo + width), Delayed(key, graph, layer=fit_layer)))
         lo += width
-    dataset = _lazy_dataset(ds, frame, terms, finishes, noise)
+    dataset = _lazy_dataset(ds, frame, terms, graph, fit_layer, finish_keys, array.chunks[1], noise)
     return dataset, finishes
 
 
@@ -268,32 +287,41 @@ def _offset(first_block: np.ndarray, spans_constant: bool) -> np.ndarray:
     return first if spans_constant else np.zeros_like(first)
 
 
-def _tree(parts: list[Delayed], split_every: int) -> Delayed:
-    """Combine consecutive partial statistics pairwise (fan-in ``split_every``), in order."""
-    while len(parts) > 1:
-        parts = [
-            dask.delayed(combine, pure=True)(parts[i : i + split_every])
-            for i in range(0, len(parts), split_every)
-        ]
-    return parts[0]
+def _tree(layer: dict[Any, Any], keys: list[Any], split_every: int, name: str, j: int) -> Any:
+    """Combine consecutive partial statistics (fan-in ``split_every``), in order; the
+    tasks go into ``layer`` and the key of the root is returned."""
+    level = 0
+    while len(keys) > 1:
+        groups = [keys[i : i + split_every] for i in range(0, len(keys), split_every)]
+        keys = [(name, level, g, j) for g in range(len(groups))]
+        for key, group in zip(keys, groups, strict=True):
+            layer[key] = (combine, list(group))
+        level += 1
+    return keys[0]
 
 
 def _lazy_dataset(
     ds: xr.Dataset,
     frame: pd.DataFrame,
     terms: DesignTerms,
-    finishes: list[tuple[slice, Delayed]],
+    graph: HighLevelGraph,
+    fit_layer: str,
+    finish_keys: list[Any],
+    widths: tuple[int, ...],
     noise: str,
 ) -> xr.Dataset:
-    """Assemble the per-block finish outputs into one lazy Dataset."""
+    """Views of the finish tasks' outputs as one lazy Dataset."""
     n_reg, order = frame.shape[1], terms.order
+    token = fit_layer.rsplit("-", 1)[1]
 
-    def stacked(name: str, shape: tuple[int, ...], dtype: Any) -> da.Array:
-        pieces = [
-            da.from_delayed(_item(fin, name), shape=(*shape, sl.stop - sl.start), dtype=dtype)
-            for sl, fin in finishes
-        ]
-        return da.concatenate(pieces, axis=-1)
+    def stacked(name: str, rows: tuple[int, ...], dtype: Any) -> da.Array:
+        array_name = f"{name}-{token}"
+        lead = (0,) * len(rows)
+        layer = {(array_name, *lead, j): (getitem, key, name) for j, key in enumerate(finish_keys)}
+        layers = {**graph.layers, array_name: MaterializedLayer(layer)}
+        deps = {**graph.dependencies, array_name: {fit_layer}}
+        chunks = (*((r,) for r in rows), widths)
+        return da.Array(HighLevelGraph(layers, deps), array_name, chunks, dtype=dtype)
 
     variables: dict[str, Any] = {
         "beta": (("regressor", "voxel"), stacked("beta", (n_reg,), np.float64)),
@@ -313,11 +341,6 @@ def _lazy_dataset(
     out = xr.Dataset(variables, coords=coords)
     out.attrs = _provenance(ds, noise, terms)
     return out
-
-
-def _item(finished: Delayed, name: str) -> Delayed:
-    """A lazy entry of a finish task's output dict."""
-    return finished[name]  # type: ignore[index]
 
 
 def _status_attrs() -> dict[str, Any]:

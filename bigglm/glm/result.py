@@ -15,9 +15,11 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dask
 import numpy as np
@@ -39,6 +41,7 @@ __all__ = ["GLMResult"]
 logger = logging.getLogger(__name__)
 
 _BATCH_BYTES = 64 * 2**20
+_T = TypeVar("_T")
 _FITTED = ("beta", "sigma2", "status", "ar")
 
 
@@ -268,44 +271,41 @@ class GLMResult:
     def _one_contrast(
         self, name: str, spec: con.ContrastSpec, kind: ContrastKind, weighted: bool
     ) -> xr.Dataset:
-        """One contrast on a computed result, combined across runs if several."""
-        per_run = [self._run_effect(ds, name, spec, kind) for ds in self._runs]
-        effects = [p[0] for p in per_run]
-        covariances = [p[1] for p in per_run]
-        dofs = [float(ds["dof"]) for ds in self._runs]
-        if len(per_run) > 1:
-            effect, covariance, dof = con.fixed_effects(
-                effects, covariances, dofs, precision_weighted=weighted
-            )
-        else:
-            effect, covariance, dof = effects[0], covariances[0], dofs[0]
-        return _contrast_dataset(name, kind, effect, covariance, dof, per_run[0][2])
+        """One contrast on a computed result, combined across runs if several.
 
-    @staticmethod
-    def _run_effect(
-        ds: xr.Dataset, name: str, spec: con.ContrastSpec, kind: ContrastKind
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Effect (q, v) and covariance (q, q, v) of one run, and the weights used."""
-        columns = [str(c) for c in ds["regressor"].values]
-        design = ds["design"].values
-        weights = con.contrast_matrix(spec, columns, kind)
-        con.check_estimable(weights, design, columns, name)
-        beta, sigma2 = ds["beta"].values, ds["sigma2"].values
-        if "ar" not in ds:
-            terms = DesignTerms.build(design, order=0)
-            unscaled = weights @ terms.gram_pinv @ weights.T
-            effect, cov = con.effect_and_covariance(weights, beta, sigma2, unscaled)
-            return effect, cov, weights
-        terms = DesignTerms.build(design, order=ds.sizes["lag"])
-        phi = ds["ar"].values
-        step = max(1, _BATCH_BYTES // (8 * design.shape[1] ** 2))
-        parts = []
-        for lo in range(0, beta.shape[1], step):
-            sl = slice(lo, lo + step)
-            unscaled = ar_contrast_variance(terms, phi[:, sl], weights)
-            parts.append(con.effect_and_covariance(weights, beta[:, sl], sigma2[sl], unscaled))
+        The per-voxel work (AR variances, the t or F distribution's tails) runs over
+        voxel slices on a thread pool: it is numpy and scipy code that releases the GIL.
+        """
+        runs = self._runs
+        weights = [_contrast_weights(ds, name, spec, kind) for ds in runs]
+        terms = [
+            DesignTerms.build(ds["design"].values, order=ds.sizes.get("lag", 0)) for ds in runs
+        ]
+        dofs = [float(ds["dof"]) for ds in runs]
+
+        def piece(voxels: slice) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+            per_run = [
+                _run_effect(ds, t, w, voxels) for ds, t, w in zip(runs, terms, weights, strict=True)
+            ]
+            if len(per_run) > 1:
+                effect, covariance, dof = con.fixed_effects(
+                    [e for e, _ in per_run],
+                    [c for _, c in per_run],
+                    dofs,
+                    precision_weighted=weighted,
+                )
+            else:
+                (effect, covariance), dof = per_run[0], dofs[0]
+            if kind == "t":
+                return effect, covariance, con.t_test(effect[0], covariance[0, 0], dof)
+            return effect, covariance, con.f_test(effect, covariance, dof)
+
+        parts = _over_voxel_slices(piece, runs[0].sizes["voxel"])
         effect = np.concatenate([p[0] for p in parts], axis=-1)
-        return effect, np.concatenate([p[1] for p in parts], axis=-1), weights
+        covariance = np.concatenate([p[1] for p in parts], axis=-1)
+        tested = {key: np.concatenate([p[2][key] for p in parts]) for key in ("stat", "p", "z")}
+        dof = float(np.sum(dofs))
+        return _contrast_dataset(name, kind, effect, covariance, tested, dof, weights[0])
 
     # --- output ----------------------------------------------------------------
     def to_zarr(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -470,23 +470,73 @@ def _nifti_maps(maps: xr.Dataset, kind: ContrastKind) -> dict[str, xr.DataArray]
     return out
 
 
+def _contrast_weights(
+    ds: xr.Dataset, name: str, spec: con.ContrastSpec, kind: ContrastKind
+) -> np.ndarray:
+    """The (q, P) contrast matrix for a run's design, checked to be estimable."""
+    columns = [str(c) for c in ds["regressor"].values]
+    weights = con.contrast_matrix(spec, columns, kind)
+    con.check_estimable(weights, ds["design"].values, columns, name)
+    return weights
+
+
+def _run_effect(
+    ds: xr.Dataset, terms: DesignTerms, weights: np.ndarray, voxels: slice
+) -> tuple[np.ndarray, np.ndarray]:
+    """Effect (q, v) and covariance (q, q, v) of one run's voxels."""
+    beta, sigma2 = ds["beta"].values[:, voxels], ds["sigma2"].values[voxels]
+    if "ar" not in ds:
+        unscaled = weights @ terms.gram_pinv @ weights.T
+        return con.effect_and_covariance(weights, beta, sigma2, unscaled)
+    phi = ds["ar"].values[:, voxels]
+    step = max(1, _BATCH_BYTES // (8 * weights.shape[1] ** 2))
+    parts = []
+    for lo in range(0, beta.shape[1], step):
+        sl = slice(lo, lo + step)
+        unscaled = ar_contrast_variance(terms, phi[:, sl], weights)
+        parts.append(con.effect_and_covariance(weights, beta[:, sl], sigma2[sl], unscaled))
+    return np.concatenate([p[0] for p in parts], axis=-1), np.concatenate(
+        [p[1] for p in parts], axis=-1
+    )
+
+
+#: Fewest voxels per slice worth a thread of their own.
+_MIN_SLICE = 16_384
+
+
+def _over_voxel_slices(func: Callable[[slice], _T], n_vox: int) -> list[_T]:
+    """``func`` of consecutive voxel slices, in order, computed on a thread pool.
+
+    Examples
+    --------
+    >>> _over_voxel_slices(lambda sl: (sl.start, sl.stop), 10)
+    [(0, 10)]
+    """
+    n_slices = max(1, min(os.cpu_count() or 1, n_vox // _MIN_SLICE))
+    edges = np.linspace(0, n_vox, n_slices + 1).astype(int)
+    slices = [slice(int(lo), int(hi)) for lo, hi in pairwise(edges)]
+    if n_slices == 1:
+        return [func(slices[0])]
+    with ThreadPoolExecutor(n_slices) as pool:
+        return list(pool.map(func, slices))
+
+
 def _contrast_dataset(
     name: str,
     kind: ContrastKind,
     effect: np.ndarray,
     covariance: np.ndarray,
+    tested: dict[str, np.ndarray],
     dof: float,
     weights: np.ndarray,
 ) -> xr.Dataset:
     """Package a contrast's numbers with their statistics."""
     if kind == "t":
-        tested = con.t_test(effect[0], covariance[0, 0], dof)
         data: dict[str, Any] = {
             "effect": ("voxel", effect[0]),
             "variance": ("voxel", covariance[0, 0]),
         }
     else:
-        tested = con.f_test(effect, covariance, dof)
         data = {
             "effect": (("row", "voxel"), effect),
             "variance": (("row", "row2", "voxel"), covariance),
