@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -69,12 +70,14 @@ class Measurement:
     step: str
     scale: int
     workers: int
-    seconds: float = 0.0  # the step's work, timed in-process after imports
+    cache: str = "warm"  # "cold": inputs evicted from the page cache before each repeat
+    seconds: float = 0.0  # the step's work, timed in-process after imports (median of repeats)
+    times: list[float] = field(default_factory=list)  # every repeat
     wall: float = 0.0  # the whole process, start-up included
     peak_rss_gib: float = 0.0
     peak_process_gib: float = 0.0
     peak_worker_gib: float = 0.0  # largest child process (a Dask worker), 0 without workers
-    output: dict[str, float] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=dict)
 
 
 def _tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
@@ -101,6 +104,8 @@ def measure(
     workers: int = 0,
     memory_limit: str = "auto",
     n_runs: int = 1,
+    repeat: int = 1,
+    cold: bool = False,
 ) -> Measurement:
     """Run one step in a subprocess; sample its process tree's memory every 20 ms."""
     cmd = [
@@ -116,8 +121,11 @@ def measure(
         memory_limit,
         "--n-runs",
         str(n_runs),
+        "--repeat",
+        str(repeat),
+        *(["--cold"] if cold else []),
     ]
-    result = Measurement(name, scale, workers)
+    result = Measurement(name, scale, workers, cache="cold" if cold else "warm")
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=ROOT)
     proc = psutil.Process(child.pid)
@@ -146,11 +154,13 @@ def measure(
     )
     result.output = json.loads((work / f"{name}.json").read_text())
     result.seconds = result.output.pop("seconds")
+    result.times = result.output.pop("times")
     logger.info(
-        "%-20s x%-3d w%d %8.2f s (process %.1f s)  peak %.2f GiB (largest %.2f, worker %.2f)",
+        "%-20s x%-3d w%d %s %8.2f s (process %.1f s)  peak %.2f GiB (largest %.2f, worker %.2f)",
         name,
         scale,
         workers,
+        result.cache,
         result.seconds,
         result.wall,
         result.peak_rss_gib,
@@ -203,12 +213,16 @@ def run_scaling(counts: list[int], workers: list[int], memory_limit: str) -> lis
     return rows
 
 
-def ratio_table(by_step: dict[str, Measurement]) -> list[dict[str, str | float]]:
+def ratio_table(by_step: dict[tuple[str, str], Measurement]) -> list[dict[str, str | float]]:
+    """The RATIOS, for each page-cache state that has both steps."""
     rows: list[dict[str, str | float]] = []
-    for label, top, bottom, target in RATIOS:
-        if top in by_step and bottom in by_step:
-            value = by_step[top].seconds / by_step[bottom].seconds
-            rows.append({"ratio": label, "value": round(value, 2), "target": target})
+    for cache in ("warm", "cold"):
+        for label, top, bottom, target in RATIOS:
+            if (top, cache) in by_step and (bottom, cache) in by_step:
+                value = by_step[top, cache].seconds / by_step[bottom, cache].seconds
+                rows.append(
+                    {"ratio": label, "cache": cache, "value": round(value, 2), "target": target}
+                )
     return rows
 
 
@@ -216,18 +230,24 @@ def markdown(
     measured: list[Measurement], ratios: list[dict[str, str | float]], agree: dict[str, float]
 ) -> str:
     lines = [
-        "| step | size | workers | work (s) | process (s) | peak RSS | largest proc. | worker |",
-        "|---|---|---|---|---|---|---|---|",
+        "| step | size | workers | cache | work (s) | repeats (s) | process (s) | peak RSS "
+        "| largest proc. | worker |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in measured:
         workers = m.workers or "default"
+        repeats = " / ".join(f"{t:.2f}" for t in m.times)
         lines.append(
-            f"| {m.step} | {m.scale}x | {workers} | {m.seconds:.2f} | {m.wall:.1f} | "
-            f"{m.peak_rss_gib:.2f} | {m.peak_process_gib:.2f} | {m.peak_worker_gib:.2f} |"
+            f"| {m.step} | {m.scale}x | {workers} | {m.cache} | {m.seconds:.2f} | {repeats} | "
+            f"{m.wall:.1f} | {m.peak_rss_gib:.2f} | {m.peak_process_gib:.2f} | "
+            f"{m.peak_worker_gib:.2f} |"
         )
-    lines.append("(memory in GiB; worker: the largest Dask worker process, when there are any)")
-    lines += ["", "| ratio | measured | target |", "|---|---|---|"]
-    lines += [f"| {r['ratio']} | {r['value']} | {r['target']} |" for r in ratios]
+    lines.append(
+        "(work: median of the repeats; memory in GiB; worker: the largest Dask worker "
+        "process, when there are any)"
+    )
+    lines += ["", "| ratio | page cache | measured | target |", "|---|---|---|---|"]
+    lines += [f"| {r['ratio']} | {r['cache']} | {r['value']} | {r['target']} |" for r in ratios]
     if agree:
         lines += ["", "| agreement with nilearn (z maps) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" for k, v in agree.items()]
@@ -242,8 +262,8 @@ def plot(measured: list[Measurement], path: Path) -> None:
 
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4.5))
     ones = [m for m in measured if m.scale == 1 and m.workers == 0 and m.step in COMPARISONS]
-    left.barh([m.step for m in ones], [m.seconds for m in ones], color="tab:blue")
-    left.set_xlabel("work time (s), 1x run")
+    left.barh([f"{m.step} ({m.cache})" for m in ones], [m.seconds for m in ones], color="tab:blue")
+    left.set(xlabel="work time (s), 1x run", xscale="log")
     left.invert_yaxis()
     kinds = {"bigglm_ols": "longer run", "bigglm_runs_ols": "more runs"}
     for (step, kind), n in itertools.product(kinds.items(), (1, 2, 4, 8)):
@@ -296,14 +316,29 @@ def main() -> None:
     parser.add_argument(
         "--steps", nargs="*", default=list(COMPARISONS), help="which 1x comparisons to run"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="repeats of each 1x comparison (median reported)"
+    )
+    parser.add_argument(
+        "--cache",
+        nargs="*",
+        choices=["warm", "cold"],
+        default=["warm", "cold"],
+        help="page-cache states of the 1x comparisons (cold: inputs evicted before each repeat)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     run = write_run(Spec())
     work = RESULTS / "work" / Spec().name
-    measured = [measure(name, run.nii.parent, work, 1) for name in args.steps]
-    by_step = {m.step: m for m in measured}
-    agree = agreement(work) if {"nilearn_ar1", "bigglm_ar1", "nilearn_ols"} <= set(by_step) else {}
+    measured = [
+        measure(name, run.nii.parent, work, 1, repeat=args.repeat, cold=cache == "cold")
+        for cache in args.cache
+        for name in args.steps
+    ]
+    by_step = {(m.step, m.cache): m for m in measured}
+    steps_run = {m.step for m in measured}
+    agree = agreement(work) if {"nilearn_ar1", "bigglm_ar1", "nilearn_ols"} <= steps_run else {}
     measured += scaling(args.scales, args.workers, args.memory_limit)
     measured += run_scaling(args.runs, args.workers, args.memory_limit)
     ratios = ratio_table(by_step)

@@ -1,17 +1,24 @@
 """The measured steps, one per subprocess so that each starts cold and has its own peak RSS.
 
-``python -m benchmarks.steps STEP RUN_DIR WORK_DIR [--workers N] [--memory-limit M]`` runs
-one step and writes ``WORK_DIR/STEP.json`` with what it computed (e.g. the z map's summary)
-and ``seconds``: the step's own work, timed in-process after the imports every tool needs
-(numpy, nibabel, bigglm or nilearn) are done, so that interpreter start-up, which differs
-between tools and says nothing about them, stays out of the ratios. The driver also
-records each process's whole wall time.
+``python -m benchmarks.steps STEP RUN_DIR WORK_DIR [--workers N] [--memory-limit M]
+[--repeat K] [--cold]`` runs one step K times and writes ``WORK_DIR/STEP.json`` with what it
+computed (e.g. the z map's summary), ``times`` (each repeat) and ``seconds`` (their median):
+the step's own work, timed in-process after the imports every tool needs (numpy, nibabel,
+bigglm or nilearn) are done, so that interpreter start-up, which differs between tools and
+says nothing about them, stays out of the ratios. The driver also records each process's
+whole wall time.
+
+``--cold`` evicts the step's input files (the run's NIfTI files and the stores it reads)
+from the operating system's page cache before every repeat (``posix_fadvise``
+``DONTNEED``, no privileges needed), so each repeat reads from the disk: the case of data
+larger than memory. Without it the inputs are read from memory after the first repeat.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 import warnings
@@ -253,23 +260,52 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="0: bigglm's default")
     parser.add_argument("--memory-limit", default="auto")
     parser.add_argument("--n-runs", type=int, default=1, help="runs of one subject")
+    parser.add_argument("--repeat", type=int, default=1, help="times to run the step")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the inputs from the page cache each time"
+    )
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    _warm_imports(args.step)
-    start = time.perf_counter()
-    output = STEPS[args.step](args)
-    output["seconds"] = time.perf_counter() - start
+    _warm_imports(args)
+    times = []
+    for _ in range(args.repeat):
+        if args.cold:
+            _evict(args)
+        start = time.perf_counter()
+        output: dict[str, Any] = STEPS[args.step](args)
+        times.append(time.perf_counter() - start)
+    output["times"] = times
+    output["seconds"] = float(np.median(times))
     (args.work_dir / f"{args.step}.json").write_text(json.dumps(output))
 
 
-def _warm_imports(step: str) -> None:
-    """Import what the step's tool needs before the clock starts."""
-    if step.startswith("nilearn"):
-        import nilearn.glm.first_level  # noqa: F401
-    elif not step.startswith(("read_nii", "read_niigz")):
-        import distributed  # noqa: F401
+def _evict(args: argparse.Namespace) -> None:
+    """Drop the step's possible inputs from the page cache (written data are synced first)."""
+    roots = [args.run_dir, _store(args), *(store for _, store in _run_stores(args))]
+    os.sync()
+    for root in roots:
+        files = [root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
-        import bigglm  # noqa: F401
+
+def _warm_imports(args: argparse.Namespace) -> None:
+    """Import what the step's tool needs before the clock starts (distributed only when
+    the step starts worker processes: bigglm's default scheduler does not need it)."""
+    if args.step.startswith("nilearn"):
+        import nilearn.glm.first_level  # noqa: F401
+    elif not args.step.startswith(("read_nii", "read_niigz")):
+        # the modules themselves: bigglm's package imports are lazy
+        import bigglm.design.matrix
+        import bigglm.glm.engine
+        import bigglm.io.convert  # noqa: F401
+
+        if args.workers or args.step == "bigglm_runs_ols":
+            import distributed  # noqa: F401
 
 
 if __name__ == "__main__":
