@@ -5,7 +5,7 @@ A configuration has six sections::
     inputs:    # a BIDS derivatives folder (with filters) or an explicit list of runs
     model:     # hrf, drift, high_pass, noise, slice_time_ref, ...
     contrasts: # name: "expression" (t) or name: [rows...] (F)
-    outputs:   # folder, which maps
+    outputs:   # folder, which maps, residuals (off by default)
     store:     # where the Zarr stores go, chunking
     cluster:   # local (default), address, slurm, pbs or sge
 
@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from bigglm.exceptions import ConfigError
-from bigglm.typing import ClusterKind, DriftModel, HRFName
+from bigglm.typing import ClusterKind, DriftModel, HRFName, ResidualFormat
 
 __all__ = [
     "AnalysisConfig",
@@ -49,6 +49,7 @@ __all__ = [
     "Inputs",
     "ModelConfig",
     "OutputsConfig",
+    "ResidualsConfig",
     "RunInput",
     "StoreConfig",
     "SubmitConfig",
@@ -198,12 +199,33 @@ class ModelConfig(_Section):
         return value
 
 
+class ResidualsConfig(_Section):
+    """Residual time series, one file per run: a second pass over the data, so off by default.
+
+    ``whitened``: false for ``Y - X beta``, true for the AR-whitened residuals;
+    ``format``: ``nifti`` (a 4D ``.nii.gz``) or ``zarr`` (a store like the input's).
+    """
+
+    whitened: bool = False
+    format: ResidualFormat = "nifti"
+
+
 class OutputsConfig(_Section):
-    """Where results go, which maps are written for each contrast, and an HTML report."""
+    """Where results go, which maps are written for each contrast, an HTML report, and
+    (``residuals: true`` or a mapping of :class:`ResidualsConfig`) residuals per run."""
 
     folder: ConfigPath
     maps: list[MapName] = Field(default_factory=lambda: list(_DEFAULT_MAPS))
     report: bool = True
+    residuals: ResidualsConfig | None = None
+
+    @field_validator("residuals", mode="before")
+    @classmethod
+    def _residuals_switch(cls, value: Any) -> Any:
+        """``true`` means the defaults, ``false`` none."""
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
 
 class StoreConfig(_Section):

@@ -12,6 +12,7 @@ __all__ = [
     "HRFName",
     "NoiseModel",
     "ProgressCallback",
+    "ResidualFormat",
 ]
 
 #: Noise models for :func:`bigglm.fit`: ordinary least squares or AR(p) prewhitening.
@@ -34,6 +35,10 @@ DriftModel = Literal["cosine", "polynomial"]
 
 #: Statistic computed by :meth:`bigglm.GLMResult.contrast`.
 ContrastKind = Literal["t", "F"]
+
+#: File formats of :meth:`bigglm.GLMResult.write_residuals`: one 4D NIfTI or one Zarr
+#: store (the layout of a converted run) per run.
+ResidualFormat = Literal["nifti", "zarr"]
 
 #: Cluster profiles understood by :mod:`bigglm.cluster`.
 ClusterKind = Literal["local", "address", "slurm", "pbs", "sge"]

@@ -6,11 +6,13 @@ bigglm whitens with the *exact* inverse covariance of a stationary AR(p) process
 generalisation of Prais–Winsten to order p. Writing ``a = (1, -phi_1, ..., -phi_p)``,
 rows ``t > p`` of the whitened series are ``w_t = sum_k a_k y_(t-k)`` and the first p rows
 are scaled by the Cholesky factor of their stationary covariance (for AR(1):
-``w_1 = sqrt(1 - r^2) y_1``). The whitening is never formed: GLS needs only the
+``w_1 = sqrt(1 - r^2) y_1``). The fit never forms the whitened series: GLS needs only the
 quadratic form ``u' Q w`` with ``Q = A'A``, a banded matrix whose interior is Toeplitz,
 ``q_m = sum_k a_k a_(k+m)``, corrected in its two p x p corners. The bottom-right
 correction removes the band terms that would reach past the last scan; the top-left one
 is its mirror image, because the inverse of a symmetric Toeplitz matrix is persymmetric.
+Whitened residuals, asked for explicitly, apply the filter itself (:func:`whiten`, with
+:func:`whitening_head` for the first p rows).
 
 Other conventions: nilearn keeps the first p rows partially differenced and unscaled
 (``w_t = y_t - sum_(k<t) phi_k y_(t-k)``, no top correction) and bins AR(1) coefficients
@@ -42,10 +44,12 @@ __all__ = [
     "corner_correction",
     "is_stationary",
     "solve_psd",
+    "whiten",
     "whitened_cross",
     "whitened_energy",
     "whitened_gram",
     "whitened_gram_stack",
+    "whitening_head",
     "yule_walker",
 ]
 
@@ -113,6 +117,91 @@ def is_stationary(phi: Array) -> NDArray[np.bool_]:
     companion[:, np.arange(1, order), np.arange(order - 1)] = 1.0
     radius = np.abs(np.linalg.eigvals(companion)).max(axis=-1)
     return finite & (radius < 1.0)
+
+
+def whitening_head(phi: Array) -> Array:
+    """The first p rows of the whitening filter: ``inv(cholesky(Gamma_p))`` per voxel.
+
+    ``Gamma_p`` is the p x p autocovariance of the stationary AR(p) process with unit
+    innovation variance, so ``W = inv(cholesky(Gamma_T))`` (``W'W`` the exact inverse
+    covariance) has this lower-triangular block in its first p rows; its later rows are
+    the filter ``(1, -phi_1, ..., -phi_p)``.
+
+    Parameters
+    ----------
+    phi : numpy.ndarray, shape (p, n_voxels)
+        Stationary coefficients (NaN is read as 0: white noise).
+
+    Returns
+    -------
+    numpy.ndarray, shape (n_voxels, p, p)
+        Lower triangular.
+
+    Examples
+    --------
+    >>> whitening_head(np.array([[0.6]]))  # Prais-Winsten: sqrt(1 - 0.36)
+    array([[[0.8]]])
+    """
+    order, n = phi.shape
+    phi = np.nan_to_num(phi)
+    # gamma_k - sum_j phi_j gamma_|k-j| = [k == 0] for k = 0..p, solved per voxel
+    system = np.broadcast_to(np.eye(order + 1), (n, order + 1, order + 1)).copy()
+    for k in range(order + 1):
+        for j in range(1, order + 1):
+            system[:, k, abs(k - j)] -= phi[j - 1]
+    rhs = np.zeros((n, order + 1, 1))
+    rhs[:, 0] = 1.0
+    gamma = np.linalg.solve(system, rhs)[..., 0]
+    lags = np.abs(np.subtract.outer(np.arange(order), np.arange(order)))
+    factor = np.linalg.cholesky(gamma[:, lags])
+    return np.linalg.inv(factor)
+
+
+def whiten(rows: Array, phi: Array, start: int, head: Array | None = None) -> Array:
+    """Apply the exact AR(p) whitening filter to consecutive rows of a series.
+
+    Parameters
+    ----------
+    rows : numpy.ndarray, shape (k + n, n_voxels)
+        Scans ``start - k .. start + n - 1`` of the series, with ``k = min(p, start)``
+        rows of context before the ``n`` rows to whiten (a block of a longer series
+        needs only the p scans before it).
+    phi : numpy.ndarray, shape (p, n_voxels)
+        Stationary coefficients (NaN is read as 0).
+    start : int
+        The scan of the first row to whiten.
+    head : numpy.ndarray, shape (n_voxels, p, p), optional
+        :func:`whitening_head` of ``phi``, if already known (used when ``start < p``).
+
+    Returns
+    -------
+    numpy.ndarray, shape (n, n_voxels)
+        Whitened scans ``start .. start + n - 1``: for scan ``t >= p``,
+        ``w_t = y_t - sum_k phi_k y_(t-k)``; the first p scans are ``head @ y[:p]``.
+
+    Examples
+    --------
+    Whitening a series in two blocks gives the whitened series:
+
+    >>> y, phi = np.array([[1.0], [2.0], [4.0], [3.0]]), np.array([[0.6]])
+    >>> whiten(y, phi, 0).ravel()
+    array([0.8, 1.4, 2.8, 0.6])
+    >>> whiten(y[1:], phi, 2).ravel()  # scans 2..3, with scan 1 as context
+    array([2.8, 0.6])
+    """
+    order = phi.shape[0]
+    context = min(order, start)
+    n = rows.shape[0] - context
+    phi = np.nan_to_num(phi)
+    out = np.array(rows[context:], dtype=np.float64)
+    skip = min(n, max(0, order - start))  # rows before scan p: done by the head below
+    for lag in range(1, order + 1):
+        out[skip:] -= phi[lag - 1] * rows[context + skip - lag : context + n - lag]
+    if skip:
+        factor = whitening_head(phi) if head is None else head
+        for t in range(start, start + skip):
+            out[t - start] = np.einsum("vs,sv->v", factor[:, t, : t + 1], rows[: t + 1])
+    return out
 
 
 def band_coefficients(phi: Array) -> Array:

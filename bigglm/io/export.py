@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import uuid
+from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
 
+import dask.array as da
 import nibabel as nib
 import numpy as np
 import xarray as xr
@@ -152,13 +154,29 @@ def _open_output(partial: Path, target: Path) -> IO[bytes]:
 
 
 def _blocks(data: Any, n: int, volume_bytes: int) -> Any:
-    """Rows of ``data`` as numpy blocks of about :data:`_WRITE_BLOCK_BYTES` of output."""
+    """Rows of ``data`` as numpy blocks of about :data:`_WRITE_BLOCK_BYTES` of output.
+
+    A dask array is computed one row of its chunks at a time, so each chunk is computed
+    once (slices across a chunk boundary would compute the chunk for each slice).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> [b.shape for b in _blocks(da.zeros((5, 2), chunks=(3, 1)), 5, volume_bytes=8)]
+    [(3, 2), (2, 2)]
+    """
     if data.ndim == 1:
         yield np.asarray(data)[None, :]
         return
     step = max(1, _WRITE_BLOCK_BYTES // max(volume_bytes, 1))
-    for start in range(0, n, step):
-        yield np.asarray(data[start : start + step])
+    if isinstance(data, da.Array):
+        edges = np.cumsum((0, *data.chunks[0])).tolist()
+    else:
+        edges = [*range(0, n, step), n]
+    for lo, hi in pairwise(edges):
+        rows = np.asarray(data[lo:hi])
+        for start in range(0, rows.shape[0], step):
+            yield rows[start : start + step]
 
 
 def _scatter(

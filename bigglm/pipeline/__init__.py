@@ -10,7 +10,9 @@ fitted together):
 2. build the designs and write them as TSV;
 3. fit the GLM on Dask and save the result (Zarr);
 4. compute each contrast and write its maps (NIfTI, BIDS-derivatives names);
-5. write a provenance JSON (configuration, versions, input checksums, timings).
+5. if ``outputs.residuals`` asks for them, write each run's residuals (a second pass
+   over the data; ``<run>_desc-residuals_bold.nii.gz`` or ``.zarr``);
+6. write a provenance JSON (configuration, versions, input checksums, timings).
 
 Every output is written to a temporary name in its folder and renamed into place, and
 each finished step is recorded in ``<outputs>/.bigglm/steps/<unit>/<step>.json`` with a

@@ -25,6 +25,7 @@ from bigglm.pipeline.steps import (
     provenance_step,
     remove_leftovers,
     report_step,
+    residuals_step,
 )
 
 __all__ = ["run_analysis"]
@@ -120,6 +121,7 @@ def _run_unit(
     result, fit_key = fit_step(unit, config, steps, sums, client, progress)
     outcome.n_voxels = int(open_run(unit.runs[0].store).sizes["voxel"])
     maps_step(unit, config, result, fit_key, steps, outcome)
+    residuals_step(unit, config, result, fit_key, steps, outcome, client)
     outcome.steps = dict(steps.timings)
     outcome.provenance = provenance_step(unit, config, outcome, sums, started)
     if config.outputs.report:

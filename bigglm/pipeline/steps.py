@@ -51,6 +51,7 @@ class UnitOutcome:
     n_voxels: int = 0
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     maps: list[Path] = field(default_factory=list)
+    residuals: list[Path] = field(default_factory=list)
     peaks: dict[str, float] = field(default_factory=dict)
     provenance: Path | None = None
     report: Path | None = None
@@ -319,6 +320,34 @@ def maps_step(
         outcome.peaks[name] = _peak(np.asarray(values["z"]))
 
 
+def residuals_step(
+    unit: UnitPlan,
+    config: AnalysisConfig,
+    result: Any,
+    fit_key: str,
+    steps: StepRecords,
+    outcome: UnitOutcome,
+    client: Any,
+) -> None:
+    """Each run's residuals (``outputs.residuals``), beside the maps: a second pass."""
+    from bigglm.glm.residuals import file_name
+
+    options = config.outputs.residuals
+    if options is None:
+        return
+    prefixes = [rp.run.name for rp in unit.runs]
+    fmt, whitened = options.format, options.whitened
+    paths = [unit.folder / file_name(p, whitened=whitened, format=fmt) for p in prefixes]
+    outcome.residuals.extend(paths)
+    key = _digest(fit_key, "residuals", whitened, fmt, [p.name for p in paths])
+    if steps.done("residuals", key, paths):
+        return
+    with steps.running("residuals", key):
+        result.write_residuals(
+            unit.folder, prefixes, whitened=whitened, format=fmt, overwrite=True, client=client
+        )
+
+
 def _peak(z: np.ndarray) -> float:
     """The largest ``|z|`` (NaN when no voxel has a finite z)."""
     finite = np.abs(z[np.isfinite(z)])
@@ -357,7 +386,7 @@ def provenance_step(
             for rp in unit.runs
         ],
         "steps": outcome.steps,
-        "outputs": [str(p) for p in outcome.maps],
+        "outputs": [str(p) for p in (*outcome.maps, *outcome.residuals)],
     }
     path = unit.folder / f"{unit.name}_provenance.json"
     return write_json_atomic(path, record)
