@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import special
 
 from bigglm.exceptions import DesignError
 from bigglm.typing import ContrastKind
@@ -275,6 +274,8 @@ def t_test(effect: Array, variance: Array, dof: float) -> dict[str, Array]:
     >>> bool(out["p"][2] > 0)
     True
     """
+    from scipy import special  # deferred (~0.25 s): 'bigglm validate' parses contrasts only
+
     with np.errstate(divide="ignore", invalid="ignore"):
         stat = effect / np.sqrt(variance)
         magnitude = np.abs(stat)
@@ -309,6 +310,8 @@ def f_test(effect: Array, covariance: Array, dof: float) -> dict[str, Array]:
     >>> bool(out["z"][0] > 0 > out["z"][1])
     True
     """
+    from scipy import special  # deferred (~0.25 s): 'bigglm validate' parses contrasts only
+
     q = effect.shape[0]
     finite = np.all(np.isfinite(covariance), axis=(0, 1)) & np.all(np.isfinite(effect), axis=0)
     cov = np.where(finite, covariance, 0.0).transpose(2, 0, 1)
@@ -329,6 +332,8 @@ def _log_betainc(a: float, b: float, x: Array) -> Array:
     Uses ``I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * 2F1(a + b, 1; a + 1; x)`` where the
     direct value is below 1e-250.
     """
+    from scipy import special  # deferred (~0.25 s): 'bigglm validate' parses contrasts only
+
     direct = np.asarray(special.betainc(a, b, x), dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.log(direct)

@@ -1,7 +1,8 @@
 """HRF kernels and convolution, against nilearn's kernels and numpy's convolution.
 
-Tolerance: nilearn and bigglm evaluate the same scipy gamma densities, so kernels agree
-to floating-point rounding; 1e-10 of the kernel's largest magnitude is asserted.
+Tolerance: nilearn evaluates scipy's gamma density and bigglm the same formula written
+out (scipy.stats is slow to import), so kernels agree to floating-point rounding; 1e-10 of
+the kernel's largest magnitude is asserted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 from nilearn.glm.first_level import hemodynamic_models as nl
 
 from bigglm.design import convolution_matrix, from_time_function, hrf
-from bigglm.design.hrf import convolve_regressor, hrf_basis
+from bigglm.design.hrf import _gamma_pdf, convolve_regressor, hrf_basis
 from bigglm.exceptions import DesignError
 
 NILEARN_KERNELS = {
@@ -102,6 +103,22 @@ def test_convolution_matrix_rejects_bad_input() -> None:
         convolution_matrix(np.ones((2, 2)), 3)
     with pytest.raises(DesignError, match="n=0"):
         convolution_matrix([1.0], 0)
+
+
+@pytest.mark.parametrize("shape", [0.0, 0.5, 1.0, 2.5, 6.0, 6.0 / 0.9, 16.0, 40.0])
+def test_gamma_density_equals_scipy(shape: float) -> None:
+    """The written-out density is scipy.stats.gamma.pdf, at, before and after the onset."""
+    from scipy.stats import gamma
+
+    x = np.append(np.linspace(-2.0, 40.0, 4201), 0.2)  # and x == loc exactly
+    expected = gamma.pdf(x, shape, loc=0.2, scale=0.9)
+    ours = _gamma_pdf(x, shape, 0.2, 0.9)
+    finite = np.isfinite(expected)
+    npt.assert_array_equal(np.isnan(ours), np.isnan(expected))
+    npt.assert_array_equal(np.isinf(ours), np.isinf(expected))
+    if finite.any():
+        scale = np.abs(expected[finite]).max()
+        npt.assert_allclose(ours[finite], expected[finite], rtol=1e-12, atol=1e-14 * scale)
 
 
 @pytest.mark.parametrize("n", [30, 20_000])

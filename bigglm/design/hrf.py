@@ -18,6 +18,7 @@ time in seconds (as in the teaching texts) into one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import cast, get_args
@@ -98,17 +99,31 @@ class GammaDifference:
         >>> SPM.sample(2.0, oversampling=1, time_length=20.0).round(3)[:4]
         array([0.   , 0.   , 0.161, 0.443])
         """
-        from scipy.stats import gamma  # deferred: scipy.stats costs ~1 s at import
-
         step = tr / oversampling
         n_samples = int(np.rint(float(time_length) / step))
         times = np.linspace(0.0, time_length, n_samples) - onset
-        peak = gamma.pdf(times, self.delay / self.dispersion, loc=step, scale=self.dispersion)
-        under = gamma.pdf(
-            times, self.undershoot / self.u_dispersion, loc=step, scale=self.u_dispersion
-        )
+        peak = _gamma_pdf(times, self.delay / self.dispersion, step, self.dispersion)
+        under = _gamma_pdf(times, self.undershoot / self.u_dispersion, step, self.u_dispersion)
         kernel = peak - self.ratio * under
         return np.asarray(kernel / kernel.sum(), dtype=np.float64)
+
+
+def _gamma_pdf(
+    x: NDArray[np.float64], shape: float, loc: float, scale: float
+) -> NDArray[np.float64]:
+    """``scipy.stats.gamma.pdf(x, shape, loc=loc, scale=scale)``, by SciPy's own formula.
+
+    ``exp((shape - 1) log(y) - y - lgamma(shape)) / scale`` with ``y = (x - loc) / scale``,
+    0 for ``y < 0``, NaN for ``shape <= 0``. Written out because importing scipy.stats
+    takes about a second and ``bigglm validate`` builds every design.
+    """
+    y = (x - loc) / scale
+    if shape <= 0:
+        return np.full_like(y, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        power = 0.0 if shape == 1.0 else (shape - 1.0) * np.log(y)  # scipy's xlogy
+        density = np.exp(power - y - math.lgamma(shape)) / scale
+    return np.where(y >= 0, density, 0.0)
 
 
 #: SPM's canonical HRF (peak 6 s, undershoot 16 s, ratio 1/6).
@@ -408,9 +423,9 @@ def convolve_regressor(signal: ArrayLike, kernel: ArrayLike) -> NDArray[np.float
     s = np.asarray(signal, dtype=np.float64)
     h = np.asarray(kernel, dtype=np.float64)
     if s.size * h.size > 200_000:
-        from scipy.signal import fftconvolve  # deferred: scipy.signal costs ~1 s at import
-
-        full = fftconvolve(s, h)
+        # by FFT, as scipy.signal.fftconvolve (whose import takes about a second)
+        n = 1 << (s.size + h.size - 2).bit_length()  # a power of two >= the full length
+        full = np.fft.irfft(np.fft.rfft(s, n) * np.fft.rfft(h, n), n)
     else:
         full = np.convolve(s, h)
     return np.asarray(full[: s.size], dtype=np.float64)
