@@ -1,16 +1,38 @@
 """bigglm: the fMRI general linear model, out of core, on Zarr, xarray and Dask.
 
-The public surface, grouped: functions, classes, exceptions.
+The public surface, grouped: functions, classes, exceptions. Names load lazily: ``import
+bigglm`` is quick, and Dask, xarray, pandas and Zarr load when a name that needs them is
+first used (see :mod:`bigglm._lazy`).
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
-from bigglm import design
 from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, StoreError
-from bigglm.glm import GLMResult, fit
-from bigglm.io import convert, convert_many, open_run, to_nifti
+
+if TYPE_CHECKING:  # the names' homes; at run time each loads on first use
+    from bigglm import design
+    from bigglm.glm.engine import fit
+    from bigglm.glm.result import GLMResult
+    from bigglm.io.convert import convert, convert_many
+    from bigglm.io.export import to_nifti
+    from bigglm.io.store import open_run
+else:
+    from bigglm import _lazy
+
+    __getattr__, __dir__ = _lazy.lazy_exports(
+        __name__,
+        {
+            "bigglm": ["design"],
+            "bigglm.glm.engine": ["fit"],
+            "bigglm.glm.result": ["GLMResult"],
+            "bigglm.io.convert": ["convert", "convert_many"],
+            "bigglm.io.export": ["to_nifti"],
+            "bigglm.io.store": ["open_run"],
+        },
+    )
 
 try:
     __version__ = version("bigglm")

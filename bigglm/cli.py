@@ -3,6 +3,10 @@
 Only this module configures logging handlers and draws progress bars. Errors that
 bigglm anticipates (bad input, bad config, missing files) are printed as one readable
 line and give exit status 2; anything else keeps its traceback under ``--verbose``.
+
+Arguments are parsed before anything heavy is imported: each sub-command imports what it
+needs when it runs, so ``--help``, a usage error or a bad config answer at once instead of
+after loading NumPy, pandas, Dask, xarray and Zarr (``tests/test_imports.py`` checks it).
 """
 
 from __future__ import annotations
@@ -147,10 +151,10 @@ def _add_subject_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)  # before the pipeline's imports: a bad config fails in a blink
     from bigglm.pipeline import run_analysis
     from bigglm.report import format_summary
 
-    config = _load(args)
     outcomes = run_analysis(config, subjects=args.subject, progress=_progress_factory(args))
     print(format_summary(outcomes))
     return 0
@@ -174,9 +178,9 @@ def _add_run(sub: SubParsers) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args)  # before the pipeline's imports: a bad config fails in a blink
     from bigglm.pipeline import plan
 
-    config = _load(args)
     units = plan(config, args.subject)
     runs = sum(len(u.runs) for u in units)
     for unit in units:

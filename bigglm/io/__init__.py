@@ -4,13 +4,31 @@
 - :func:`open_run`: a store as a lazy :class:`xarray.Dataset` (:mod:`bigglm.io.store`);
 - :func:`to_nifti`: per-voxel values back to NIfTI on the run's grid (:mod:`bigglm.io.export`);
 - :func:`compute_epi_mask`: the EPI brain mask used when none is given (:mod:`bigglm.io.mask`).
+
+The names load their modules (and Zarr, Dask, xarray) on first use (:mod:`bigglm._lazy`);
+``bigglm.io.convert`` is the function, not the module.
 """
 
 from __future__ import annotations
 
-from bigglm.io.convert import convert, convert_many
-from bigglm.io.export import to_nifti
-from bigglm.io.mask import compute_epi_mask
-from bigglm.io.store import open_run
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bigglm.io.convert import convert, convert_many
+    from bigglm.io.export import to_nifti
+    from bigglm.io.mask import compute_epi_mask
+    from bigglm.io.store import open_run
+else:
+    from bigglm import _lazy
+
+    __getattr__, __dir__ = _lazy.lazy_exports(
+        __name__,
+        {
+            "bigglm.io.convert": ["convert", "convert_many"],
+            "bigglm.io.export": ["to_nifti"],
+            "bigglm.io.mask": ["compute_epi_mask"],
+            "bigglm.io.store": ["open_run"],
+        },
+    )
 
 __all__ = ["compute_epi_mask", "convert", "convert_many", "open_run", "to_nifti"]
