@@ -30,7 +30,7 @@ import pytest
 import scipy.linalg
 import scipy.signal
 import xarray as xr
-from dask.core import get_dependencies
+from dask.core import get_deps
 from statsmodels.tsa.arima_process import arma_acovf
 
 import bigglm
@@ -193,31 +193,39 @@ class CountingArray:
 
 
 def test_residuals_are_lazy_and_each_task_reads_one_chunk_and_p_rows() -> None:
+    """The memory bound, read off the graph: an output task depends on its own chunk and
+    on the p scans above it, which come from a separate read of the chunk above; every
+    data chunk has that one task as its only dependent, so none waits in memory for the
+    next row of chunks, whatever the order the scheduler runs the rows in."""
     design, y = simulate(phi=(0.4, 0.1))
     source = CountingArray(y)
-    run = xr.Dataset({"bold": (("time", "voxel"), da.from_array(source, chunks=(20, 8)))})
+    bold = da.from_array(source, chunks=(20, 8), name="bold-data")
+    run = xr.Dataset({"bold": (("time", "voxel"), bold)})
     result = bigglm.fit(run, design, noise="ar2").compute()
     reads = source.reads
     e = result.residuals(whitened=True)
     assert source.reads == reads  # nothing read until computed
     graph = dict(e.data.__dask_graph__())
-    bold_name = run["bold"].data.name
+    dependencies, dependents = get_deps(graph)
+    bold_name = "bold-data"  # the data's chunks; their clone's are "bold-data-<token>"
 
     def chunks_read(key: Any) -> set[Any]:
         """The data chunks an output task depends on (directly or through a context task)."""
         found: set[Any] = set()
-        stack = list(get_dependencies(graph, key))
+        stack = list(dependencies[key])
         while stack:
             dep = stack.pop()
-            if isinstance(dep, tuple) and dep[0] == bold_name:
-                found.add(dep[1:])
+            if isinstance(dep, tuple) and len(dep) == 3 and dep[0].startswith(bold_name):
+                found.add((dep[0] == bold_name, *dep[1:]))
             else:
-                stack.extend(get_dependencies(graph, dep))
+                stack.extend(dependencies[dep])
         return found
 
     for i in range(5):
         for j in range(3):
-            assert chunks_read((e.data.name, i, j)) == ({(i, j), (i - 1, j)} if i else {(0, j)})
+            own = {(True, i, j)}
+            assert chunks_read((e.data.name, i, j)) == (own | {(False, i - 1, j)} if i else own)
+            assert dependents[(bold_name, i, j)] == {(e.data.name, i, j)}
     e.values  # noqa: B018
     assert source.reads > reads
 
@@ -380,6 +388,22 @@ def test_nifti_and_zarr_outputs_round_trip(
     with pytest.raises(StoreError, match="overwrite=True"):
         result.write_residuals(tmp_path, "sub-01_task-x", whitened=whitened)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+@pytest.mark.cluster
+def test_written_on_a_distributed_client_as_in_process(
+    nifti_run: dict[str, Any], tmp_path: Path, local_client: Any
+) -> None:
+    """Betas scattered to the workers, chunks written by them: the same numbers."""
+    result = bigglm.fit(nifti_run["store"], nifti_run["design"], noise="ar2")
+    expected = result.residuals(whitened=True).values
+    paths = [
+        result.write_residuals(tmp_path, "d", whitened=True, format=f, client=local_client)[0]
+        for f in ("zarr", "nifti")
+    ]
+    np.testing.assert_array_equal(bigglm.open_run(paths[0])["bold"].values, expected)
+    data = np.asarray(nib.load(paths[1]).dataobj)
+    np.testing.assert_array_equal(data[nifti_run["mask"]].T, expected)
 
 
 def test_result_loaded_from_zarr_reopens_its_store(

@@ -486,7 +486,9 @@ class GLMResult:
             float32 ``(time, voxel)`` backed by a dask array chunked as the run's
             ``bold``; NaN for voxels whose ``status`` is not ok. A task holds one chunk
             (whitening adds the p scans before it), so any run size can be computed or
-            written (:meth:`write_residuals`) in bounded memory.
+            written (:meth:`write_residuals`) in bounded memory. When Dask's default
+            scheduler is a ``distributed`` client, the betas are sent to its workers
+            here, once, and the array is computed there.
 
         Raises
         ------
@@ -546,9 +548,10 @@ class GLMResult:
 
         One file per run, named ``<prefix>_desc-residuals_bold.nii.gz`` (whitened:
         ``desc-whitenedResiduals``), or ``.zarr`` for ``format="zarr"``. This is a second
-        pass over the data. A NIfTI is assembled one row of chunks at a time (the
-        client holds a chunk's volumes by all voxels, never the series) and written
-        under a temporary name, then renamed. A Zarr store has the layout of a converted
+        pass over the data. A NIfTI is assembled one row of chunks at a time (this
+        process holds one time chunk of volumes by all voxels, never the series; the
+        workers compute the row in groups of chunks) and written under a temporary
+        name, then renamed. A Zarr store has the layout of a converted
         run (:func:`bigglm.open_run` opens it, :func:`bigglm.to_nifti` writes it out)
         and the chunks of the input; workers write its chunks directly.
 

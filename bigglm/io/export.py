@@ -103,6 +103,7 @@ def to_nifti(
             columns = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
             for block in _blocks(data, n, mask.size * dtype.itemsize):
                 out.write(_scatter(block, columns, mask.size, dtype, fill_value).tobytes())
+                del block  # a view of a whole row of chunks: free it before the next row
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -156,8 +157,7 @@ def _open_output(partial: Path, target: Path) -> IO[bytes]:
 def _blocks(data: Any, n: int, volume_bytes: int) -> Any:
     """Rows of ``data`` as numpy blocks of about :data:`_WRITE_BLOCK_BYTES` of output.
 
-    A dask array is computed one row of its chunks at a time, so each chunk is computed
-    once (slices across a chunk boundary would compute the chunk for each slice).
+    A dask array is computed one row of its chunks at a time (:func:`_chunk_rows`).
 
     Examples
     --------
@@ -170,13 +170,44 @@ def _blocks(data: Any, n: int, volume_bytes: int) -> Any:
         return
     step = max(1, _WRITE_BLOCK_BYTES // max(volume_bytes, 1))
     if isinstance(data, da.Array):
-        edges = np.cumsum((0, *data.chunks[0])).tolist()
+        rows: Any = _chunk_rows(data)
     else:
-        edges = [*range(0, n, step), n]
-    for lo, hi in pairwise(edges):
-        rows = np.asarray(data[lo:hi])
-        for start in range(0, rows.shape[0], step):
-            yield rows[start : start + step]
+        rows = (np.asarray(data[lo : lo + step]) for lo in range(0, n, step))
+    for row in rows:
+        for start in range(0, row.shape[0], step):
+            yield row[start : start + step]
+        del row  # before the next row is allocated
+
+
+def _chunk_rows(data: da.Array, budget: int = _WRITE_BLOCK_BYTES) -> Any:
+    """Each row of chunks of a 2D dask array, in order, every chunk computed once.
+
+    A row is computed in groups of whole chunks of about ``budget`` bytes, so the
+    workers hold one group of results at a time (a row of a large series can be bigger
+    than a worker), and this process the row it assembles.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> data = da.from_array(np.arange(6).reshape(3, 2), chunks=(2, 1))
+    >>> [r.tolist() for r in _chunk_rows(data)]
+    [[[0, 1], [2, 3]], [[4, 5]]]
+    >>> [r.tolist() for r in _chunk_rows(data, budget=1)]  # one chunk per group
+    [[[0, 1], [2, 3]], [[4, 5]]]
+    """
+    row_edges = np.cumsum((0, *data.chunks[0])).tolist()
+    column_edges = np.cumsum((0, *data.chunks[1])).tolist()
+    for lo, hi in pairwise(row_edges):
+        row = np.empty((hi - lo, data.shape[1]), dtype=data.dtype)
+        width = max(1, budget // max(1, (hi - lo) * data.dtype.itemsize))
+        first = 0
+        for last in column_edges[1:]:
+            if last - column_edges[first] >= width or last == data.shape[1]:
+                left = column_edges[first]
+                row[:, left:last] = data[lo:hi, left:last].compute()
+                first = column_edges.index(last)
+        yield row
+        del row  # before the next row is allocated
 
 
 def _scatter(
