@@ -612,16 +612,17 @@ class GLMResult:
         for path in paths:
             if path.exists() and not overwrite:
                 raise StoreError(f"{path} exists; pass overwrite=True to replace it")
+        sources = [self._source(index) for index in range(n_runs)]
+        for index, like in enumerate(sources):  # every run checked before any is written
+            if "mask" not in like or "affine" not in like.attrs:
+                raise StoreError(
+                    f"run {index} has no voxel grid (mask, affine); fit from a store "
+                    "to write residuals"
+                )
         active = client if client is not None else self._client
         with dask.config.set(scheduler=active) if active is not None else nullcontext():
-            for index, path in enumerate(paths):
+            for index, (path, like) in enumerate(zip(paths, sources, strict=True)):
                 values = self.residuals(index, whitened=whitened)
-                like = self._source(index)
-                if "mask" not in like or "affine" not in like.attrs:
-                    raise StoreError(
-                        f"run {index} has no voxel grid (mask, affine); fit from a store "
-                        "to write residuals"
-                    )
                 logger.info("writing %s (a second pass over run %d)", path, index)
                 if format == "zarr":
                     write_store(values, like, path, overwrite=overwrite)
