@@ -272,8 +272,16 @@ def test_nifti_maps_with_bids_names_from_a_store(tmp_path: Path) -> None:
         tmp_path / "out", {"any": ["faces", "houses"]}, prefix="sub-01", kind="F"
     )
     assert {p.name.split("_stat-")[1] for p in f_files} == {
-        f"{s}_statmap.nii.gz" for s in ("effect", "F", "p", "z")
+        f"{s}_statmap.nii.gz" for s in ("effect", "variance", "F", "p", "z")
     }
+    f_maps = result.contrast(["faces", "houses"], kind="F")
+    by_stat = {p.name.split("_stat-")[1].split("_")[0]: p for p in f_files}
+    ijk = (ds["i"].values, ds["j"].values, ds["k"].values)
+    effect = np.asarray(nib.load(by_stat["effect"]).get_fdata())[ijk]  # (voxel, row)
+    variance = np.asarray(nib.load(by_stat["variance"]).get_fdata())[ijk]
+    np.testing.assert_allclose(effect.T, f_maps["effect"].values, rtol=1e-6)
+    for row in (0, 1):
+        np.testing.assert_allclose(variance[:, row], f_maps["variance"].values[row, row], rtol=1e-6)
 
 
 def test_threaded_default_scheduler_gives_the_same_numbers_as_synchronous() -> None:

@@ -412,7 +412,8 @@ class GLMResult:
         """Write contrast maps as NIfTI files with BIDS-derivatives names.
 
         For each contrast, ``<prefix>_contrast-<label>_stat-<stat>_statmap.nii.gz`` for
-        stat in effect, variance (t only), t or F, p and z; ``<label>`` is the dict key
+        stat in effect, variance, t or F, p and z (for F, effect and variance are 4D: one
+        volume per contrast row, the variance being that row's); ``<label>`` is the dict key
         (or the expression) in camelCase, e.g. ``facesMinusHouses``. Each file is
         written atomically by :func:`bigglm.to_nifti`, on the grid of the first run
         (the store the result was fitted from, also after :meth:`from_zarr`).
@@ -663,6 +664,9 @@ def _nifti_maps(maps: xr.Dataset, kind: ContrastKind) -> dict[str, xr.DataArray]
     out = {"effect": maps["effect"]}
     if kind == "t":
         out["variance"] = maps["variance"]
+    else:  # one volume per row: each row's effect and its variance (the covariance diagonal)
+        diagonal = np.einsum("iiv->iv", maps["variance"].values)
+        out["variance"] = xr.DataArray(diagonal, dims=("row", "voxel"))
     out[kind] = maps["stat"]
     out["p"] = maps["p"]
     out["z"] = maps["z"]
