@@ -119,13 +119,15 @@ def test_fit_command_writes_maps_without_yaml(tiny_bids: Path, tmp_path: Path) -
     options = ["--events", str(events), "--noise", "ols", *contrasts]
     done = _bigglm("fit", str(store), *options, "--output", str(tmp_path / "maps"))
     assert done.returncode == 0, done.stderr
-    assert "wrote 7 maps" in done.stdout
+    assert "wrote 8 maps" in done.stdout  # effect, variance, stat, z for each contrast
     z = np.asarray(nib.load(tmp_path / "maps/contrast-aMinusB_stat-z_statmap.nii.gz").dataobj)
     f = np.asarray(nib.load(tmp_path / "maps/contrast-any_stat-stat_statmap.nii.gz").dataobj)
     mask = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0
     # The tiny dataset's truth: condition a is active (effect 3, noise SD 1) in x < 5 only.
     assert np.median(z[:5][mask[:5]]) > 3 and abs(np.median(z[5:][mask[5:]])) < 1.5
     assert np.all(f[mask] >= 0)
+    f_effect = nib.load(tmp_path / "maps/contrast-any_stat-effect_statmap.nii.gz")
+    assert f_effect.shape == (*mask.shape, 2)  # one volume per F row: a, b
 
 
 def test_fit_command_bad_contrast_option_is_one_line(tmp_path: Path) -> None:

@@ -454,7 +454,8 @@ class GLMResult:
         written = []
         for name, spec in con.named_contrasts(contrasts).items():
             maps = self.contrast(spec, kind=kind, precision_weighted=precision_weighted)
-            for stat, values in _nifti_maps(maps, kind).items():
+            for stat, values in contrast_maps(maps).items():
+                stat = kind if stat == "stat" else stat
                 path = out_dir / f"{prefix}_contrast-{con.label(name)}_stat-{stat}_statmap.nii.gz"
                 bigglm.to_nifti(values, like, path)
                 written.append(path)
@@ -659,17 +660,25 @@ class GLMResult:
         return open_source(given)
 
 
-def _nifti_maps(maps: xr.Dataset, kind: ContrastKind) -> dict[str, xr.DataArray]:
-    """The maps written per contrast, keyed by BIDS ``stat-`` value."""
-    out = {"effect": maps["effect"]}
-    if kind == "t":
-        out["variance"] = maps["variance"]
-    else:  # one volume per row: each row's effect and its variance (the covariance diagonal)
+def contrast_maps(maps: xr.Dataset) -> dict[str, xr.DataArray]:
+    """The (voxel,) or (row, voxel) maps of a contrast Dataset that are written as images.
+
+    Keys ``effect``, ``variance``, ``stat``, ``p`` and ``z``. For an F contrast the effect
+    and the variance have one row per contrast row (4D images), the variance being the
+    diagonal of the effect's covariance.
+
+    Examples
+    --------
+    >>> maps = xr.Dataset({"effect": (("row", "voxel"), np.ones((2, 3))),
+    ...                    "variance": (("row", "row2", "voxel"), np.ones((2, 2, 3)))})
+    >>> contrast_maps(maps)["variance"].dims
+    ('row', 'voxel')
+    """
+    out = {"effect": maps["effect"], "variance": maps["variance"]}
+    if "row2" in maps["variance"].dims:
         diagonal = np.einsum("iiv->iv", maps["variance"].values)
         out["variance"] = xr.DataArray(diagonal, dims=("row", "voxel"))
-    out[kind] = maps["stat"]
-    out["p"] = maps["p"]
-    out["z"] = maps["z"]
+    out.update({name: maps[name] for name in ("stat", "p", "z") if name in maps})
     return out
 
 

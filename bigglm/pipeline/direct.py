@@ -8,7 +8,6 @@ from pathlib import Path
 
 from bigglm.exceptions import ConfigError
 from bigglm.pipeline.plan import bids_label
-from bigglm.pipeline.steps import F_MAPS
 from bigglm.typing import ContrastKind
 
 __all__ = ["fit_stores", "parse_contrast_options"]
@@ -78,7 +77,8 @@ def fit_stores(
 
     The ``bigglm fit`` command: designs are built from the stores' TR and length and the
     given events and confounds, the runs are fitted together, and for every contrast the
-    effect, variance, stat and z maps (stat and z for F) are written to ``output``, with
+    effect, variance, stat and z maps (for F, effect and variance with one volume per
+    row) are written to ``output``, with
     the result store ``glm.zarr``.
 
     Parameters
@@ -119,6 +119,7 @@ def fit_stores(
     from bigglm.config import ClusterConfig, ModelConfig
     from bigglm.design import make_run_design
     from bigglm.glm import fit
+    from bigglm.glm.result import contrast_maps
     from bigglm.io import open_run, to_nifti
 
     named = parse_contrast_options(contrasts)
@@ -153,8 +154,8 @@ def fit_stores(
     result.to_zarr(output / "glm.zarr", overwrite=True)
     for name, expression in named.items():
         kind: ContrastKind = "t" if isinstance(expression, str) else "F"
-        values = result.contrast(expression, kind=kind)
-        for stat in ("effect", "variance", "stat", "z") if kind == "t" else F_MAPS:
+        images = contrast_maps(result.contrast(expression, kind=kind))
+        for stat in ("effect", "variance", "stat", "z"):
             path = output / f"contrast-{bids_label(name)}_stat-{stat}_statmap.nii.gz"
-            written.append(to_nifti(values[stat], stores[0], path))
+            written.append(to_nifti(images[stat], stores[0], path))
     return written

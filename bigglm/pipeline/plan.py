@@ -378,6 +378,3 @@ def bids_label(name: str) -> str:
     """
     head, *rest = name.split("_")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
-
-
-#: Maps that exist for an F contrast (its effect is a vector per voxel).

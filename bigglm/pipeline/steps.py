@@ -289,9 +289,6 @@ def fit_step(
     return GLMResult.from_zarr(path), key
 
 
-F_MAPS = ("stat", "p", "z")
-
-
 def maps_step(
     unit: UnitPlan,
     config: AnalysisConfig,
@@ -300,13 +297,13 @@ def maps_step(
     steps: StepRecords,
     outcome: UnitOutcome,
 ) -> None:
+    from bigglm.glm.result import contrast_maps
     from bigglm.io import to_nifti
 
     like = unit.runs[0].store
     for name, expression in config.contrasts.items():
         kind: ContrastKind = "t" if isinstance(expression, str) else "F"
-        stats = [m for m in config.outputs.maps if kind == "t" or m in F_MAPS]
-        paths = {stat: map_path(config, unit.name, name, stat) for stat in stats}
+        paths = {stat: map_path(config, unit.name, name, stat) for stat in config.outputs.maps}
         key = _digest(fit_key, expression, kind, sorted(paths))
         outcome.maps.extend(paths.values())
         if steps.done(f"contrast-{name}", key, list(paths.values())):
@@ -315,8 +312,9 @@ def maps_step(
             continue
         with steps.running(f"contrast-{name}", key):
             values = result.contrast(expression, kind=kind)
+            images = contrast_maps(values)
             for stat, path in paths.items():
-                to_nifti(values[stat], like, path)
+                to_nifti(images[stat], like, path)
         outcome.peaks[name] = _peak(np.asarray(values["z"]))
 
 
