@@ -11,7 +11,9 @@ whole wall time.
 ``--cold`` evicts the step's input files (the run's NIfTI files and the stores it reads)
 from the operating system's page cache before every repeat (``posix_fadvise``
 ``DONTNEED``, no privileges needed), so each repeat reads from the disk: the case of data
-larger than memory. Without it the inputs are read from memory after the first repeat.
+larger than memory. Without it every input file is read once before each repeat, so the
+repeat reads from memory. Either way, pending writes are flushed first (a store the
+previous step wrote would otherwise still be going to disk while this one reads).
 """
 
 from __future__ import annotations
@@ -269,8 +271,11 @@ def main() -> None:
     _warm_imports(args)
     times = []
     for _ in range(args.repeat):
+        os.sync()  # a store written by the previous step is not still being flushed
         if args.cold:
             _evict(args)
+        else:
+            _prewarm(args)
         start = time.perf_counter()
         output: dict[str, Any] = STEPS[args.step](args)
         times.append(time.perf_counter() - start)
@@ -279,18 +284,32 @@ def main() -> None:
     (args.work_dir / f"{args.step}.json").write_text(json.dumps(output))
 
 
-def _evict(args: argparse.Namespace) -> None:
-    """Drop the step's possible inputs from the page cache (written data are synced first)."""
+def _inputs(args: argparse.Namespace) -> Iterator[Path]:
+    """Every file the step may read: the run's folder and the stores."""
     roots = [args.run_dir, _store(args), *(store for _, store in _run_stores(args))]
-    os.sync()
     for root in roots:
-        files = [root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())
-        for path in files:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        if root.is_file():
+            yield root
+        elif root.is_dir():
+            yield from (p for p in root.rglob("*") if p.is_file())
+
+
+def _evict(args: argparse.Namespace) -> None:
+    """Drop the step's possible inputs from the page cache."""
+    for path in _inputs(args):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _prewarm(args: argparse.Namespace) -> None:
+    """Read the step's possible inputs once, so that they are in the page cache."""
+    for path in _inputs(args):
+        with path.open("rb") as f:
+            while f.read(2**24):
+                pass
 
 
 def _warm_imports(args: argparse.Namespace) -> None:

@@ -491,3 +491,73 @@ def test_a_store_with_other_voxels_is_converted_again(
     (outcome,) = run_analysis(config, client=local_client)  # the EPI mask is not the brain mask
     assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "ran"
     assert outcome.n_voxels == 8 * 8 * 8
+
+
+def _task_counts(events: list[dict[str, Any]]) -> dict[str, int]:
+    """Tasks of a distributed task stream, counted by function name."""
+    from dask.utils import key_split
+
+    counts: dict[str, int] = {}
+    for event in events:
+        prefix = key_split(event["key"])
+        counts[prefix] = counts.get(prefix, 0) + 1
+    return counts
+
+
+def test_runs_are_hashed_and_converted_on_the_workers_in_parallel(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """Every unit's runs are converted up front, one task per run on the workers (with
+    the source files hashed there too); the unit steps then reuse the stores and record
+    the conversions as run, and a rerun converts nothing."""
+    from distributed import get_task_stream
+
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", model={"noise": "ols"}))
+    with get_task_stream(local_client) as stream:
+        outcomes = run_analysis(config, client=local_client)
+    counts = _task_counts(stream.data)
+    assert counts.get("timed_convert") == 2 and counts.get("sha256_file") == 2
+    for outcome in outcomes:
+        assert outcome.steps[f"convert-{outcome.name}"]["status"] == "ran"
+        assert outcome.steps[f"convert-{outcome.name}"]["seconds"] > 0
+    with get_task_stream(local_client) as stream:
+        again = run_analysis(config, client=local_client)
+    assert "timed_convert" not in _task_counts(stream.data)
+    assert all(o.steps[f"convert-{o.name}"]["status"] == "reused" for o in again)
+
+
+def test_later_runs_without_masks_take_the_first_runs_epi_mask_on_the_workers(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """Runs given without masks: a unit's first run is converted first (its EPI mask is
+    computed from the data), then its other runs on the same voxels, in parallel."""
+    from distributed import get_task_stream
+
+    func = tiny_bids / "derivatives/sub-01/func"
+    bold = func / "sub-01_task-tiny_desc-preproc_bold.nii.gz"
+    img = nib.load(bold)
+    runs = []
+    for index, shift in enumerate((0.0, 2.0, -1.0)):
+        path = tmp_path / f"run{index + 1}_bold.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + shift, img.affine, img.header), path)
+        runs.append(
+            {
+                "bold": str(path),
+                "events": str(tiny_bids / "raw/sub-01/func/sub-01_task-tiny_events.tsv"),
+                "subject": "01",
+                "task": "tiny",
+            }
+        )
+    cfg = tiny_config(tiny_bids, tmp_path / "out", model={"noise": "ols"})
+    cfg["inputs"] = {"runs": runs}
+    config = parse_config(cfg)
+    with get_task_stream(local_client) as stream:
+        (outcome,) = run_analysis(config, client=local_client)
+    # the first run, then runs 2 and 3 (submitted together) with its EPI mask
+    assert _task_counts(stream.data).get("timed_convert") == 3
+    import bigglm
+
+    (unit,) = plan(config)
+    masks = [np.asarray(bigglm.open_run(rp.store)["mask"].values) for rp in unit.runs]
+    assert len(masks) == 3 and all(np.array_equal(m, masks[0]) for m in masks)
+    assert {s["status"] for k, s in outcome.steps.items() if k.startswith("convert")} == {"ran"}

@@ -6,22 +6,26 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bigglm.config import AnalysisConfig
 from bigglm.pipeline.lock import lock_units
-from bigglm.pipeline.plan import UnitPlan, plan
+from bigglm.pipeline.plan import RunPlan, UnitPlan, plan
 from bigglm.pipeline.steps import (
     Checksums,
+    Conversion,
     ProgressFactory,
     StepRecords,
     UnitOutcome,
+    convert_on_client,
     convert_step,
     design_step,
     epi_mask,
     fit_step,
     intersection_mask,
     maps_step,
+    pending_conversion,
     provenance_step,
     remove_leftovers,
     report_step,
@@ -80,8 +84,75 @@ def run_analysis(
     outputs = config.outputs.folder
     outputs.mkdir(parents=True, exist_ok=True)
     factory: ProgressFactory = progress or (lambda description: nullcontext(_no_progress))
+    records = {u.name: StepRecords(outputs, u.name) for u in units}
+    sums = Checksums()
     with lock_units(outputs, [u.name for u in units]), _client(config, client) as active:
-        return [_run_unit(u, config, active, factory) for u in units]
+        _convert_up_front(units, config, records, sums, active, factory)
+        return [_run_unit(u, config, records[u.name], sums, active, factory) for u in units]
+
+
+def _convert_up_front(
+    units: list[UnitPlan],
+    config: AnalysisConfig,
+    records: dict[str, StepRecords],
+    sums: Checksums,
+    client: Any,
+    progress: ProgressFactory,
+) -> None:
+    """Convert the runs of every unit in parallel on the client's workers.
+
+    Two waves: the runs whose mask is known (the configured mask, the intersection of
+    the runs' brain masks, or a unit's first run, which computes its EPI mask), then the
+    other runs of units whose later runs take the first run's mask. Files are hashed
+    on the workers too. With fewer than two conversions to do, the unit steps convert
+    in this process as before (one conversion alone is as fast there, with finer
+    progress).
+    """
+    sums.prefetch([rp.run.bold for u in units for rp in u.runs], client)
+    first: list[Conversion] = []
+    later: list[UnitPlan] = []
+    for unit in units:
+        unit.folder.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(unit)
+        mask = _known_mask(unit, config)
+        runs = unit.runs if mask is not None or len(unit.runs) == 1 else unit.runs[:1]
+        first += _pending(unit, runs, mask, records, sums, config)
+        if len(runs) < len(unit.runs):
+            later.append(unit)
+    if len(first) > 1 or (first and later):  # later runs wait for their unit's first
+        convert_on_client(first, config, client, progress)
+    second: list[Conversion] = []
+    for unit in later:
+        if not unit.runs[0].store.exists():
+            continue  # its first run was the only conversion: the unit converts in order
+        second += _pending(unit, unit.runs[1:], epi_mask(unit, config), records, sums, config)
+    if len(second) > 1:
+        convert_on_client(second, config, client, progress)
+
+
+def _pending(
+    unit: UnitPlan,
+    runs: Sequence[RunPlan],
+    mask: Path | None,
+    records: dict[str, StepRecords],
+    sums: Checksums,
+    config: AnalysisConfig,
+) -> list[Conversion]:
+    """The runs among ``runs`` whose stores must be made."""
+    jobs = []
+    for rp in runs:
+        key = pending_conversion(rp, mask, records[unit.name], sums, config)
+        if key is not None:
+            jobs.append(Conversion(rp, mask, records[unit.name], key))
+    return jobs
+
+
+def _known_mask(unit: UnitPlan, config: AnalysisConfig) -> Path | None:
+    """The unit's mask before any conversion: configured, or the intersection of its
+    runs' brain masks; None when the first run's EPI mask will be used."""
+    if unit.mask is None and any(rp.run.mask is not None for rp in unit.runs):
+        return intersection_mask(unit, config)
+    return unit.mask
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -100,19 +171,19 @@ def _client(config: AnalysisConfig, client: Any) -> Iterator[Any]:
 
 
 def _run_unit(
-    unit: UnitPlan, config: AnalysisConfig, client: Any, progress: ProgressFactory
+    unit: UnitPlan,
+    config: AnalysisConfig,
+    steps: StepRecords,
+    sums: Checksums,
+    client: Any,
+    progress: ProgressFactory,
 ) -> UnitOutcome:
     from bigglm.io import open_run
 
     started = datetime.now(UTC).isoformat()
     outcome = UnitOutcome(unit.name, len(unit.runs), sum(rp.n_scans for rp in unit.runs))
-    steps = StepRecords(config.outputs.folder, unit.name)
-    sums = Checksums()
     unit.folder.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(unit)
-    mask = unit.mask
-    if mask is None and any(rp.run.mask is not None for rp in unit.runs):
-        mask = intersection_mask(unit, config)
+    mask = _known_mask(unit, config)
     for index, rp in enumerate(unit.runs):
         convert_step(unit, rp, mask, steps, sums, config, progress)
         if mask is None and index == 0 and len(unit.runs) > 1:

@@ -83,7 +83,7 @@ class StepRecords:
         except (OSError, ValueError):
             return False
         finished = stored.get("key") == key and all(Path(p).exists() for p in outputs)
-        if finished:
+        if finished and step not in self.timings:  # not run earlier in this session
             self.timings[step] = {"status": "reused", "seconds": stored.get("seconds", 0.0)}
             logger.info("%s: %s already done, skipped", self.folder.name, step)
         return finished
@@ -105,7 +105,11 @@ class StepRecords:
         start = time.perf_counter()
         logger.info("%s: %s ...", self.folder.name, step)
         yield
-        seconds = round(time.perf_counter() - start, 3)
+        self.record(step, key, time.perf_counter() - start)
+
+    def record(self, step: str, key: str, seconds: float) -> None:
+        """Record a step that ran (here or on a worker) as finished."""
+        seconds = round(seconds, 3)
         self.folder.mkdir(parents=True, exist_ok=True)
         finished = datetime.now(UTC).isoformat()
         write_json_atomic(
@@ -124,11 +128,28 @@ class Checksums:
         self._known: dict[tuple[str, int, int], str] = {}
 
     def __call__(self, path: Path) -> str:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = self._key(path)
         if key not in self._known:
             self._known[key] = sha256_file(path)
         return self._known[key]
+
+    def prefetch(self, paths: Sequence[Path], client: Any) -> None:
+        """Hash the files not known yet on the client's workers, in parallel.
+
+        The files must be readable by the workers (a shared filesystem, as for
+        conversion on workers).
+        """
+        todo = list({self._key(p): p for p in paths if self._key(p) not in self._known}.items())
+        if not todo:
+            return
+        futures = client.map(sha256_file, [str(p) for _, p in todo], pure=False)
+        for (key, _), digest in zip(todo, client.gather(futures), strict=True):
+            self._known[key] = digest
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, int, int]:
+        stat = path.stat()
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def convert_step(
@@ -140,18 +161,12 @@ def convert_step(
     config: AnalysisConfig,
     progress: ProgressFactory,
 ) -> None:
+    """Convert one run here, unless its store is up to date."""
     from bigglm.io import convert
 
-    mask_sum = sums(mask) if mask is not None else None
-    key = _digest(sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
-    step = f"convert-{rp.run.name}"
-    if steps.done(step, key, [rp.store]) and _store_matches(rp, sums, None):
+    key = pending_conversion(rp, mask, steps, sums, config)
+    if key is None:
         return
-    if _store_matches(rp, sums, mask):  # made elsewhere (`bigglm convert`) from the same file
-        steps.adopt(step, key)
-        return
-    rp.store.parent.mkdir(parents=True, exist_ok=True)
-    _remove_partials(rp.store)
     with steps.running(f"convert-{rp.run.name}", key), progress(f"convert {rp.run.name}") as cb:
         convert(
             rp.run.bold,
@@ -162,6 +177,87 @@ def convert_step(
             time_chunk=config.store.time_chunk,
             progress=cb,
         )
+
+
+def pending_conversion(
+    rp: RunPlan, mask: Path | None, steps: StepRecords, sums: Checksums, config: AnalysisConfig
+) -> str | None:
+    """The convert step's key if the run's store must be made, None if it is up to date.
+
+    A store made elsewhere (``bigglm convert``) from the same file is adopted. When a
+    key is returned, the store's folder exists and no partial conversion is left in it.
+    """
+    mask_sum = sums(mask) if mask is not None else None
+    key = _digest(sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
+    step = f"convert-{rp.run.name}"
+    if steps.done(step, key, [rp.store]) and _store_matches(rp, sums, None):
+        return None
+    if _store_matches(rp, sums, mask):  # made elsewhere (`bigglm convert`) from the same file
+        steps.adopt(step, key)
+        return None
+    rp.store.parent.mkdir(parents=True, exist_ok=True)
+    _remove_partials(rp.store)
+    return key
+
+
+@dataclass
+class Conversion:
+    """One run to convert on a worker: where its step is recorded, and with what key."""
+
+    run: RunPlan
+    mask: Path | None
+    steps: StepRecords
+    key: str
+
+
+def convert_on_client(
+    jobs: Sequence[Conversion], config: AnalysisConfig, client: Any, progress: ProgressFactory
+) -> None:
+    """Convert runs in parallel, one task per run on the client's workers.
+
+    Each run's step is recorded as soon as its store is complete, so an interrupted
+    analysis keeps every finished store. If conversions fail, the first error is raised
+    once every run has ended.
+    """
+    from distributed import as_completed
+
+    futures = {
+        client.submit(
+            _timed_convert,
+            job.run.run.bold,
+            job.run.store,
+            job.mask,
+            job.run.tr,
+            config.store.time_chunk,
+            pure=False,
+        ): job
+        for job in jobs
+    }
+    logger.info("converting %d runs on the cluster's workers", len(jobs))
+    errors: list[BaseException] = []
+    with progress(f"convert {len(jobs)} runs") as cb:
+        for done, future in enumerate(as_completed(futures, loop=client.loop), start=1):
+            job = futures[future]
+            try:
+                seconds = future.result()
+            except Exception as err:
+                errors.append(err)
+            else:
+                job.steps.record(f"convert-{job.run.run.name}", job.key, seconds)
+            cb(done, len(jobs))
+    if errors:
+        raise errors[0]
+
+
+def _timed_convert(
+    bold: Path, store: Path, mask: Path | None, tr: float, time_chunk: int | None
+) -> float:
+    """Convert one run (on a worker) and return how long it took."""
+    from bigglm.io import convert
+
+    start = time.perf_counter()
+    convert(bold, store, mask=mask, tr=tr, overwrite=True, time_chunk=time_chunk)
+    return time.perf_counter() - start
 
 
 def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
