@@ -213,6 +213,14 @@ def run_scaling(counts: list[int], workers: list[int], memory_limit: str) -> lis
     return rows
 
 
+#: Steps that take tens of seconds: their run-to-run noise is small next to their time.
+SLOW_STEPS = ("nilearn_ols", "nilearn_ar1", "read_niigz_nibabel")
+
+
+def _repeats(step: str, wanted: int) -> int:
+    return min(wanted, 3) if step in SLOW_STEPS else wanted
+
+
 def ratio_table(by_step: dict[tuple[str, str], Measurement]) -> list[dict[str, str | float]]:
     """The RATIOS, for each page-cache state that has both steps."""
     rows: list[dict[str, str | float]] = []
@@ -317,7 +325,10 @@ def main() -> None:
         "--steps", nargs="*", default=list(COMPARISONS), help="which 1x comparisons to run"
     )
     parser.add_argument(
-        "--repeat", type=int, default=3, help="repeats of each 1x comparison (median reported)"
+        "--repeat",
+        type=int,
+        default=7,
+        help="repeats of each 1x comparison (median reported); at most 3 for the slow steps",
     )
     parser.add_argument(
         "--cache",
@@ -332,8 +343,8 @@ def main() -> None:
     run = write_run(Spec())
     work = RESULTS / "work" / Spec().name
     measured = [
-        measure(name, run.nii.parent, work, 1, repeat=args.repeat, cold=cache == "cold")
-        for cache in args.cache
+        measure(name, run.nii.parent, work, 1, repeat=_repeats(name, args.repeat), cold=cold)
+        for cold in (cache == "cold" for cache in args.cache)
         for name in args.steps
     ]
     by_step = {(m.step, m.cache): m for m in measured}
