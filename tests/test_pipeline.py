@@ -561,3 +561,28 @@ def test_later_runs_without_masks_take_the_first_runs_epi_mask_on_the_workers(
     masks = [np.asarray(bigglm.open_run(rp.store)["mask"].values) for rp in unit.runs]
     assert len(masks) == 3 and all(np.array_equal(m, masks[0]) for m in masks)
     assert {s["status"] for k, s in outcome.steps.items() if k.startswith("convert")} == {"ran"}
+
+
+def test_relative_input_paths_reach_the_workers_resolved(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any, monkeypatch: Any
+) -> None:
+    """A configuration built in Python (no YAML folder) may name inputs relative to the
+    current directory; the workers, started elsewhere, still hash and convert them."""
+    func = tiny_bids / "derivatives/sub-01/func"
+    here = tmp_path / "here"
+    here.mkdir()
+    for index in (1, 2):
+        (here / f"run{index}_bold.nii.gz").write_bytes(
+            (func / "sub-01_task-tiny_desc-preproc_bold.nii.gz").read_bytes()
+        )
+    monkeypatch.chdir(here)
+    events = str(tiny_bids / "raw/sub-01/func/sub-01_task-tiny_events.tsv")
+    runs = [
+        {"bold": f"run{i}_bold.nii.gz", "events": events, "subject": "01", "task": "tiny"}
+        for i in (1, 2)
+    ]
+    cfg = tiny_config(tiny_bids, tmp_path / "out", model={"noise": "ols"})
+    cfg["inputs"] = {"runs": runs}
+    (outcome,) = run_analysis(parse_config(cfg), client=local_client)
+    converted = {k: v["status"] for k, v in outcome.steps.items() if k.startswith("convert")}
+    assert len(converted) == 2 and set(converted.values()) == {"ran"}, converted

@@ -142,7 +142,8 @@ class Checksums:
         todo = list({self._key(p): p for p in paths if self._key(p) not in self._known}.items())
         if not todo:
             return
-        futures = client.map(sha256_file, [str(p) for _, p in todo], pure=False)
+        # absolute: a worker's working directory need not be this process's
+        futures = client.map(sha256_file, [str(p.resolve()) for _, p in todo], pure=False)
         for (key, _), digest in zip(todo, client.gather(futures), strict=True):
             self._known[key] = digest
 
@@ -222,11 +223,11 @@ def convert_on_client(
     from distributed import as_completed
 
     futures = {
-        client.submit(
+        client.submit(  # absolute paths: a worker's working directory need not be ours
             _timed_convert,
-            job.run.run.bold,
-            job.run.store,
-            job.mask,
+            job.run.run.bold.resolve(),
+            job.run.store.resolve(),
+            None if job.mask is None else job.mask.resolve(),
             job.run.tr,
             config.store.time_chunk,
             pure=False,
