@@ -289,8 +289,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         high_pass=args.high_pass,
         slice_time_ref=args.slice_time_ref,
         address=args.address,
+        residuals=args.residuals,
     )
-    print(f"wrote {len(written)} maps to {args.output}")
+    print(f"wrote {len(written)} images to {args.output}")
     return 0
 
 
@@ -320,6 +321,11 @@ def _add_fit(sub: SubParsers) -> None:
     parser.add_argument("--high-pass", type=float, default=0.01, help="Hz (default 0.01)")
     parser.add_argument("--slice-time-ref", type=float, default=0.0, help="0..1 (default 0)")
     parser.add_argument("--address", help="a Dask scheduler address (default: local cluster)")
+    parser.add_argument(
+        "--residuals",
+        choices=["raw", "whitened"],
+        help="also write each run's residuals (Y - X beta, or AR-whitened): a second pass",
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder for the maps")
     parser.set_defaults(func=_cmd_fit)
 

@@ -117,9 +117,16 @@ def test_fit_command_writes_maps_without_yaml(tiny_bids: Path, tmp_path: Path) -
     events = tiny_bids / "raw/sub-01/func/sub-01_task-tiny_events.tsv"
     contrasts = ["--contrast", "a_minus_b=a - b", "--contrast", "any=a; b"]
     options = ["--events", str(events), "--noise", "ols", *contrasts]
-    done = _bigglm("fit", str(store), *options, "--output", str(tmp_path / "maps"))
+    out = ["--residuals", "raw", "--output", str(tmp_path / "maps")]
+    done = _bigglm("fit", str(store), *options, *out)
     assert done.returncode == 0, done.stderr
-    assert "wrote 8 maps" in done.stdout  # effect, variance, stat, z for each contrast
+    assert "wrote 9 images" in done.stdout  # effect, variance, stat, z per contrast; residuals
+    residuals = np.asarray(nib.load(tmp_path / "maps/run_desc-residuals_bold.nii.gz").dataobj)
+    inside = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0
+    assert residuals.shape == (*inside.shape, 60)
+    series = residuals[inside]  # (voxel, time); OLS residuals of a design with a constant
+    assert np.all(np.abs(series.mean(axis=1)) <= 1e-4 * series.std(axis=1))
+    assert np.isnan(residuals[~inside]).all()
     z = np.asarray(nib.load(tmp_path / "maps/contrast-aMinusB_stat-z_statmap.nii.gz").dataobj)
     f = np.asarray(nib.load(tmp_path / "maps/contrast-any_stat-stat_statmap.nii.gz").dataobj)
     mask = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0

@@ -72,6 +72,7 @@ def fit_stores(
     high_pass: float = 0.01,
     slice_time_ref: float = 0.0,
     address: str | None = None,
+    residuals: str | None = None,
 ) -> list[Path]:
     """Fit converted stores (one subject's runs) and write each contrast's maps.
 
@@ -97,11 +98,14 @@ def fit_stores(
         As in the YAML ``model`` section (``drift="none"``: no drift terms).
     address : str, optional
         A Dask scheduler; default a local cluster sized to the machine.
+    residuals : {"raw", "whitened"}, optional
+        Also write each run's residuals as ``<store name>_desc-residuals_bold.nii.gz``
+        (``desc-whitenedResiduals`` for whitened): a second pass over the data.
 
     Returns
     -------
     list of Path
-        The maps written.
+        The maps written (and the residual images).
 
     Raises
     ------
@@ -123,6 +127,8 @@ def fit_stores(
     from bigglm.io import open_run, to_nifti
 
     named = parse_contrast_options(contrasts)
+    if residuals not in (None, "raw", "whitened"):
+        raise ConfigError(f"--residuals {residuals!r}: use 'raw' or 'whitened'")
     try:
         model = ModelConfig.model_validate(
             {"noise": noise, "hrf": hrf, "drift": None if drift == "none" else drift}
@@ -151,6 +157,14 @@ def fit_stores(
     written: list[Path] = []
     with client_from_profile(profile) as client:
         result = fit(runs, designs, noise=model.noise, client=client).compute()
+        if residuals is not None:
+            written += result.write_residuals(
+                output,
+                [Path(store).name.removesuffix(".zarr") for store in stores],
+                whitened=residuals == "whitened",
+                overwrite=True,
+                client=client,
+            )
     result.to_zarr(output / "glm.zarr", overwrite=True)
     for name, expression in named.items():
         kind: ContrastKind = "t" if isinstance(expression, str) else "F"
