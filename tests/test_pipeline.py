@@ -526,6 +526,12 @@ def test_runs_are_hashed_and_converted_on_the_workers_in_parallel(
     assert all(o.steps[f"convert-{o.name}"]["status"] == "reused" for o in again)
 
 
+def _explicit_runs(dataset: Path, bolds: list[str]) -> dict[str, Any]:
+    """``inputs`` naming runs of sub-01 (no masks) with sub-01's events."""
+    events = str(dataset / "raw/sub-01/func/sub-01_task-tiny_events.tsv")
+    return {"runs": [{"bold": b, "events": events, "subject": "01", "task": "tiny"} for b in bolds]}
+
+
 def test_later_runs_without_masks_take_the_first_runs_epi_mask_on_the_workers(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
@@ -540,16 +546,9 @@ def test_later_runs_without_masks_take_the_first_runs_epi_mask_on_the_workers(
     for index, shift in enumerate((0.0, 2.0, -1.0)):
         path = tmp_path / f"run{index + 1}_bold.nii.gz"
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + shift, img.affine, img.header), path)
-        runs.append(
-            {
-                "bold": str(path),
-                "events": str(tiny_bids / "raw/sub-01/func/sub-01_task-tiny_events.tsv"),
-                "subject": "01",
-                "task": "tiny",
-            }
-        )
+        runs.append(str(path))
     cfg = tiny_config(tiny_bids, tmp_path / "out", model={"noise": "ols"})
-    cfg["inputs"] = {"runs": runs}
+    cfg["inputs"] = _explicit_runs(tiny_bids, runs)
     config = parse_config(cfg)
     with get_task_stream(local_client) as stream:
         (outcome,) = run_analysis(config, client=local_client)
@@ -576,13 +575,8 @@ def test_relative_input_paths_reach_the_workers_resolved(
             (func / "sub-01_task-tiny_desc-preproc_bold.nii.gz").read_bytes()
         )
     monkeypatch.chdir(here)
-    events = str(tiny_bids / "raw/sub-01/func/sub-01_task-tiny_events.tsv")
-    runs = [
-        {"bold": f"run{i}_bold.nii.gz", "events": events, "subject": "01", "task": "tiny"}
-        for i in (1, 2)
-    ]
     cfg = tiny_config(tiny_bids, tmp_path / "out", model={"noise": "ols"})
-    cfg["inputs"] = {"runs": runs}
+    cfg["inputs"] = _explicit_runs(tiny_bids, [f"run{i}_bold.nii.gz" for i in (1, 2)])
     (outcome,) = run_analysis(parse_config(cfg), client=local_client)
     converted = {k: v["status"] for k, v in outcome.steps.items() if k.startswith("convert")}
     assert len(converted) == 2 and set(converted.values()) == {"ran"}, converted

@@ -128,12 +128,7 @@ class DesignTerms:
             ar1=Ar1Basis.build(x, rank, (u, s, vt)) if order == 1 else None,
         )
 
-    def lag_cross(
-        self,
-        total: Partial,
-        voxels: slice | NDArray[np.intp] = slice(None),
-        combination: Array | None = None,
-    ) -> Array:
+    def lag_cross(self, total: Partial, combination: Array | None = None) -> Array:
         """``lag_design[m]' Y`` for m = 0..p, from a run's statistics.
 
         Parameters
@@ -141,8 +136,6 @@ class DesignTerms:
         total : Partial
             Statistics of the whole run (its ``head`` and ``tail`` are the run's first
             and last p rows).
-        voxels : slice or array of int, optional
-            The voxels wanted (default all).
         combination : numpy.ndarray, shape (k, (p + 1) * P), optional
             Return these k combinations of the stacked lagged cross products instead
             (one product with the combined map, not two).
@@ -160,10 +153,9 @@ class DesignTerms:
         True
         """
         n_reg = self.matrix.shape[1]
-        cross = total.cross[:, voxels]
         if self.order == 0 and combination is None:
-            return cross.reshape(1, n_reg, -1)
-        known = np.concatenate([cross, total.head[:, voxels], total.tail[:, voxels]])
+            return total.cross.reshape(1, n_reg, -1)
+        known = np.concatenate([total.cross, total.head, total.tail])
         if combination is not None:
             return serial_matmul(combination @ self.lag_map, known)
         return serial_matmul(self.lag_map, known).reshape(self.order + 1, n_reg, -1)

@@ -87,12 +87,28 @@ def run_analysis(
     records = {u.name: StepRecords(outputs, u.name) for u in units}
     sums = Checksums()
     with lock_units(outputs, [u.name for u in units]), _client(config, client) as active:
-        _convert_up_front(units, config, records, sums, active, factory)
-        return [_run_unit(u, config, records[u.name], sums, active, factory) for u in units]
+        masks = {u.name: _prepare(u, config) for u in units}
+        _convert_up_front(units, masks, config, records, sums, active, factory)
+        return [
+            _run_unit(u, masks[u.name], config, records[u.name], sums, active, factory)
+            for u in units
+        ]
+
+
+def _prepare(unit: UnitPlan, config: AnalysisConfig) -> Path | None:
+    """Make the unit's folder, delete what a killed run left (we hold the unit's lock),
+    and return its mask as known before any conversion: configured, or the intersection
+    of its runs' brain masks; None when the first run's EPI mask will be used."""
+    unit.folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(unit)
+    if unit.mask is None and any(rp.run.mask is not None for rp in unit.runs):
+        return intersection_mask(unit, config)
+    return unit.mask
 
 
 def _convert_up_front(
     units: list[UnitPlan],
+    masks: dict[str, Path | None],
     config: AnalysisConfig,
     records: dict[str, StepRecords],
     sums: Checksums,
@@ -112,9 +128,7 @@ def _convert_up_front(
     first: list[Conversion] = []
     later: list[UnitPlan] = []
     for unit in units:
-        unit.folder.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(unit)
-        mask = _known_mask(unit, config)
+        mask = masks[unit.name]
         runs = unit.runs if mask is not None or len(unit.runs) == 1 else unit.runs[:1]
         first += _pending(unit, runs, mask, records, sums, config)
         if len(runs) < len(unit.runs):
@@ -147,14 +161,6 @@ def _pending(
     return jobs
 
 
-def _known_mask(unit: UnitPlan, config: AnalysisConfig) -> Path | None:
-    """The unit's mask before any conversion: configured, or the intersection of its
-    runs' brain masks; None when the first run's EPI mask will be used."""
-    if unit.mask is None and any(rp.run.mask is not None for rp in unit.runs):
-        return intersection_mask(unit, config)
-    return unit.mask
-
-
 def _no_progress(done: int, total: int) -> None:
     """A progress callback that does nothing."""
 
@@ -172,6 +178,7 @@ def _client(config: AnalysisConfig, client: Any) -> Iterator[Any]:
 
 def _run_unit(
     unit: UnitPlan,
+    mask: Path | None,
     config: AnalysisConfig,
     steps: StepRecords,
     sums: Checksums,
@@ -182,8 +189,6 @@ def _run_unit(
 
     started = datetime.now(UTC).isoformat()
     outcome = UnitOutcome(unit.name, len(unit.runs), sum(rp.n_scans for rp in unit.runs))
-    unit.folder.mkdir(parents=True, exist_ok=True)
-    mask = _known_mask(unit, config)
     for index, rp in enumerate(unit.runs):
         convert_step(unit, rp, mask, steps, sums, config, progress)
         if mask is None and index == 0 and len(unit.runs) > 1:

@@ -139,7 +139,8 @@ class Checksums:
         The files must be readable by the workers (a shared filesystem, as for
         conversion on workers).
         """
-        todo = list({self._key(p): p for p in paths if self._key(p) not in self._known}.items())
+        keyed = {self._key(p): p for p in paths}
+        todo = [(key, p) for key, p in keyed.items() if key not in self._known]
         if not todo:
             return
         # absolute: a worker's working directory need not be this process's
