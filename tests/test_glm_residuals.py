@@ -485,6 +485,7 @@ def test_pipeline_writes_residuals_when_asked(
     folder = tmp_path / "out" / "sub-01"
     path = folder / "sub-01_task-tiny_desc-residuals_bold.nii.gz"
     assert outcome.residuals == [path] and outcome.steps["residuals"]["status"] == "ran"
+    assert f"<td>{path.name}</td>" in outcome.report.read_text()
     func = tiny_bids / "derivatives" / "sub-01" / "func"
     bold = nib.load(func / "sub-01_task-tiny_desc-preproc_bold.nii.gz")
     mask = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0

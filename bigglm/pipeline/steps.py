@@ -504,6 +504,9 @@ def report_step(unit: UnitPlan, config: AnalysisConfig, outcome: UnitOutcome) ->
         ("noise model", config.model.noise),
         ("provenance", str(outcome.provenance)),
     ]
+    if outcome.residuals and config.outputs.residuals is not None:
+        kind = "whitened" if config.outputs.residuals.whitened else "raw"
+        facts.append((f"residuals ({kind})", ", ".join(p.name for p in outcome.residuals)))
     return write_html_report(
         unit.folder / f"{unit.name}_report.html",
         title=unit.name,
