@@ -11,7 +11,7 @@ from typing import Any
 
 from bigglm.config import AnalysisConfig
 from bigglm.pipeline.lock import lock_units
-from bigglm.pipeline.plan import RunPlan, UnitPlan, plan
+from bigglm.pipeline.plan import STATE, RunPlan, UnitPlan, plan
 from bigglm.pipeline.steps import (
     Checksums,
     Conversion,
@@ -85,7 +85,7 @@ def run_analysis(
     outputs.mkdir(parents=True, exist_ok=True)
     factory: ProgressFactory = progress or (lambda description: nullcontext(_no_progress))
     records = {u.name: StepRecords(outputs, u.name) for u in units}
-    sums = Checksums()
+    sums = Checksums(outputs / STATE / "checksums")
     with lock_units(outputs, [u.name for u in units]), _client(config, client) as active:
         masks = {u.name: _prepare(u, config) for u in units}
         _convert_up_front(units, masks, config, records, sums, active, factory)

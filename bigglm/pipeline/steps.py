@@ -121,16 +121,46 @@ class StepRecords:
 # --- the steps -----------------------------------------------------------------------------
 
 
-class Checksums:
-    """SHA-256 of input files, each computed once per process."""
+#: (resolved path, size, mtime_ns, ctime_ns, inode) of an input file.
+_StatKey = tuple[str, int, int, int, int]
 
-    def __init__(self) -> None:
-        self._known: dict[tuple[str, int, int], str] = {}
+#: Files modified this recently before hashing are not remembered (nanoseconds).
+_SETTLE_NS = 2_000_000_000
+
+
+class Checksums:
+    """SHA-256 of input files, computed once and remembered across runs.
+
+    With a ``folder`` (the workflow's ``<outputs>/.bigglm/checksums``), each digest is
+    kept in a small file keyed by the input's resolved path, with the file's size, inode,
+    modification and change times (as git's index does): a rerun reads again only the
+    files that changed, not the whole dataset. Any change of content changes the change
+    time (which no user call can set back), so a stale digest is never reused. A file
+    modified less than :data:`_SETTLE_NS` before it was hashed is not remembered (it may
+    still be being written within the same timestamp tick).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+    >>> _ = f.write_text("abc")
+    >>> Checksums()(f)[:16]
+    'ba7816bf8f01cfea'
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self._known: dict[_StatKey, str] = {}
+        self._folder = folder
 
     def __call__(self, path: Path) -> str:
         key = self._key(path)
         if key not in self._known:
-            self._known[key] = sha256_file(path)
+            digest = self._stored(key)
+            if digest is None:
+                started = time.time_ns()
+                digest = sha256_file(path)
+                self._remember(key, digest, started)
+            self._known[key] = digest
         return self._known[key]
 
     def prefetch(self, paths: Sequence[Path], client: Any) -> None:
@@ -139,19 +169,51 @@ class Checksums:
         The files must be readable by the workers (a shared filesystem, as for
         conversion on workers).
         """
-        keyed = {self._key(p): p for p in paths}
-        todo = [(key, p) for key, p in keyed.items() if key not in self._known]
+        todo = []
+        for key, path in {self._key(p): p for p in paths}.items():
+            if key not in self._known and (digest := self._stored(key)) is not None:
+                self._known[key] = digest
+            if key not in self._known:
+                todo.append((key, path))
         if not todo:
             return
+        started = time.time_ns()
         # absolute: a worker's working directory need not be this process's
         futures = client.map(sha256_file, [str(p.resolve()) for _, p in todo], pure=False)
         for (key, _), digest in zip(todo, client.gather(futures), strict=True):
             self._known[key] = digest
+            self._remember(key, digest, started)
+
+    def _entry(self, key: _StatKey) -> Path | None:
+        if self._folder is None:
+            return None
+        return self._folder / f"{hashlib.sha256(key[0].encode()).hexdigest()[:32]}.json"
+
+    def _stored(self, key: _StatKey) -> str | None:
+        """The remembered digest of a file in exactly this state, if any."""
+        entry = self._entry(key)
+        if entry is None:
+            return None
+        try:
+            record = json.loads(entry.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("stat") != list(key):
+            return None
+        digest = record.get("sha256")
+        return digest if isinstance(digest, str) and len(digest) == 64 else None
+
+    def _remember(self, key: _StatKey, digest: str, started: int) -> None:
+        entry = self._entry(key)
+        if entry is None or key[2] > started - _SETTLE_NS:
+            return
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(entry, {"stat": list(key), "sha256": digest})
 
     @staticmethod
-    def _key(path: Path) -> tuple[str, int, int]:
+    def _key(path: Path) -> _StatKey:
         stat = path.stat()
-        return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+        return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
 def convert_step(
