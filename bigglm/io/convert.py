@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from bigglm._allocator import tune as tune_allocator
 from bigglm.exceptions import BigGLMWarning, StoreError
 from bigglm.io.mask import compute_epi_mask
 from bigglm.io.nifti import (
@@ -147,6 +148,7 @@ def convert(
     ...     bigglm.open_run(path).bold.shape
     (20, 1071)
     """
+    tune_allocator()
     series = inspect_sources(sources, tr=tr)
     target = Path(store).expanduser().resolve()
     check_target(target, overwrite=overwrite)

@@ -1,0 +1,96 @@
+"""glibc malloc thresholds in worker processes (``bigglm._allocator``).
+
+Measured, not mocked: each case runs in a fresh interpreter with the environment a Dask
+worker gets, and counts the minor page faults of allocating and filling a 16 MB array
+after an array of that size was freed. Served from a fresh ``mmap`` the array faults in
+page by page every time; served from malloc's arena it reuses pages already mapped and
+does not fault at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+SCRIPT = """
+import json, resource, sys
+import numpy as np
+from bigglm._allocator import tune
+
+applied = tune() if sys.argv[1] == "tune" else None
+
+def faults():
+    a = np.ones(2 * 2**20); del a  # 16 MB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(2 * 2**20); del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+print(json.dumps({"applied": applied, "faults": [faults() for _ in range(3)]}))
+"""
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+
+
+def _run(mode: str, **env: str) -> dict[str, Any]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(json.loads(done.stdout))
+
+
+def test_under_distributeds_trim_setting_every_large_buffer_faults_again() -> None:
+    # the reason for the module: distributed's MALLOC_TRIM_THRESHOLD_ turns off glibc's
+    # adaptive mmap threshold
+    untuned = _run("plain", MALLOC_TRIM_THRESHOLD_="65536")
+    assert min(untuned["faults"]) > 100
+
+
+def test_tune_makes_large_buffers_reuse_mapped_pages() -> None:
+    tuned = _run("tune", MALLOC_TRIM_THRESHOLD_="65536")
+    assert tuned["applied"] is True
+    assert tuned["faults"] == [0, 0, 0]
+
+
+def test_a_users_own_mmap_threshold_is_left_alone() -> None:
+    kept = _run("tune", MALLOC_TRIM_THRESHOLD_="65536", MALLOC_MMAP_THRESHOLD_="131072")
+    assert kept["applied"] is False
+    assert min(kept["faults"]) > 100  # still the user's setting: every buffer is mmapped
+
+
+def test_a_process_with_glibcs_defaults_is_left_alone() -> None:
+    assert _run("tune")["applied"] is False
+
+
+@pytest.mark.cluster
+def test_workers_of_a_fit_run_with_the_thresholds(local_client: Any) -> None:
+    import bigglm
+
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset({"bold": (("time", "voxel"), rng.normal(size=(40, 64)))})
+    chunked = ds.chunk({"time": 20, "voxel": 16})
+    bigglm.fit(chunked, pd.DataFrame({"c": np.ones(40)}), client=local_client).compute()
+
+    def state() -> tuple[str | None, bool | None]:
+        from bigglm import _allocator
+
+        return os.environ.get("MALLOC_TRIM_THRESHOLD_"), _allocator._applied
+
+    reports = local_client.run(state)
+    # the workers that computed a chunk (None: this worker ran none of them)
+    ran = [applied for trim, applied in reports.values() if applied is not None]
+    assert ran and all(ran)
+    assert all(trim == "65536" for trim, _ in reports.values())
