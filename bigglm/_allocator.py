@@ -1,4 +1,4 @@
-"""glibc ``malloc`` settings for Dask worker processes, applied once per process.
+"""glibc ``malloc`` settings for Dask worker processes, with a valve for memory pressure.
 
 ``distributed`` starts its worker processes with ``MALLOC_TRIM_THRESHOLD_=65536`` so that
 freed memory goes back to the operating system promptly. Setting any of glibc's malloc
@@ -7,14 +7,22 @@ a process that frees large blocks. The worker then serves every buffer larger th
 128 KiB (each chunk read from a store, each float64 copy of it, each block of sufficient
 statistics) with a fresh ``mmap`` that the kernel zero-fills page by page and unmaps on
 ``free``: for 16 MB chunks that costs as much as the arithmetic. Measured on this
-project's benchmark (8 runs, 2 single-threaded workers with 512 MiB each, OLS): 8.2 s
-under distributed's setting, 5.5 s with both thresholds at 32 MiB, for peak worker memory
-0.22 -> 0.33 GiB (a lower trim threshold gave back less time: 8 MiB 7.3 s, 16 MiB 6.4 s).
+project's benchmark (8 runs, 2 single-threaded workers with 512 MiB each, OLS): 9.3 s
+under distributed's setting, 5.9 s with both thresholds at 32 MiB, for peak worker memory
+0.21 -> 0.35 GiB (a lower trim threshold gave back less time: 8 MiB 7.3 s, 16 MiB 6.4 s).
 
-:func:`tune` sets both thresholds to 32 MiB, glibc's own adaptive ceiling, when the
-process's environment sets the trim threshold without an mmap threshold (distributed's
-default, or a user's ``MALLOC_TRIM_THRESHOLD_``); a ``MALLOC_MMAP_THRESHOLD_`` in the
-environment is left as the user chose it, and so is any process without glibc.
+:func:`tune`, called at the start of every task that handles chunks, sets both thresholds
+to 32 MiB (glibc's own adaptive ceiling) the first time, when the process's environment
+sets the trim threshold without an mmap threshold (distributed's default, or a user's
+``MALLOC_TRIM_THRESHOLD_``); a ``MALLOC_MMAP_THRESHOLD_`` in the environment is left as
+the user chose it, and so is any process without glibc.
+
+The memory malloc then keeps for the next chunk is not Dask's to spill: a worker whose
+live data are already near its limit (a long run with hundreds of regressors on a 512 MiB
+worker) could be pushed over the pause threshold and stay there. So on every later call,
+in a worker with a memory limit, when the process's resident memory is above
+:data:`PRESSURE` of the limit the free memory is handed back (``malloc_trim``), which is
+distributed's own behaviour, only under pressure.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import ctypes
 import logging
 import os
 import sys
+from typing import Any
 
-__all__ = ["THRESHOLD", "tune"]
+__all__ = ["PRESSURE", "THRESHOLD", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +41,31 @@ logger = logging.getLogger(__name__)
 #: of an arena is returned to the system.
 THRESHOLD = 32 * 2**20
 
+#: Fraction of the worker's memory limit above which free memory is returned at once
+#: (below distributed's spill threshold, 0.7 by default).
+PRESSURE = 0.6
+
 #: glibc's ``mallopt`` parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-#: Whether :func:`tune` set the thresholds in this process (None: not asked yet).
-_applied: bool | None = None
+
+class _State:
+    """What :func:`tune` found in this process."""
+
+    def __init__(self) -> None:
+        self.applied = False
+        self.libc: Any = None
+        self.limit = 0  # the Dask worker's memory limit in bytes, 0 if none
+        self.process: Any = None  # psutil.Process of this process, when there is a limit
+
+
+#: None until the first call of :func:`tune` in this process.
+_state: _State | None = None
 
 
 def tune() -> bool:
-    """Apply the thresholds in this process if it needs them; cheap after the first call.
+    """Apply the thresholds in this process if it needs them, and relieve memory pressure.
 
     Returns
     -------
@@ -53,25 +77,54 @@ def tune() -> bool:
     >>> isinstance(tune(), bool)
     True
     """
-    global _applied
-    if _applied is None:
-        _applied = _apply()
-    return _applied
+    global _state
+    if _state is None:
+        _state = _apply()
+    elif _state.limit:
+        _relieve(_state)
+    return _state.applied
 
 
-def _apply() -> bool:
+def _apply() -> _State:
+    state = _State()
     if not sys.platform.startswith("linux"):
-        return False
+        return state
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
+        return state
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 -- glibc only
-        mallopt = libc.mallopt
+        mallopt, trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    done = mallopt(_M_MMAP_THRESHOLD, THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, THRESHOLD) == 1
-    logger.debug("malloc mmap and trim thresholds at %d bytes: %s", THRESHOLD, done)
-    return done
+        return state
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    state.applied = (
+        mallopt(_M_MMAP_THRESHOLD, THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, THRESHOLD) == 1
+    )
+    state.libc = libc
+    state.limit = _worker_memory_limit() if state.applied else 0
+    if state.limit:
+        import psutil
+
+        state.process = psutil.Process()
+    logger.debug("malloc thresholds at %d bytes: %s", THRESHOLD, state.applied)
+    return state
+
+
+def _worker_memory_limit() -> int:
+    """The memory limit of the Dask worker running this task, 0 if none."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return 0
+    try:
+        worker = distributed.get_worker()
+    except ValueError:  # not in a worker
+        return 0
+    return int(getattr(worker.memory_manager, "memory_limit", None) or 0)
+
+
+def _relieve(state: _State) -> None:
+    """Return free memory to the system when the process is above the pressure mark."""
+    if state.process.memory_info().rss > PRESSURE * state.limit:
+        state.libc.malloc_trim(0)

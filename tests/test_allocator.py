@@ -84,13 +84,64 @@ def test_workers_of_a_fit_run_with_the_thresholds(local_client: Any) -> None:
     chunked = ds.chunk({"time": 20, "voxel": 16})
     bigglm.fit(chunked, pd.DataFrame({"c": np.ones(40)}), client=local_client).compute()
 
-    def state() -> tuple[str | None, bool | None]:
+    def state() -> tuple[str | None, bool | None, int]:
         from bigglm import _allocator
 
-        return os.environ.get("MALLOC_TRIM_THRESHOLD_"), _allocator._applied
+        found = _allocator._state
+        return (
+            os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            None if found is None else found.applied,
+            0 if found is None else found.limit,
+        )
 
     reports = local_client.run(state)
+    limits = local_client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
     # the workers that computed a chunk (None: this worker ran none of them)
-    ran = [applied for trim, applied in reports.values() if applied is not None]
-    assert ran and all(ran)
-    assert all(trim == "65536" for trim, _ in reports.values())
+    ran = {w: (applied, limit) for w, (_, applied, limit) in reports.items() if applied is not None}
+    assert ran and all(applied and limit == limits[w] > 0 for w, (applied, limit) in ran.items())
+    assert all(trim == "65536" for trim, _, _ in reports.values())
+
+
+PRESSURE_SCRIPT = """
+import json, resource
+import numpy as np
+from bigglm import _allocator
+
+def faults():
+    a = np.ones(2 * 2**20); del a  # 16 MB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(2 * 2**20); del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+import psutil
+applied = _allocator.tune()
+kept = faults()  # retained by malloc: no new pages
+state = _allocator._state
+state.process = psutil.Process()
+state.limit = 10 * psutil.Process().memory_info().rss  # far below the mark: nothing to do
+_allocator.tune()
+calm = faults()
+state.limit = 1  # far above the mark: every call hands free memory back
+out = []
+for _ in range(3):
+    _allocator.tune()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(2 * 2**20); del a
+    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "kept": kept, "calm": calm, "pressed": out}))
+"""
+
+
+def test_under_memory_pressure_free_memory_goes_back_to_the_system() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", PRESSURE_SCRIPT],
+        env={**clean, "MALLOC_TRIM_THRESHOLD_": "65536"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = json.loads(done.stdout)
+    assert found["applied"] is True and found["kept"] == 0 and found["calm"] == 0
+    # trimmed before each allocation: the 16 MB are faulted in again every time
+    assert min(found["pressed"]) > 100
