@@ -19,10 +19,21 @@ the user chose it, and so is any process without glibc.
 
 The memory malloc then keeps for the next chunk is not Dask's to spill: a worker whose
 live data are already near its limit (a long run with hundreds of regressors on a 512 MiB
-worker) could be pushed over the pause threshold and stay there. So on every later call,
-in a worker with a memory limit, when the process's resident memory is above
-:data:`PRESSURE` of the limit the free memory is handed back (``malloc_trim``), which is
-distributed's own behaviour, only under pressure.
+worker) could be pushed over the pause threshold and stay there. So in a worker with a
+memory limit, whenever the process's resident memory is above :data:`PRESSURE` of the
+limit the free memory is handed back (``malloc_trim``), which is distributed's own
+behaviour, only under pressure. That is checked at the start of every later task and,
+because a paused worker starts no tasks, every :data:`WATCH_MS` milliseconds on the
+worker's event loop as well: checked in tasks alone, a worker paused with only free
+memory resident waited minutes for something else to shrink it (the 16x scaling
+benchmark, 257 regressors on one 512 MiB worker).
+
+If the process is still above the mark once its free memory is handed back, its live
+data alone fill the margin, and memory kept for reuse would only be trimmed and faulted
+in again, or push the worker to spill and pause: the worker then goes back to
+distributed's settings (mmap threshold 128 KiB, its trim threshold) for the rest of its
+life. Measured on that benchmark: 150 s with the tuned thresholds trimmed under pressure,
+120 s with distributed's.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["PRESSURE", "THRESHOLD", "tune"]
+__all__ = ["PRESSURE", "THRESHOLD", "WATCH_MS", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +55,14 @@ THRESHOLD = 32 * 2**20
 #: Fraction of the worker's memory limit above which free memory is returned at once
 #: (below distributed's spill threshold, 0.7 by default).
 PRESSURE = 0.6
+
+#: Milliseconds between checks of the pressure mark on a worker's event loop (distributed
+#: checks its own pause and spill thresholds every 100 ms).
+WATCH_MS = 250
+
+#: glibc's default mmap threshold (malloc.h's ``DEFAULT_MMAP_THRESHOLD_MIN``), the one
+#: distributed's workers run with.
+_GLIBC_MMAP_THRESHOLD = 128 * 2**10
 
 #: glibc's ``mallopt`` parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -103,28 +122,59 @@ def _apply() -> _State:
         mallopt(_M_MMAP_THRESHOLD, THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, THRESHOLD) == 1
     )
     state.libc = libc
-    state.limit = _worker_memory_limit() if state.applied else 0
+    worker = _worker() if state.applied else None
+    state.limit = int(getattr(worker.memory_manager, "memory_limit", None) or 0) if worker else 0
     if state.limit:
         import psutil
 
         state.process = psutil.Process()
+        _watch(worker, state)
     logger.debug("malloc thresholds at %d bytes: %s", THRESHOLD, state.applied)
     return state
 
 
-def _worker_memory_limit() -> int:
-    """The memory limit of the Dask worker running this task, 0 if none."""
+def _worker() -> Any:
+    """The Dask worker running this task, None if none."""
     distributed = sys.modules.get("distributed")
     if distributed is None:
-        return 0
+        return None
     try:
-        worker = distributed.get_worker()
+        return distributed.get_worker()
     except ValueError:  # not in a worker
-        return 0
-    return int(getattr(worker.memory_manager, "memory_limit", None) or 0)
+        return None
+
+
+def _watch(worker: Any, state: _State) -> None:
+    """Check the pressure mark periodically on the worker's event loop, paused or not.
+
+    The callback joins the worker's own, which the worker stops when it closes."""
+    from tornado.ioloop import PeriodicCallback
+
+    callback = PeriodicCallback(lambda: _relieve(state), WATCH_MS)
+    worker.periodic_callbacks["bigglm-malloc-trim"] = callback
+    worker.loop.add_callback(callback.start)  # started from the loop's own thread
 
 
 def _relieve(state: _State) -> None:
-    """Return free memory to the system when the process is above the pressure mark."""
+    """Return free memory to the system when the process is above the pressure mark;
+    back off to the environment's settings if that is not enough."""
+    if not state.limit or state.process.memory_info().rss <= PRESSURE * state.limit:
+        return
+    state.libc.malloc_trim(0)
     if state.process.memory_info().rss > PRESSURE * state.limit:
-        state.libc.malloc_trim(0)
+        _restore(state)
+
+
+def _restore(state: _State) -> None:
+    """The thresholds the process started with: glibc's mmap threshold, the
+    environment's trim threshold."""
+    try:
+        trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", ""))
+    except ValueError:  # glibc ignores a value it cannot parse; so does this
+        trim = 128 * 2**10
+    state.libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
+    state.libc.mallopt(_M_TRIM_THRESHOLD, trim)
+    state.libc.malloc_trim(0)
+    state.applied = False
+    state.limit = 0  # nothing more to watch: the worker runs as distributed set it up
+    logger.info("memory near the worker's limit: malloc thresholds back to distributed's")

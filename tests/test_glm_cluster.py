@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 from distributed import Client, LocalCluster
 
 import bigglm
@@ -127,3 +129,24 @@ def test_killing_a_worker_mid_fit_changes_nothing(client: Client, store: tuple) 
     assert_same(outcome["result"], reference)  # type: ignore[arg-type]
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
     assert victim not in client.run(os.getpid) or client.run(os.getpid)[victim] != pids[victim]
+
+
+def test_a_wide_design_fits_on_a_cluster_without_a_large_graph_warning(
+    client: Client,
+) -> None:
+    # 2,400 scans x 220 columns: the design's terms are ~13 MB, above distributed's 10 MB
+    # warning threshold; they are one task of the graph, which is what the warning advises
+    rng = np.random.default_rng(5)
+    n_scans, n_cols = 2400, 220
+    design = pd.DataFrame(
+        rng.normal(size=(n_scans, n_cols)), columns=[f"c{i}" for i in range(n_cols)]
+    )
+    design["c0"] = 1.0
+    bold = design.to_numpy() @ rng.normal(size=(n_cols, 12)) + rng.normal(size=(n_scans, 12))
+    data = xr.Dataset({"bold": (("time", "voxel"), bold)}).chunk({"time": 600, "voxel": 6})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on_cluster = bigglm.fit(data, design, client=client).compute()
+    assert not [w for w in caught if "large graph" in str(w.message)]
+    expected = np.linalg.lstsq(design.to_numpy(), bold, rcond=None)[0]
+    np.testing.assert_allclose(on_cluster.beta.values, expected, rtol=1e-8, atol=1e-10)
