@@ -61,8 +61,9 @@ PRESSURE = 0.6
 WATCH_MS = 250
 
 #: glibc's default mmap threshold (malloc.h's ``DEFAULT_MMAP_THRESHOLD_MIN``), the one
-#: distributed's workers run with.
+#: distributed's workers run with, and its default trim threshold.
 _GLIBC_MMAP_THRESHOLD = 128 * 2**10
+_GLIBC_TRIM_THRESHOLD = 128 * 2**10
 
 #: glibc's ``mallopt`` parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -171,7 +172,7 @@ def _restore(state: _State) -> None:
     try:
         trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_", ""))
     except ValueError:  # glibc ignores a value it cannot parse; so does this
-        trim = 128 * 2**10
+        trim = _GLIBC_TRIM_THRESHOLD
     state.libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
     state.libc.mallopt(_M_TRIM_THRESHOLD, trim)
     state.libc.malloc_trim(0)

@@ -44,16 +44,22 @@ FRESH = 8
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 
 
-def _run(mode: str, **env: str) -> dict[str, Any]:
+def _run_script(script: str, *args: str, **env: str) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter with ``env`` as its only malloc settings; its
+    JSON output."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode],
+        [sys.executable, "-c", script, *args],
         env={**clean, **env},
         capture_output=True,
         text=True,
         check=True,
     )
     return dict(json.loads(done.stdout))
+
+
+def _run(mode: str, **env: str) -> dict[str, Any]:
+    return _run_script(SCRIPT, mode, **env)
 
 
 def test_under_distributeds_trim_setting_every_large_buffer_faults_again() -> None:
@@ -139,15 +145,7 @@ print(json.dumps({"applied": applied, "kept": kept, "calm": calm, "backed_off": 
 
 
 def test_with_live_data_above_the_mark_the_worker_goes_back_to_distributeds_settings() -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    done = subprocess.run(
-        [sys.executable, "-c", PRESSURE_SCRIPT],
-        env={**clean, "MALLOC_TRIM_THRESHOLD_": "65536"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    found = json.loads(done.stdout)
+    found = _run_script(PRESSURE_SCRIPT, MALLOC_TRIM_THRESHOLD_="65536")
     assert found["applied"] is True and found["kept"] == 0 and found["calm"] == 0
     assert found["backed_off"] == [False, 0]
     # distributed's mmap threshold again: every 16 MB buffer is a fresh mmap
@@ -185,15 +183,7 @@ print(json.dumps({"applied": applied, "kept": kept, "trimmed": trimmed, "still":
 
 
 def test_pressure_that_a_trim_relieves_keeps_the_thresholds() -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    done = subprocess.run(
-        [sys.executable, "-c", BACK_OFF_SCRIPT],
-        env={**clean, "MALLOC_TRIM_THRESHOLD_": "65536"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    found = json.loads(done.stdout)
+    found = _run_script(BACK_OFF_SCRIPT, MALLOC_TRIM_THRESHOLD_="65536")
     assert found["applied"] is True
     assert found["kept"] - found["trimmed"] > 200 * 2**20  # the kept memory went back
     applied, _, second = found["still"]
