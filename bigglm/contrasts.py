@@ -1,4 +1,26 @@
-"""Contrasts: expressions over column names, t and F statistics, p and z, fixed effects.
+"""Contrasts: one specification, t and F statistics, p and z, fixed effects.
+
+The contrast specification, the same everywhere in bigglm (:meth:`bigglm.GLMResult.contrast`
+and ``to_nifti``, :func:`bigglm.design.check_estimable` and ``contrast_scale``, the YAML
+``contrasts`` section and ``bigglm fit --contrast NAME=EXPR``):
+
+* **One contrast** is an expression (``"faces - houses"``), a weight vector with one
+  weight per design column, a weights dict ``{column: weight}`` (``{"faces": 1,
+  "houses": -1}`` is the single contrast faces - houses), or, for F, a list of
+  expressions or a (q, P) matrix (one row each).
+* **Several named contrasts** are a dict ``{name: one contrast}``. A dict whose values are
+  all numbers (or None) is a weights dict; a dict mixing numbers with expressions or
+  vectors is ambiguous and refused, as is ``{}``.
+* ``kind`` is exactly ``"t"`` or ``"F"``; anything else (``"T"``, ``"f"``) is refused.
+* Refused, with one :class:`~bigglm.exceptions.DesignError` naming the contrast: expressions
+  that name no column (``"3"``, ``"1 - 1"``), empty contrasts, NaN, Inf or None weights,
+  all-zero rows, unknown columns, a vector whose length is not the number of columns,
+  several rows for t, linearly dependent rows for F.
+* A name becomes a file label by :func:`label` (``faces_minus_houses`` and
+  ``faces - houses`` both give ``facesMinusHouses``). Names are refused when empty, when
+  they hold a path separator (``/``, ``\\``) or ``..``, or when two of them give the same
+  label (also when the labels differ only in case). An unnamed contrast is named by its
+  expression (a weights dict by the expression it stands for, ``"faces - houses"``).
 
 * Expressions are linear combinations of design columns: ``"faces - houses"``,
   ``"0.5*a + 0.5*b"``, ``"2*(a - b)"``, ``"(a + b) / 2"``. Names that are not Python
@@ -19,7 +41,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,20 +53,28 @@ from bigglm.typing import ContrastKind
 __all__ = [
     "ContrastSpec",
     "check_estimable",
+    "check_kind",
+    "check_names",
     "contrast_matrix",
+    "contrast_rows",
+    "default_kind",
     "effect_and_covariance",
     "expression_to_vector",
     "f_test",
     "fixed_effects",
     "label",
+    "is_named",
     "named_contrasts",
     "t_test",
 ]
 
 Array = NDArray[np.float64]
 
-#: What :meth:`bigglm.GLMResult.contrast` accepts for one contrast.
-ContrastSpec = str | Sequence[str] | ArrayLike
+#: One contrast: an expression, a list of expressions (F), a weight vector or matrix, or
+#: a weights dict ``{column: weight}``.
+ContrastSpec = str | Sequence[str] | ArrayLike | Mapping[str, float]
+
+_KINDS: tuple[ContrastKind, ...] = ("t", "F")
 
 
 def expression_to_vector(expression: str, columns: Sequence[str]) -> Array:
@@ -64,14 +94,21 @@ def expression_to_vector(expression: str, columns: Sequence[str]) -> Array:
     Raises
     ------
     DesignError
-        If the expression names an unknown column or is not linear.
+        If the expression is empty, names an unknown column or no column at all
+        (``"3"``), or is not linear.
 
     Examples
     --------
     >>> expression_to_vector("2*(a - b) + c/4", ["a", "b", "c", "constant"])
     array([ 2.  , -2.  ,  0.25,  0.  ])
+    >>> expression_to_vector("1 - 1", ["a", "b"])
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.DesignError: contrast '1 - 1' names no design column; ...
     """
     names = list(columns)
+    if not expression.strip():
+        raise DesignError(f"contrast {expression!r} is empty; give an expression like 'a - b'")
     quoted: dict[str, str] = {}
 
     def unquote(match: str) -> str:
@@ -87,7 +124,13 @@ def expression_to_vector(expression: str, columns: Sequence[str]) -> Array:
         tree = ast.parse(source.strip(), mode="eval")
     except SyntaxError as err:
         raise DesignError(f"contrast {expression!r} is not a valid expression: {err.msg}") from err
-    return _Linear(names, quoted, expression).visit(tree.body)
+    vector = _Linear(names, quoted, expression).visit(tree.body)
+    if np.ndim(vector) == 0:
+        raise DesignError(
+            f"contrast {expression!r} names no design column; write a combination of the "
+            f"columns {names}, such as {' - '.join(names[:2])!r}"
+        )
+    return np.asarray(vector, dtype=np.float64)
 
 
 class _Linear(ast.NodeVisitor):
@@ -138,16 +181,84 @@ class _Linear(ast.NodeVisitor):
         raise DesignError(f"contrast {self.text!r} is not linear in the columns")
 
 
-def contrast_matrix(spec: ContrastSpec, columns: Sequence[str], kind: ContrastKind = "t") -> Array:
+def check_kind(kind: object) -> ContrastKind:
+    """Return ``kind`` if it is ``"t"`` or ``"F"``; raise otherwise.
+
+    Parameters
+    ----------
+    kind : object
+
+    Returns
+    -------
+    {"t", "F"}
+
+    Raises
+    ------
+    DesignError
+        For anything else (``"T"``, ``"f"``, ``"tt"``): no kind is guessed.
+
+    Examples
+    --------
+    >>> check_kind("F")
+    'F'
+    >>> check_kind("f")
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.DesignError: contrast kind 'f' is not one of 't', 'F'; ...
+    """
+    if isinstance(kind, str) and kind in _KINDS:
+        return kind  # type: ignore[return-value]
+    raise DesignError(
+        f"contrast kind {kind!r} is not one of 't', 'F'; use kind='t' for a t test of one "
+        "row or kind='F' for an F test of one or more rows"
+    )
+
+
+def default_kind(spec: ContrastSpec) -> ContrastKind:
+    """The kind a configuration implies: ``"F"`` for a list of rows, ``"t"`` otherwise.
+
+    Used where no kind is given (the YAML ``contrasts`` section, ``bigglm fit``): a list
+    of expressions or a 2-D matrix is an F contrast; an expression, a vector or a weights
+    dict is a t contrast.
+
+    Parameters
+    ----------
+    spec : one contrast (see the module docstring)
+
+    Returns
+    -------
+    {"t", "F"}
+
+    Examples
+    --------
+    >>> default_kind("a - b"), default_kind(["a", "b"]), default_kind({"a": 1, "b": -1})
+    ('t', 'F', 't')
+    """
+    if isinstance(spec, str | Mapping):
+        return "t"
+    if _is_text_list(spec):
+        return "F"
+    return "F" if np.ndim(spec) == 2 else "t"  # type: ignore[arg-type]
+
+
+def contrast_matrix(
+    spec: ContrastSpec,
+    columns: Sequence[str],
+    kind: ContrastKind = "t",
+    *,
+    name: str | None = None,
+) -> Array:
     """A contrast as a (q, P) matrix: q = 1 for t, q >= 1 for F.
 
     Parameters
     ----------
-    spec : str, list of str, or array_like
-        An expression, a list of expressions (one row each), a weight vector, or a
-        (q, P) matrix. Vectors shorter than P are padded with zeros (as nilearn does).
+    spec : str, list of str, array_like, or dict column -> weight
+        An expression, a list of expressions (one row each), a weight vector with one
+        weight per column, a weights dict, or a (q, P) matrix.
     columns : sequence of str
     kind : {"t", "F"}
+    name : str, optional
+        The contrast's name, for messages.
 
     Returns
     -------
@@ -156,36 +267,153 @@ def contrast_matrix(spec: ContrastSpec, columns: Sequence[str], kind: ContrastKi
     Raises
     ------
     DesignError
-        For a t contrast with several rows, a wrong length, or dependent F rows.
+        For an invalid kind, or a contrast :func:`contrast_rows` refuses, with several rows
+        for t, or with linearly dependent rows for F.
 
     Examples
     --------
     >>> contrast_matrix(["a", "b"], ["a", "b", "c"], kind="F")
     array([[1., 0., 0.],
            [0., 1., 0.]])
+    >>> contrast_matrix({"a": 1, "b": -1}, ["a", "b", "c"])
+    array([[ 1., -1.,  0.]])
     """
-    if isinstance(spec, str):
-        rows = expression_to_vector(spec, columns)[None]
-    elif _is_text_list(spec):
-        rows = np.stack([expression_to_vector(str(s), columns) for s in spec])  # type: ignore[union-attr]
-    else:
-        rows = np.atleast_2d(np.asarray(spec, dtype=np.float64))
-    n_cols = len(columns)
-    if rows.ndim != 2 or rows.shape[1] > n_cols:
-        raise DesignError(f"contrast of shape {rows.shape} does not fit {n_cols} design columns")
-    rows = np.pad(rows, ((0, 0), (0, n_cols - rows.shape[1])))
+    check_kind(kind)
+    rows = contrast_rows(spec, columns, name=name)
     if kind == "t" and rows.shape[0] != 1:
-        raise DesignError(f"a t contrast has one row, got {rows.shape[0]}; use kind='F'")
-    if not np.any(rows):
-        raise DesignError("the contrast is all zeros")
+        raise _named(name, f"a t contrast has one row, got {rows.shape[0]}; use kind='F'")
     if np.linalg.matrix_rank(rows) < rows.shape[0]:
-        raise DesignError(f"the {rows.shape[0]} rows of the F contrast are linearly dependent")
+        raise _named(
+            name,
+            f"the {rows.shape[0]} rows of the F contrast are linearly dependent; "
+            "drop the rows that are combinations of the others",
+        )
     return rows
+
+
+def contrast_rows(spec: ContrastSpec, columns: Sequence[str], *, name: str | None = None) -> Array:
+    """Any contrast as a (q, P) matrix of finite weights, no row all zeros.
+
+    The parser behind :func:`contrast_matrix` and :mod:`bigglm.design.diagnostics`; it
+    does not check the row count or rank (see :func:`contrast_matrix`). A (P, 1) column
+    vector is read as one row.
+
+    Parameters
+    ----------
+    spec : one contrast (see the module docstring)
+    columns : sequence of str
+    name : str, optional
+        The contrast's name, for messages.
+
+    Returns
+    -------
+    numpy.ndarray, shape (q, P)
+
+    Raises
+    ------
+    DesignError
+        For an empty contrast, unknown columns, weights that are not finite numbers, a
+        length that is not P, or a row of zeros; the message names the contrast.
+
+    Examples
+    --------
+    >>> contrast_rows([[1], [0]], ["a", "b"])
+    array([[1., 0.]])
+    >>> contrast_rows([1, None], ["a", "b"], name="d")
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.DesignError: contrast 'd': weights [1, None] are not all finite numbers ...
+    """
+    names = [str(c) for c in columns]
+    try:
+        rows = _parse_rows(spec, names)
+    except DesignError as err:
+        raise _named(name, str(err)) from None
+    if rows.ndim == 2 and rows.shape == (len(names), 1):
+        rows = rows.T  # a column vector, as textbooks write it
+    if rows.ndim != 2 or rows.shape[1] != len(names):
+        found = rows.shape[-1] if rows.ndim else 0
+        raise _named(
+            name,
+            f"contrast has {found} weights but the design has {len(names)} columns "
+            f"({names}): it does not fit; give one weight per column, or weights by "
+            f"column as {{{names[0]!r}: 1, ...}}" if names else "the design has no columns",
+        )
+    if not np.all(np.isfinite(rows)):
+        raise _named(
+            name, f"weights {_short(spec)} are not all finite numbers (NaN, Inf or None found)"
+        )
+    if not np.all(np.any(rows, axis=1)):
+        raise _named(name, "the contrast is all zeros (a row of zero weights tests nothing)")
+    return rows
+
+
+def _parse_rows(spec: Any, names: list[str]) -> Array:
+    """Rows of a contrast, before the shape and value checks."""
+    if isinstance(spec, str):
+        return expression_to_vector(spec, names)[None]
+    if isinstance(spec, Mapping):
+        return _weights_vector(spec, names)[None]
+    if isinstance(spec, list | tuple) and any(isinstance(s, str) for s in spec):
+        if not _is_text_list(spec):
+            raise DesignError(
+                f"contrast {list(spec)!r} mixes expressions and numbers; give a list of "
+                "expressions (F rows) or a vector of weights"
+            )
+        return np.stack([expression_to_vector(s, names) for s in spec])
+    try:
+        rows = np.atleast_2d(np.asarray(spec, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise DesignError(
+            f"weights {_short(spec)} are not all numbers; give finite numbers, one per column"
+        ) from None
+    if rows.size == 0:
+        raise DesignError(f"contrast {_short(spec)} is empty; give one weight per column")
+    return rows
+
+
+def _weights_vector(weights: Mapping[Any, Any], names: list[str]) -> Array:
+    """A weights dict ``{column: weight}`` as a vector over ``names``."""
+    if not weights:
+        raise DesignError("the contrast {} is empty; give weights such as {'a': 1, 'b': -1}")
+    unknown = [k for k in weights if k not in names]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), names, n=3)
+        hint = f"did you mean {close}?" if close else f"columns are {names}"
+        raise DesignError(f"weights name unknown column {unknown[0]!r}; {hint}")
+    bad = [k for k, w in weights.items() if not _is_weight(w) or w is None]
+    if bad:
+        raise DesignError(
+            f"the weight of {bad[0]!r} is {weights[bad[0]]!r}; weights are finite numbers"
+        )
+    return np.array([float(weights.get(n, 0.0)) for n in names])
+
+
+def _is_weight(value: Any) -> bool:
+    """True for a number (not a bool) or None: what a weights dict holds."""
+    if value is None:
+        return True
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
 
 
 def _is_text_list(spec: Any) -> bool:
     """True for a non-empty list or tuple of strings."""
-    return isinstance(spec, list | tuple) and bool(spec) and isinstance(spec[0], str)
+    return isinstance(spec, list | tuple) and bool(spec) and all(isinstance(s, str) for s in spec)
+
+
+def _short(spec: Any) -> str:
+    """A contrast for a message, cut to 60 characters."""
+    text = repr(spec.tolist() if isinstance(spec, np.ndarray) else spec)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _named(name: str | None, message: str) -> DesignError:
+    """A DesignError whose message starts with the contrast's name (when it adds one)."""
+    if name is None or message.startswith(f"contrast {name!r}"):
+        return DesignError(message)
+    return DesignError(f"contrast {name!r}: {message}")
 
 
 def check_estimable(contrast: Array, design: Array, columns: Sequence[str], name: str) -> None:
@@ -405,7 +633,10 @@ def fixed_effects(
 
 
 def label(name: str) -> str:
-    """A BIDS-safe camelCase label for a contrast name or expression.
+    """The BIDS camelCase file label of a contrast name or expression (the one builder).
+
+    Letters and digits are kept, ``- + * /`` become ``Minus Plus Times Over``, ``.`` becomes
+    ``p``, anything else separates words.
 
     Parameters
     ----------
@@ -414,42 +645,189 @@ def label(name: str) -> str:
     Returns
     -------
     str
+        Letters and digits only.
+
+    Raises
+    ------
+    DesignError
+        If the name has no letter or digit.
 
     Examples
     --------
     >>> label("faces - houses"), label("0.5*a + 0.5*b"), label("2*(a-b)")
     ('facesMinusHouses', '0p5TimesAPlus0p5TimesB', '2TimesAMinusB')
+    >>> label("faces_minus_houses"), label("my contrast")
+    ('facesMinusHouses', 'myContrast')
     """
     words = {"-": " Minus ", "+": " Plus ", "*": " Times ", "/": " Over ", ".": "p"}
-    text = "".join(words.get(ch, ch if ch.isalnum() else " ") for ch in name)
+    text = "".join(words.get(ch, ch if ch.isascii() and ch.isalnum() else " ") for ch in name)
     parts = text.split()
-    if not parts:
-        raise DesignError(f"cannot make a file label from contrast name {name!r}")
+    if not parts or not any(ch.isalnum() for ch in name):
+        raise DesignError(
+            f"cannot make a file label from contrast name {name!r}; use letters, digits and '_'"
+        )
     return parts[0] + "".join(p[:1].upper() + p[1:] for p in parts[1:])
 
 
-def named_contrasts(
-    contrasts: ContrastSpec | Mapping[str, ContrastSpec],
-) -> dict[str, ContrastSpec]:
-    """Normalise one contrast or a mapping of them to ``{name: spec}``.
+def check_names(names: Iterable[Any]) -> dict[str, str]:
+    """Check contrast names given by the user; return ``{name: file label}``.
 
     Parameters
     ----------
-    contrasts : str, list of str, array_like, or dict name -> one of those
+    names : iterable of str
 
     Returns
     -------
     dict
 
+    Raises
+    ------
+    DesignError
+        For a name that is not text, is empty, holds a path separator (``/``, ``\\\\``) or
+        ``..``, has no letter or digit, or gives the same file label as another name
+        (compared ignoring case, as macOS and Windows file systems do).
+
+    Examples
+    --------
+    >>> check_names(["faces_minus_houses", "any"])
+    {'faces_minus_houses': 'facesMinusHouses', 'any': 'any'}
+    >>> check_names(["faces_minus_houses", "facesMinusHouses"])
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.DesignError: contrast names 'faces_minus_houses' and 'facesMinusHouses' ...
+    """
+    labels: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        _check_name(name)
+        labels[name] = label(name)
+        key = labels[name].casefold()
+        if key in seen:
+            raise DesignError(
+                f"contrast names {seen[key]!r} and {name!r} give the same file label "
+                f"{labels[name]!r} (their maps would overwrite each other); rename one"
+            )
+        seen[key] = name
+    return labels
+
+
+def _check_name(name: Any) -> None:
+    """Refuse a name that is not text, is empty, or looks like a path."""
+    if not isinstance(name, str) or not name.strip():
+        raise DesignError(
+            f"contrast name {name!r} is not a non-empty string; name contrasts like "
+            "'faces_minus_houses'"
+        )
+    if "/" in name or "\\" in name or ".." in name:
+        raise DesignError(
+            f"contrast name {name!r} holds a path separator or '..'; names become file "
+            "labels, use letters, digits and '_' (e.g. 'faces_minus_houses')"
+        )
+
+
+def is_named(contrasts: Any) -> bool:
+    """Whether ``contrasts`` is a dict of named contrasts (not one contrast).
+
+    A dict whose values are all numbers (or None) is one contrast (weights by column);
+    a dict whose values are all expressions, vectors or weights dicts holds named
+    contrasts; anything else is refused.
+
+    Parameters
+    ----------
+    contrasts : one contrast or a dict name -> one contrast
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    DesignError
+        For ``{}`` or a dict mixing numbers with other values.
+
+    Examples
+    --------
+    >>> is_named({"faces": 1, "houses": -1}), is_named({"d": "faces - houses"})
+    (False, True)
+    """
+    if not isinstance(contrasts, Mapping):
+        return False
+    if not contrasts:
+        raise DesignError(
+            "the contrast {} is empty; give an expression ('faces - houses'), weights "
+            "({'faces': 1, 'houses': -1}) or named contrasts ({'d': 'faces - houses'})"
+        )
+    weights = [k for k, v in contrasts.items() if _is_weight(v)]
+    if not weights:
+        return True
+    if len(weights) < len(contrasts):
+        other = next(k for k in contrasts if k not in weights)
+        raise DesignError(
+            f"the dict {_short(dict(contrasts))} mixes weights ({weights[0]!r}: "
+            f"{contrasts[weights[0]]!r}) with contrasts ({other!r}: {_short(contrasts[other])}); "
+            "write one contrast as weights by column, {'faces': 1, 'houses': -1}, or "
+            "several named contrasts, {'d': 'faces - houses', 'f': {'faces': 1}}"
+        )
+    return False
+
+
+def named_contrasts(
+    contrasts: ContrastSpec | Mapping[str, ContrastSpec],
+) -> dict[str, ContrastSpec]:
+    """Normalise one contrast or a dict of named contrasts to ``{name: one contrast}``.
+
+    The one normaliser of the package. Named contrasts are checked by
+    :func:`check_names`; one contrast is named by its expression, a list of
+    expressions by the expressions joined with ``" , "``, a weights dict by the
+    expression it stands for, a vector or matrix ``"contrast"``.
+
+    Parameters
+    ----------
+    contrasts : one contrast, or dict name -> one contrast
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    DesignError
+        As :func:`is_named` and :func:`check_names`.
+
     Examples
     --------
     >>> named_contrasts("a - b")
     {'a - b': 'a - b'}
+    >>> named_contrasts({"faces": 1, "houses": -1})
+    {'faces - houses': {'faces': 1, 'houses': -1}}
     """
-    if isinstance(contrasts, Mapping):
-        return dict(contrasts)
+    if is_named(contrasts):
+        named = dict(contrasts)  # type: ignore[call-overload]
+        check_names(named)
+        return named
     if isinstance(contrasts, str):
         return {contrasts: contrasts}
     if _is_text_list(contrasts):
         return {" , ".join(contrasts): contrasts}  # type: ignore[arg-type]
+    if isinstance(contrasts, Mapping):
+        return {_weights_expression(contrasts): contrasts}
     return {"contrast": contrasts}
+
+
+def _weights_expression(weights: Mapping[Any, Any]) -> str:
+    """The expression a weights dict stands for: ``{"a": 1, "b": -0.5}`` -> ``"a - 0.5*b"``.
+
+    Examples
+    --------
+    >>> _weights_expression({"a": 1, "b": -0.5, "c": 0})
+    'a - 0.5*b'
+    """
+    terms = []
+    for column, weight in weights.items():
+        if weight is None or not np.isfinite(weight) or weight == 0:
+            continue  # None and NaN are refused when the contrast is parsed
+        size = abs(float(weight))
+        term = str(column) if size == 1 else f"{size:g}*{column}"
+        terms.append(("- " if weight < 0 else "+ ") + term)
+    text = " ".join(terms) or "contrast"
+    return text[2:] if text.startswith("+ ") else "-" + text[2:]
