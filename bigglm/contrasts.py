@@ -61,6 +61,7 @@ __all__ = [
     "effect_and_covariance",
     "expression_to_vector",
     "f_test",
+    "file_labels",
     "fixed_effects",
     "label",
     "is_named",
@@ -812,6 +813,36 @@ def named_contrasts(
     if isinstance(contrasts, Mapping):
         return {_weights_expression(contrasts): contrasts}
     return {"contrast": contrasts}
+
+
+def file_labels(contrasts: ContrastSpec | Mapping[str, ContrastSpec]) -> dict[str, str]:
+    """``{name: file label}`` for what :func:`named_contrasts` returns.
+
+    Given names are checked by :func:`check_names`; the name bigglm gives one unnamed
+    contrast (its expression) is only turned into a label.
+
+    Parameters
+    ----------
+    contrasts : one contrast, or dict name -> one contrast
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    DesignError
+        As :func:`named_contrasts`.
+
+    Examples
+    --------
+    >>> file_labels("(a + b) / 2"), file_labels({"a_b": "a - b"})
+    ({'(a + b) / 2': 'aPlusBOver2'}, {'a_b': 'aB'})
+    """
+    named = named_contrasts(contrasts)
+    if is_named(contrasts):
+        return check_names(named)
+    return {name: label(name) for name in named}
 
 
 def _weights_expression(weights: Mapping[Any, Any]) -> str:

@@ -65,7 +65,9 @@ def test_bad_expressions_raise_design_error(expression: str, message: str) -> No
 
 
 def test_contrast_matrix_forms() -> None:
-    np.testing.assert_array_equal(con.contrast_matrix([1, -1], COLUMNS), [[1, -1, 0, 0]])
+    np.testing.assert_array_equal(con.contrast_matrix([1, -1, 0, 0], COLUMNS), [[1, -1, 0, 0]])
+    with pytest.raises(DesignError, match="2 weights but the design has 4 columns"):
+        con.contrast_matrix([1, -1], COLUMNS)  # no silent zero padding: one weight per column
     f = con.contrast_matrix(["faces", "houses"], COLUMNS, kind="F")
     np.testing.assert_array_equal(f, np.eye(4)[:2])
     with pytest.raises(DesignError, match="one row"):

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
+from bigglm.contrasts import contrast_rows
 from bigglm.exceptions import DesignError
 
 __all__ = [
@@ -40,24 +41,12 @@ def _as_matrix(X: DesignLike) -> tuple[NDArray[np.float64], list[str]]:
 def _contrast_rows(
     contrast: ArrayLike | Mapping[str, float], names: Sequence[str]
 ) -> NDArray[np.float64]:
-    """A contrast as a (q, p) matrix; a mapping gives weights by column name."""
-    if isinstance(contrast, Mapping):
-        unknown = [k for k in contrast if k not in names]
-        if unknown:
-            raise DesignError(
-                f"contrast names unknown column {unknown[0]!r}; columns: {list(names)}"
-            )
-        rows = np.array([[float(contrast.get(n, 0.0)) for n in names]])
-    else:
-        rows = np.atleast_2d(np.asarray(contrast, dtype=np.float64))
-        if rows.ndim == 2 and rows.shape[0] == len(names) and rows.shape[1] == 1:
-            rows = rows.T  # a column vector, as the tutorial writes it
-    if rows.ndim != 2 or rows.shape[1] != len(names):
-        raise DesignError(
-            f"contrast has {rows.shape[-1]} weights but the design has {len(names)} "
-            f"columns ({list(names)})"
-        )
-    return rows
+    """A contrast as a (q, p) matrix, by the package's one parser.
+
+    :func:`bigglm.contrasts.contrast_rows`: a vector or matrix with one weight per
+    column, a weights dict ``{column: weight}`` (one contrast), an expression.
+    """
+    return contrast_rows(contrast, names)  # type: ignore[arg-type]
 
 
 def contrast_scale(X: DesignLike, contrast: ArrayLike | Mapping[str, float]) -> float:
@@ -70,8 +59,10 @@ def contrast_scale(X: DesignLike, contrast: ArrayLike | Mapping[str, float]) -> 
     ----------
     X : pandas.DataFrame or array_like
         Design, shape ``(n, p)``.
-    contrast : array_like or mapping
-        ``p`` weights (a row or column vector), or ``{column: weight}``.
+    contrast : array_like, mapping or str
+        ``p`` weights (a row or column vector), ``{column: weight}`` (one contrast:
+        ``{"faces": 1, "houses": -1}`` is faces - houses), or an expression over the
+        DataFrame's columns; as :meth:`bigglm.GLMResult.contrast` reads it.
 
     Returns
     -------
@@ -80,13 +71,17 @@ def contrast_scale(X: DesignLike, contrast: ArrayLike | Mapping[str, float]) -> 
     Raises
     ------
     DesignError
-        If the contrast does not have one weight per column or has several rows.
+        If the contrast does not have one weight per column, has several rows, or is
+        refused by :func:`bigglm.contrasts.contrast_rows` (unknown columns, NaN weights).
 
     Examples
     --------
-    >>> import numpy as np
+    >>> import numpy as np, pandas as pd
     >>> contrast_scale(np.ones((4, 1)), [1.0])
     0.5
+    >>> x = pd.DataFrame({"a": [1.0, 0, 1, 0], "b": [0.0, 1, 0, 1]})
+    >>> contrast_scale(x, {"a": 1, "b": -1}) == contrast_scale(x, "a - b") == 1.0
+    True
     """
     matrix, names = _as_matrix(X)
     rows = _contrast_rows(contrast, names)
@@ -301,8 +296,9 @@ def check_estimable(
     ----------
     X : pandas.DataFrame or array_like
         Design, ``(n, p)``.
-    C : array_like or mapping
-        A contrast vector ``(p,)``, a matrix ``(q, p)``, or ``{column: weight}``.
+    C : array_like, mapping or str
+        A contrast vector ``(p,)``, a matrix ``(q, p)``, ``{column: weight}`` (one
+        contrast, as everywhere in bigglm), or an expression.
     names : sequence of str, optional
         Column names for the message (default: the DataFrame's columns, or ``x0 ..``).
 

@@ -234,10 +234,14 @@ class GLMResult:
 
         Parameters
         ----------
-        contrasts : str, list of str, array_like, or dict name -> one of those
-            An expression over column names (``"faces - houses"``), a weight vector,
-            a (q, P) matrix or a list of expressions (F), or a dict of several.
+        contrasts : one contrast, or dict name -> one contrast
+            One contrast: an expression over column names (``"faces - houses"``), a
+            weight vector (one weight per column), a weights dict ``{column: weight}``
+            (``{"faces": 1, "houses": -1}`` is faces - houses), or for F a list of
+            expressions or a (q, P) matrix. Several: a dict ``{name: one contrast}``.
+            See :mod:`bigglm.contrasts` for what is refused.
         kind : {"t", "F"}
+            Exactly ``"t"`` or ``"F"``.
         precision_weighted : bool
             For several runs: weight each run's effect by its inverse variance
             (default: plain mean, as nilearn).
@@ -246,14 +250,16 @@ class GLMResult:
         -------
         xarray.Dataset
             ``effect``, ``variance``, ``stat`` (t or F), ``p`` (upper tail), ``z``,
-            ``dof``; with a dict, each has a leading ``contrast`` dimension. For F,
+            ``dof``; with named contrasts, each has a leading ``contrast`` dimension. For F,
             ``effect`` is (row, voxel) and ``variance`` the (row, row2, voxel)
             covariance of the effect.
 
         Raises
         ------
         DesignError
-            For unknown columns or contrasts not estimable under the design.
+            For an invalid kind, an invalid or ambiguous contrast (unknown columns, NaN
+            weights, a dict mixing weights and contrasts, names whose file labels
+            collide), or contrasts not estimable under the design.
 
         Examples
         --------
@@ -263,11 +269,14 @@ class GLMResult:
         >>> res = bigglm.fit(xr.Dataset({"bold": (("time", "voxel"), y)}), x)
         >>> sorted(res.contrast({"a": "a", "F": ["a", "constant"]}, kind="F").data_vars)
         ['dof', 'effect', 'p', 'stat', 'variance', 'z']
+        >>> res.contrast({"a": 1, "constant": -1}).attrs["name"]  # one contrast, by weights
+        'a - constant'
         """
+        con.check_kind(kind)
         named = con.named_contrasts(contrasts)
         computed = self.compute()
         outputs = [computed._one_contrast(n, s, kind, precision_weighted) for n, s in named.items()]
-        if isinstance(contrasts, Mapping):
+        if con.is_named(contrasts):
             return xr.concat(outputs, dim=xr.Variable("contrast", list(named)), join="outer")
         return outputs[0]
 
@@ -416,7 +425,10 @@ class GLMResult:
         For each contrast, ``<prefix>_contrast-<label>_stat-<stat>_statmap.nii.gz`` for
         stat in effect, variance, t or F, p and z (for F, effect and variance are 4D: one
         volume per contrast row, the variance being that row's); ``<label>`` is the dict key
-        (or the expression) in camelCase, e.g. ``facesMinusHouses``. Each file is
+        (or the expression; for a weights dict the expression it stands for) in camelCase,
+        by :func:`bigglm.contrasts.label`, e.g. ``facesMinusHouses``. Names whose labels
+        collide, and names holding ``/``, ``\\`` or ``..``, are refused before anything is
+        written. Each file is
         written atomically by :func:`bigglm.to_nifti`, on the grid of the first run
         (the store the result was fitted from, also after :meth:`from_zarr`).
 
@@ -427,11 +439,19 @@ class GLMResult:
         prefix : str
             BIDS entities, e.g. ``"sub-01_task-faces"``.
         kind : {"t", "F"}
+            Exactly ``"t"`` or ``"F"``; it names the statistic's files (``stat-t``).
         precision_weighted : bool
 
         Returns
         -------
         list of pathlib.Path
+
+        Raises
+        ------
+        DesignError
+            As :meth:`contrast`, before any file is written.
+        StoreError
+            If the result has no voxel grid.
 
         Examples
         --------
@@ -451,14 +471,16 @@ class GLMResult:
         like = self._like[0] if self._like else self.runs[0].attrs.get("store")
         if like is None:
             raise StoreError("this result has no voxel grid; fit from a store to write NIfTI")
+        kind = con.check_kind(kind)
+        named, labels = con.named_contrasts(contrasts), con.file_labels(contrasts)
         out_dir = Path(directory)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for name, spec in con.named_contrasts(contrasts).items():
+        for name, spec in named.items():
             maps = self.contrast(spec, kind=kind, precision_weighted=precision_weighted)
             for stat, values in contrast_maps(maps).items():
                 stat = kind if stat == "stat" else stat
-                path = out_dir / f"{prefix}_contrast-{con.label(name)}_stat-{stat}_statmap.nii.gz"
+                path = out_dir / f"{prefix}_contrast-{labels[name]}_stat-{stat}_statmap.nii.gz"
                 bigglm.to_nifti(values, like, path)
                 written.append(path)
         return written
@@ -689,7 +711,7 @@ def _contrast_weights(
 ) -> np.ndarray:
     """The (q, P) contrast matrix for a run's design, checked to be estimable."""
     columns = [str(c) for c in ds["regressor"].values]
-    weights = con.contrast_matrix(spec, columns, kind)
+    weights = con.contrast_matrix(spec, columns, kind, name=name)
     con.check_estimable(weights, ds["design"].values, columns, name)
     return weights
 
