@@ -4,7 +4,7 @@ A configuration has six sections::
 
     inputs:    # a BIDS derivatives folder (with filters) or an explicit list of runs
     model:     # hrf, drift, high_pass, noise, slice_time_ref, ...
-    contrasts: # name: "expression" (t) or name: [rows...] (F)
+    contrasts: # name: "expression" (t) or name: [rows...] (F); see bigglm.contrasts
     outputs:   # folder, which maps, residuals (off by default)
     store:     # where the Zarr stores go, chunking
     cluster:   # local (default), address, slurm, pbs or sge
@@ -324,14 +324,18 @@ class AnalysisConfig(_Section):
     @field_validator("contrasts")
     @classmethod
     def _contrast_names(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        from bigglm.contrasts import check_names
+
         for name, expression in value.items():
             if not _NAME.match(name):
                 raise ValueError(
                     f"contrast name {name!r} is used in file names; use letters, digits and "
                     "'_' only, starting with a letter (e.g. 'faces_minus_houses')"
                 )
-            if not expression:
+            rows = [expression] if isinstance(expression, str) else expression
+            if not rows or not all(row.strip() for row in rows):
                 raise ValueError(f"contrast {name!r} is empty; give an expression like 'a - b'")
+        check_names(value)  # labels that collide (faces_minus_houses, facesMinusHouses)
         return value
 
     @property

@@ -63,8 +63,8 @@ __all__ = [
     "f_test",
     "file_labels",
     "fixed_effects",
-    "label",
     "is_named",
+    "label",
     "named_contrasts",
     "t_test",
 ]
@@ -208,7 +208,7 @@ def check_kind(kind: object) -> ContrastKind:
     bigglm.exceptions.DesignError: contrast kind 'f' is not one of 't', 'F'; ...
     """
     if isinstance(kind, str) and kind in _KINDS:
-        return kind  # type: ignore[return-value]
+        return kind
     raise DesignError(
         f"contrast kind {kind!r} is not one of 't', 'F'; use kind='t' for a t test of one "
         "row or kind='F' for an F test of one or more rows"
@@ -239,7 +239,7 @@ def default_kind(spec: ContrastSpec) -> ContrastKind:
         return "t"
     if _is_text_list(spec):
         return "F"
-    return "F" if np.ndim(spec) == 2 else "t"  # type: ignore[arg-type]
+    return "F" if np.ndim(spec) == 2 else "t"
 
 
 def contrast_matrix(
@@ -338,7 +338,9 @@ def contrast_rows(spec: ContrastSpec, columns: Sequence[str], *, name: str | Non
             name,
             f"contrast has {found} weights but the design has {len(names)} columns "
             f"({names}): it does not fit; give one weight per column, or weights by "
-            f"column as {{{names[0]!r}: 1, ...}}" if names else "the design has no columns",
+            f"column as {{{names[0]!r}: 1, ...}}"
+            if names
+            else "the design has no columns",
         )
     if not np.all(np.isfinite(rows)):
         raise _named(
@@ -802,17 +804,18 @@ def named_contrasts(
     >>> named_contrasts({"faces": 1, "houses": -1})
     {'faces - houses': {'faces': 1, 'houses': -1}}
     """
-    if is_named(contrasts):
-        named = dict(contrasts)  # type: ignore[call-overload]
+    given: Any = contrasts
+    if is_named(given):
+        named: dict[str, ContrastSpec] = dict(given)
         check_names(named)
         return named
-    if isinstance(contrasts, str):
-        return {contrasts: contrasts}
-    if _is_text_list(contrasts):
-        return {" , ".join(contrasts): contrasts}  # type: ignore[arg-type]
-    if isinstance(contrasts, Mapping):
-        return {_weights_expression(contrasts): contrasts}
-    return {"contrast": contrasts}
+    if isinstance(given, str):
+        return {given: given}
+    if _is_text_list(given):
+        return {" , ".join(given): given}
+    if isinstance(given, Mapping):
+        return {_weights_expression(given): given}
+    return {"contrast": given}
 
 
 def file_labels(contrasts: ContrastSpec | Mapping[str, ContrastSpec]) -> dict[str, str]:

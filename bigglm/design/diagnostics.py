@@ -46,7 +46,7 @@ def _contrast_rows(
     :func:`bigglm.contrasts.contrast_rows`: a vector or matrix with one weight per
     column, a weights dict ``{column: weight}`` (one contrast), an expression.
     """
-    return contrast_rows(contrast, names)  # type: ignore[arg-type]
+    return contrast_rows(contrast, names)
 
 
 def contrast_scale(X: DesignLike, contrast: ArrayLike | Mapping[str, float]) -> float:

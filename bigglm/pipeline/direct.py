@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from bigglm.exceptions import ConfigError
-from bigglm.pipeline.plan import bids_label
+import numpy as np
+
+from bigglm.contrasts import default_kind, label
+from bigglm.exceptions import ConfigError, DesignError
 from bigglm.typing import ContrastKind
 
 __all__ = ["fit_stores", "parse_contrast_options"]
@@ -30,24 +33,53 @@ def parse_contrast_options(options: Sequence[str]) -> dict[str, str | list[str]]
     Raises
     ------
     ConfigError
-        For an item without ``=`` or with an empty name.
+        For an item without ``=`` or with an empty name or expression, a name given
+        twice, or names refused by :func:`bigglm.contrasts.check_names` (a path
+        separator or ``..``, two names with the same file label).
 
     Examples
     --------
     >>> parse_contrast_options(["d=faces - houses", "any=faces; houses"])
     {'d': 'faces - houses', 'any': ['faces', 'houses']}
+    >>> parse_contrast_options(["d=faces", "d=houses"])
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.ConfigError: --contrast 'd=houses': the name 'd' is given twice; ...
     """
+    from bigglm.contrasts import check_names
+
     out: dict[str, str | list[str]] = {}
     for option in options:
         name, sep, expression = option.partition("=")
-        if not sep or not name.strip() or not expression.strip():
+        name = name.strip()
+        rows = [row.strip() for row in expression.split(";") if row.strip()]
+        if not sep or not name or not rows:
             raise ConfigError(
                 f"--contrast {option!r}: write NAME=EXPRESSION, e.g. "
                 "--contrast 'faces_minus_houses=faces - houses'"
             )
-        rows = [row.strip() for row in expression.split(";") if row.strip()]
-        out[name.strip()] = rows[0] if len(rows) == 1 else rows
+        if name in out:
+            raise ConfigError(
+                f"--contrast {option!r}: the name {name!r} is given twice; give each "
+                "contrast its own name"
+            )
+        out[name] = rows[0] if len(rows) == 1 else rows
+    try:
+        check_names(out)
+    except DesignError as err:
+        raise ConfigError(f"--contrast: {err}") from None
     return out
+
+
+def _check_contrasts(named: dict[str, str | list[str]], designs: Sequence[Any]) -> None:
+    """Parse each contrast against each design before the fit (cheap; the fit is not)."""
+    from bigglm import contrasts as con
+
+    for name, spec in named.items():
+        for design in designs:
+            columns = [str(c) for c in design.columns]
+            weights = con.contrast_matrix(spec, columns, con.default_kind(spec), name=name)
+            con.check_estimable(weights, design.to_numpy(np.float64), columns, name)
 
 
 def _per_store(values: Sequence[Path] | None, n: int, option: str) -> list[Path | None]:
@@ -152,6 +184,7 @@ def fit_stores(
         )
         for ds, ev, cf in zip(runs, event_files, confound_files, strict=True)
     ]
+    _check_contrasts(named, designs)
     profile = ClusterConfig(profile="address", address=address) if address else ClusterConfig()
     output.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -167,9 +200,9 @@ def fit_stores(
             )
     result.to_zarr(output / "glm.zarr", overwrite=True)
     for name, expression in named.items():
-        kind: ContrastKind = "t" if isinstance(expression, str) else "F"
+        kind: ContrastKind = default_kind(expression)
         images = contrast_maps(result.contrast(expression, kind=kind))
         for stat in ("effect", "variance", "stat", "z"):
-            path = output / f"contrast-{bids_label(name)}_stat-{stat}_statmap.nii.gz"
+            path = output / f"contrast-{label(name)}_stat-{stat}_statmap.nii.gz"
             written.append(to_nifti(images[stat], stores[0], path))
     return written

@@ -299,20 +299,23 @@ def _check_mask(mask: Path, run: RunPlan) -> None:
 
 
 def _check_contrasts(config: AnalysisConfig, runs: list[RunPlan]) -> None:
-    from bigglm.contrasts import expression_to_vector
+    """Parse every contrast against every run's design, as the fit will, and check it is
+    estimable there: unknown columns, F rows that are linearly dependent and contrasts the
+    design cannot estimate are reported now, not after the conversion."""
+    from bigglm import contrasts as con
 
-    for name, expression in config.contrasts.items():
-        rows = [expression] if isinstance(expression, str) else expression
+    for name, spec in config.contrasts.items():
         for r in runs:
             columns = [str(c) for c in r.design.columns]
-            for row in rows:
-                try:
-                    expression_to_vector(row, columns)
-                except DesignError as err:
-                    raise ConfigError(
-                        f"contrasts.{name}: {err} (design of {r.run.name} has columns: "
-                        f"{', '.join(columns)}){_closest(row, columns)}"
-                    ) from None
+            try:
+                weights = con.contrast_matrix(spec, columns, con.default_kind(spec))
+                con.check_estimable(weights, r.design.to_numpy(np.float64), columns, name)
+            except DesignError as err:
+                rows = [spec] if isinstance(spec, str) else spec
+                raise ConfigError(
+                    f"contrasts.{name}: {err} (design of {r.run.name} has columns: "
+                    f"{', '.join(columns)}){_closest(' '.join(rows), columns)}"
+                ) from None
 
 
 def _closest(expression: str, columns: list[str]) -> str:
@@ -364,17 +367,7 @@ def map_path(config: AnalysisConfig, unit: str, contrast: str, stat: str) -> Pat
     >>> map_path(cfg, "sub-01_task-x", "faces_minus_houses", "z").name
     'sub-01_task-x_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
     """
-    label = bids_label(contrast)
-    return unit_folder(config, unit) / f"{unit}_contrast-{label}_stat-{stat}_statmap.nii.gz"
+    from bigglm.contrasts import label
 
-
-def bids_label(name: str) -> str:
-    """``faces_minus_houses`` -> ``facesMinusHouses`` (BIDS labels are alphanumeric).
-
-    Examples
-    --------
-    >>> bids_label("faces_minus_houses")
-    'facesMinusHouses'
-    """
-    head, *rest = name.split("_")
-    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+    name = f"{unit}_contrast-{label(contrast)}_stat-{stat}_statmap.nii.gz"
+    return unit_folder(config, unit) / name

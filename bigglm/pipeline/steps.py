@@ -457,12 +457,13 @@ def maps_step(
     steps: StepRecords,
     outcome: UnitOutcome,
 ) -> None:
+    from bigglm.contrasts import default_kind
     from bigglm.glm.result import contrast_maps
     from bigglm.io import to_nifti
 
     like = unit.runs[0].store
     for name, expression in config.contrasts.items():
-        kind: ContrastKind = "t" if isinstance(expression, str) else "F"
+        kind: ContrastKind = default_kind(expression)
         paths = {stat: map_path(config, unit.name, name, stat) for stat in config.outputs.maps}
         key = _digest(fit_key, expression, kind, sorted(paths))
         outcome.maps.extend(paths.values())
