@@ -145,6 +145,39 @@ def test_fit_command_bad_contrast_option_is_one_line(tmp_path: Path) -> None:
     assert "write NAME=EXPRESSION" in line
 
 
+@pytest.mark.parametrize(
+    ("contrasts", "message"),
+    [
+        (["d=a", "d=b"], "--contrast 'd=b': the name 'd' is given twice"),
+        (["a_b=a", "aB=b"], "'a_b' and 'aB' give the same file label 'aB'"),
+        (["../../x=a"], "contrast name '../../x' holds a path separator or '..'"),
+    ],
+)
+def test_fit_command_refuses_contrast_names_in_one_line(
+    tmp_path: Path, contrasts: list[str], message: str
+) -> None:
+    options = [item for c in contrasts for item in ("--contrast", c)]
+    done = _bigglm("fit", str(tmp_path / "x.zarr"), *options, "--output", str(tmp_path / "o"))
+    assert message in _one_line_error(done, "fit")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("contrast", "message"),
+    [
+        (["a", "2*a"], "contrasts.any: the 2 rows of the F contrast are linearly dependent"),
+        ("3", "contrasts.any: contrast '3' names no design column"),
+        ("a - a", "contrasts.any: the contrast is all zeros"),
+    ],
+)
+def test_validate_catches_contrasts_the_fit_would_refuse(
+    tiny_bids: Path, tiny_config: Any, tmp_path: Path, contrast: object, message: str
+) -> None:
+    config = tiny_config(tiny_bids, tmp_path / "out", contrasts={"any": contrast})
+    line = _one_line_error(_bigglm("validate", str(_yaml(tmp_path / "a.yaml", config))), "validate")
+    assert message in line
+
+
 def test_submit_without_a_batch_profile_is_one_line(
     tiny_bids: Path, tiny_config: Any, tmp_path: Path
 ) -> None:

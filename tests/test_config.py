@@ -95,6 +95,19 @@ def test_mistakes_name_the_field(sections: dict[str, object], fragment: str) -> 
     assert fragment in _error(**sections)
 
 
+def test_contrast_names_whose_file_labels_collide_are_refused() -> None:
+    """faces_minus_houses and facesMinusHouses would write the same files (issue item 6)."""
+    message = _error(contrasts={"faces_minus_houses": "a - b", "facesMinusHouses": "a - b"})
+    assert message.startswith("contrasts: ")
+    assert "'faces_minus_houses' and 'facesMinusHouses' give the same file label" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("contrast", ["", " ", [], ["a", " "]])
+def test_empty_contrasts_are_refused(contrast: object) -> None:
+    assert "contrast 'x' is empty" in _error(contrasts={"x": contrast})
+
+
 def test_missing_section_says_add_it() -> None:
     with pytest.raises(ConfigError, match=r"^outputs: required but missing; add it$"):
         parse_config({"inputs": MINIMAL["inputs"]})

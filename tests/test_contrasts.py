@@ -189,3 +189,96 @@ def test_precision_weighted_fixed_effects_keep_nan_voxels_nan() -> None:
 )
 def test_bids_labels(name: str, expected: str) -> None:
     assert con.label(name) == expected
+
+
+# --- one contrast specification (issue items 4, 5, 6) -------------------------------------
+
+
+def two_condition_fit() -> tuple[bigglm.GLMResult, pd.DataFrame, np.ndarray]:
+    x = conditions()[["c0", "c1"]].assign(constant=1.0)
+    y = run()["bold"].values
+    return bigglm.fit(run(), x), x, y
+
+
+def test_a_weights_dict_is_one_contrast_everywhere() -> None:
+    """{"c0": 1, "c1": -1} is the single contrast c0 - c1 for the fit and the diagnostics."""
+    result, x, y = two_condition_fit()
+    weights = {"c0": 1, "c1": -1}
+    c = np.array([1.0, -1.0, 0.0])
+    beta = np.linalg.pinv(x.to_numpy()) @ y  # brute force
+    maps = result.contrast(weights)
+    assert "contrast" not in maps.dims and maps.attrs["name"] == "c0 - c1"
+    np.testing.assert_allclose(maps["effect"].values, c @ beta, rtol=1e-10)
+    np.testing.assert_array_equal(maps["stat"].values, result.contrast("c0 - c1")["stat"].values)
+    scale = float(np.sqrt(c @ np.linalg.pinv(x.to_numpy().T @ x.to_numpy()) @ c))
+    assert bigglm.design.contrast_scale(x, weights) == pytest.approx(scale, rel=1e-12)
+    bigglm.design.check_estimable(x, weights)
+    deficient = conditions().assign(constant=1.0)  # c0 + c1 + c2 = constant
+    for contrast in ({"c0": 1}, [1, 0, 0, 0], "c0"):
+        with pytest.raises(DesignError, match="not estimable"):
+            bigglm.design.check_estimable(deficient, contrast)
+
+
+def test_named_contrasts_are_a_dict_of_single_contrasts() -> None:
+    result, _, _ = two_condition_fit()
+    many = result.contrast({"d": {"c0": 1, "c1": -1}, "e": "c0 - c1", "v": [1, -1, 0]})
+    assert list(many["contrast"].values) == ["d", "e", "v"]
+    for name in ("d", "v"):
+        np.testing.assert_array_equal(
+            many["stat"].sel(contrast=name), many["stat"].sel(contrast="e")
+        )
+
+
+@pytest.mark.parametrize("kind", ["T", "tt", "f", "", None])
+def test_kind_is_exactly_t_or_F(kind: object) -> None:
+    result, _, _ = two_condition_fit()
+    with pytest.raises(DesignError, match=r"contrast kind .* is not one of 't', 'F'"):
+        result.contrast("c0 - c1", kind=kind)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("contrasts", "message"),
+    [
+        ("3", r"contrast '3' names no design column; .*'c0', 'c1'"),
+        ("1 - 1", "contrast '1 - 1' names no design column"),
+        ({"d": "2"}, "contrast '2' names no design column"),
+        ("", "contrast '' is empty"),
+        ("c0 - c0", "all zeros"),
+        ([1.0, np.nan, 0.0], r"not all finite numbers \(NaN, Inf or None found\)"),
+        ([1.0, np.inf, 0.0], "not all finite numbers"),
+        ([1, None, 0], "not all finite numbers"),
+        ({"d": [1, None, 0]}, r"contrast 'd': weights \[1, None, 0\] are not all finite"),
+        ({"c0": None, "c1": 1}, "the weight of 'c0' is None"),
+        ({"c0": np.nan}, "not all finite numbers"),
+        ({}, r"the contrast \{\} is empty"),
+        ([], r"contrast \[\] is empty"),
+        ({"c0": 1, "d": "c0 - c1"}, r"mixes weights \('c0': 1\) with contrasts \('d': 'c0 - c1'\)"),
+        ({"c0": 1, "hoses": -1}, "unknown column 'hoses'"),
+        ([1, -1], "2 weights but the design has 3 columns"),
+        (["c0", 1], "mixes expressions and numbers"),
+        ({"d": ["c0", "2*c0"]}, "contrast 'd': the 2 rows of the F contrast are linearly"),
+        ({"../../x": "c0"}, "contrast name '../../x' holds a path separator or '..'"),
+        ({"a/b": "c0"}, "holds a path separator"),
+        ({" ": "c0"}, "contrast name ' ' is not a non-empty string"),
+        ({1: "c0"}, "contrast name 1 is not a non-empty string"),
+        ({"--": "c0"}, "cannot make a file label"),
+        (
+            {"c0_minus_c1": "c0 - c1", "c0MinusC1": "c0 - c1"},
+            "names 'c0_minus_c1' and 'c0MinusC1' give the same file label 'c0MinusC1'",
+        ),
+        ({"Faces": "c0", "faces": "c1"}, "give the same file label"),
+    ],
+)
+def test_each_bad_contrast_is_one_design_error(contrasts: object, message: str) -> None:
+    result, _, _ = two_condition_fit()
+    kind = "F" if "linearly" in message else "t"
+    with pytest.raises(DesignError, match=message):
+        result.contrast(contrasts, kind=kind)  # type: ignore[arg-type]
+
+
+def test_names_with_spaces_are_labelled_deterministically() -> None:
+    assert con.file_labels({"my contrast": "c0", "c0_minus_c1": "c0 - c1"}) == {
+        "my contrast": "myContrast",
+        "c0_minus_c1": "c0MinusC1",
+    }
+    assert con.file_labels("(c0 + c1) / 2") == {"(c0 + c1) / 2": "c0PlusC1Over2"}  # unnamed

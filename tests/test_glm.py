@@ -284,6 +284,50 @@ def test_nifti_maps_with_bids_names_from_a_store(tmp_path: Path) -> None:
         np.testing.assert_allclose(variance[:, row], f_maps["variance"].values[row, row], rtol=1e-6)
 
 
+def _store_fit(tmp_path: Path) -> bigglm.GLMResult:
+    design, y = make_data(n_vox=2 * 3 * 2)
+    nib.save(nib.Nifti1Image(y.T.reshape(2, 3, 2, -1), np.eye(4)), tmp_path / "bold.nii")
+    store = bigglm.convert(
+        tmp_path / "bold.nii", tmp_path / "bold.zarr", mask=np.ones((2, 3, 2), bool)
+    )
+    return bigglm.fit(store, design, noise="ols")
+
+
+def test_to_nifti_writes_a_weights_dict_as_one_contrast(tmp_path: Path) -> None:
+    result = _store_fit(tmp_path)
+    written = result.to_nifti(tmp_path / "out", {"faces": 1, "houses": -1}, prefix="sub-01")
+    assert sorted(p.name for p in written) == sorted(
+        f"sub-01_contrast-facesMinusHouses_stat-{s}_statmap.nii.gz"
+        for s in ("effect", "variance", "t", "p", "z")
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)
+    z = np.asarray(nib.load(written[-1]).get_fdata()).reshape(-1)
+    np.testing.assert_allclose(z, result.contrast("faces - houses")["z"].values, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("contrasts", "kind", "message"),
+    [
+        ("faces - houses", "T", r"contrast kind 'T' is not one of 't', 'F'"),
+        (["faces", "houses"], "f", r"contrast kind 'f' is not one of 't', 'F'"),
+        (
+            {"faces_minus_houses": "faces - houses", "facesMinusHouses": "faces"},
+            "t",
+            "same file label",
+        ),
+        ({"../../x": "faces"}, "t", "path separator"),
+    ],
+)
+def test_to_nifti_refuses_bad_kinds_and_names_before_writing(
+    tmp_path: Path, contrasts: object, kind: str, message: str
+) -> None:
+    result = _store_fit(tmp_path)
+    with pytest.raises(DesignError, match=message):
+        result.to_nifti(tmp_path / "out", contrasts, prefix="sub-01", kind=kind)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    assert not list(tmp_path.glob("**/*statmap*"))
+
+
 def test_threaded_default_scheduler_gives_the_same_numbers_as_synchronous() -> None:
     design, y = make_data()
     ds = xr.Dataset({"bold": (("time", "voxel"), y)}).chunk({"time": 15, "voxel": 6})
