@@ -162,6 +162,23 @@ def test_fit_command_refuses_contrast_names_in_one_line(
     assert not (tmp_path / "o").exists()
 
 
+def test_fit_stores_checks_contrasts_before_fitting(tmp_path: Path) -> None:
+    """A contrast the design cannot give is refused before the (long) fit: no glm.zarr."""
+    import bigglm
+    from bigglm.exceptions import DesignError
+    from bigglm.pipeline import fit_stores
+
+    bold = np.random.default_rng(0).normal(100, 1, size=(2, 2, 1, 20)).astype("float32")
+    nib.save(nib.Nifti1Image(bold, np.eye(4)), tmp_path / "bold.nii")
+    mask = np.ones((2, 2, 1), bool)
+    store = bigglm.convert(tmp_path / "bold.nii", tmp_path / "bold.zarr", mask=mask, tr=2.0)
+    events = tmp_path / "events.tsv"
+    events.write_text("onset\tduration\ttrial_type\n0\t4\ta\n20\t4\tb\n")
+    with pytest.raises(DesignError, match="contrast 'd': .*names 'zz', not a design column"):
+        fit_stores([store], tmp_path / "o", events=[events], contrasts=["d=a - zz"])
+    assert not (tmp_path / "o" / "glm.zarr").exists()
+
+
 @pytest.mark.parametrize(
     ("contrast", "message"),
     [
