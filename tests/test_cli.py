@@ -174,7 +174,7 @@ def test_fit_stores_checks_contrasts_before_fitting(tmp_path: Path) -> None:
     store = bigglm.convert(tmp_path / "bold.nii", tmp_path / "bold.zarr", mask=mask, tr=2.0)
     events = tmp_path / "events.tsv"
     events.write_text("onset\tduration\ttrial_type\n0\t4\ta\n20\t4\tb\n")
-    with pytest.raises(DesignError, match="contrast 'd': .*names 'zz', not a design column"):
+    with pytest.raises(DesignError, match=r"contrast 'd': .*names 'zz', not a design column"):
         fit_stores([store], tmp_path / "o", events=[events], contrasts=["d=a - zz"])
     assert not (tmp_path / "o" / "glm.zarr").exists()
 
