@@ -502,7 +502,7 @@ def load_config(path: str | Path) -> AnalysisConfig:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the configuration ({err.strerror})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

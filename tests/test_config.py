@@ -119,8 +119,12 @@ def test_yaml_errors_give_file_and_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "lines"),
     [
-        ("inputs: {runs: [{bold: b.nii}]}\nmodel: {noise: ols}\noutputs: {folder: o}\n"
-         "model: {noise: ar1}\n", "model", (2, 4)),
+        (
+            "inputs: {runs: [{bold: b.nii}]}\nmodel: {noise: ols}\noutputs: {folder: o}\n"
+            "model: {noise: ar1}\n",
+            "model",
+            (2, 4),
+        ),
         ("inputs: {runs: [{bold: b.nii}]}\noutputs:\n  folder: o\n  folder: p\n", "folder", (3, 4)),
     ],
     ids=["section", "nested"],
