@@ -129,3 +129,42 @@ def test_a_changed_contrast_reuses_the_fit_and_recomputes_its_maps(
     assert outcome.steps["contrast-a"]["status"] == "reused"
     _fresh(config, tmp_path / "fresh", local_client)
     _assert_same_maps(tmp_path / "out", tmp_path / "fresh")
+
+
+def test_a_store_replaced_with_other_voxels_is_converted_again(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """The convert step's record is not enough: the store on disk must still hold the
+    configured mask's voxels (here it was remade elsewhere with an EPI mask)."""
+    import bigglm
+
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_inputs(tiny_bids)))
+    run_analysis(config, client=local_client)
+    store = config.store_folder / "sub-01_task-tiny_bold.zarr"
+    bigglm.convert(tiny_bids / _BOLD, store, overwrite=True)  # the EPI mask: other voxels
+    (outcome,) = run_analysis(config, client=local_client)
+    assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "ran"
+    assert outcome.n_voxels == 8 * 8 * 8
+    _fresh(config, tmp_path / "fresh", local_client)
+    _assert_same_maps(tmp_path / "out", tmp_path / "fresh")
+
+
+def test_a_store_without_the_masks_nonfinite_voxels_is_reused(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """Conversion drops mask voxels with NaN values (and records how many): that store
+    still holds the mask's voxels, so a rerun reuses every step."""
+    from bigglm.exceptions import BigGLMWarning
+
+    def one_nan(data: np.ndarray) -> np.ndarray:
+        out = data.copy()
+        out[4, 4, 4, 10] = np.nan
+        return out
+
+    _edit(tiny_bids / _BOLD, one_nan)
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_inputs(tiny_bids)))
+    with pytest.warns(BigGLMWarning, match="NaN or Inf"):
+        (first,) = run_analysis(config, client=local_client)
+    assert first.n_voxels == 8 * 8 * 8 - 1
+    (again,) = run_analysis(config, client=local_client)
+    assert {s["status"] for s in again.steps.values()} == {"reused"}

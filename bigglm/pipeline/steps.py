@@ -312,7 +312,7 @@ def pending_conversion(
     mask_sum = sums(mask) if mask is not None else None
     key = step_key("convert", sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
     step = f"convert-{rp.run.name}"
-    if steps.done(step, key, [rp.store]) and _store_matches(rp, sums, None):
+    if steps.done(step, key, [rp.store]) and _store_matches(rp, sums, mask):
         return None
     if _store_matches(rp, sums, mask):  # made elsewhere (`bigglm convert`) from the same file
         steps.adopt(step, key)
@@ -385,7 +385,8 @@ def _timed_convert(
 def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
     """A complete store exists, made from a file with the same SHA-256 and the same TR.
 
-    With ``mask``, the store's voxels must also be exactly those of that mask.
+    With ``mask``, the store's voxels must also be those of that mask (less the voxels
+    with non-finite values that conversion dropped, as its attributes record).
     """
     from bigglm.io import open_run
 
@@ -398,10 +399,18 @@ def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
     recorded = [s.get("sha256") for s in ds.attrs.get("sources", [])]
     if recorded != [sums(rp.run.bold)] or abs(float(ds.attrs.get("tr", 0)) - rp.tr) > 1e-9:
         return False
-    if mask is None:
-        return True
+    return mask is None or _has_voxels_of(ds, mask)
+
+
+def _has_voxels_of(ds: Any, mask: Path) -> bool:
+    """The store's voxels are the mask's, less the non-finite ones conversion dropped."""
     wanted = np.asarray(_image(mask).dataobj)
-    return bool(np.array_equal(np.asarray(ds["mask"].values), np.isfinite(wanted) & (wanted != 0)))
+    wanted = np.isfinite(wanted) & (wanted != 0)
+    inside = np.asarray(ds["mask"].values, dtype=bool)
+    if inside.shape != wanted.shape or (inside & ~wanted).any():
+        return False
+    dropped = int(dict(ds.attrs.get("parameters", {})).get("nonfinite_voxels_dropped", 0))
+    return int(wanted.sum()) - int(inside.sum()) == dropped
 
 
 def _remove_partials(store: Path) -> None:
