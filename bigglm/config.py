@@ -159,12 +159,15 @@ class Inputs(_Section):
     """Where the data come from: ``bids`` or ``runs`` (exactly one), plus shared options.
 
     ``confounds`` lists the confound columns to use (names or globs such as ``trans_*``);
-    when it is empty the confounds files are not used. ``mask`` replaces every run's mask.
+    when it is empty the confounds files are not used. Every run must then have a
+    confounds file, unless ``confounds_required`` is false (runs without one are fitted
+    without confounds, with a warning naming them). ``mask`` replaces every run's mask.
     """
 
     bids: BIDSInputs | None = None
     runs: list[RunInput] | None = None
     confounds: list[str] = Field(default_factory=list)
+    confounds_required: bool = True
     mask: ConfigPath | None = None
 
     @model_validator(mode="after")
@@ -175,6 +178,11 @@ class Inputs(_Section):
             )
         if self.runs is not None and not self.runs:
             raise ValueError("'runs' is empty; list at least one run with its 'bold' file")
+        if not self.confounds_required and not self.confounds:
+            raise ValueError(
+                "'confounds_required: false' but no 'confounds' columns are listed; list the "
+                "columns (e.g. confounds: [trans_*, rot_*]) or drop 'confounds_required'"
+            )
         return self
 
 
@@ -434,6 +442,35 @@ def parse_config(data: Mapping[str, Any], *, base: str | Path | None = None) -> 
         raise ConfigError(_explain(err)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last of two equal keys, so a second ``model:`` silently
+    replaced the first; here it is an error with the line of each.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # unhashable: SafeLoader reports it
+                continue
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (lines {first.line + 1} and "
+                    f"{key_node.start_mark.line + 1}); the later would replace the earlier, "
+                    "so merge them into one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> AnalysisConfig:
     """Read and validate a YAML analysis configuration.
 
@@ -450,8 +487,9 @@ def load_config(path: str | Path) -> AnalysisConfig:
     Raises
     ------
     ConfigError
-        If the file is missing, is not valid YAML, or does not match the schema; the
-        message starts with the file name and gives the field path and the fix.
+        If the file is missing, is not valid YAML (a key given twice in one mapping
+        included), or does not match the schema; the message starts with the file name
+        and gives the field path and the fix.
 
     Examples
     --------
@@ -468,7 +506,7 @@ def load_config(path: str | Path) -> AnalysisConfig:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the configuration ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

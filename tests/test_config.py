@@ -129,6 +129,39 @@ def test_yaml_errors_give_file_and_line(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        (
+            "inputs: {runs: [{bold: b.nii}]}\nmodel: {noise: ols}\noutputs: {folder: o}\n"
+            "model: {noise: ar1}\n",
+            "model",
+            (2, 4),
+        ),
+        ("inputs: {runs: [{bold: b.nii}]}\noutputs:\n  folder: o\n  folder: p\n", "folder", (3, 4)),
+    ],
+    ids=["section", "nested"],
+)
+def test_a_key_given_twice_is_refused_with_both_lines(
+    tmp_path: Path, text: str, key: str, lines: tuple[int, int]
+) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    expected = rf"twice.yaml: line {lines[1]}, .*key '{key}' appears twice .*lines {lines[0]} and"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "inputs: {runs: [{bold: b.nii}]}\noutputs: {folder: o}\n"
+        "model: {<<: {noise: ols, hrf: spm}, noise: ar1}\n"
+    )
+    model = load_config(path).model
+    assert (model.noise, model.hrf) == ("ar1", "spm")
+
+
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the configuration"):
         load_config(tmp_path / "nope.yaml")

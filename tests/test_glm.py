@@ -235,6 +235,29 @@ def test_zarr_round_trip_keeps_every_contrast(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
 
 
+def test_the_same_run_given_twice_is_refused(tmp_path: Path) -> None:
+    """Fitting a run twice would double its degrees of freedom (z x 1.42 for one run)."""
+    design, y = make_data(n_vox=4 * 3 * 2)
+    img = nib.Nifti1Image(y.T.reshape(4, 3, 2, -1), np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header.set_zooms((2.0, 2.0, 2.0, 2.0))
+    nib.save(img, tmp_path / "bold.nii.gz")
+    store = bigglm.convert(
+        tmp_path / "bold.nii.gz", tmp_path / "bold.zarr", mask=np.ones((4, 3, 2), bool)
+    )
+    ds = xr.Dataset({"bold": (("time", "voxel"), y)})
+    twice = {
+        "path": [store, str(store)],
+        "opened": [bigglm.open_run(store), bigglm.open_run(store)],
+        "path and opened": [str(store), bigglm.open_run(store)],
+        "object": [ds, ds],
+    }
+    for runs in twice.values():
+        with pytest.raises(DesignError, match=r"runs 0 and 1 are the same .*give each run once"):
+            bigglm.fit(runs, [design, design])
+    other = xr.Dataset({"bold": (("time", "voxel"), y + 1)})
+    bigglm.fit([ds, other], [design, design])  # two distinct in-memory runs are fine
+
+
 def test_incomplete_result_store_is_refused(tmp_path: Path) -> None:
     xr.Dataset({"beta": ("voxel", np.ones(3))}).to_zarr(tmp_path / "half.zarr", consolidated=False)
     with pytest.raises(StoreError, match="not a complete bigglm result"):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from operator import getitem
 from os import PathLike
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask.array as da
@@ -79,7 +80,8 @@ def fit(
     Raises
     ------
     DesignError
-        If a design does not match its run, or the noise model is not understood.
+        If a design does not match its run, the same run is given twice, or the noise
+        model is not understood.
 
     Examples
     --------
@@ -101,6 +103,7 @@ def fit(
             f"got {len(run_list)} runs but {len(design_list)} designs; give one design per run"
         )
     datasets = [_open(run) for run in run_list]
+    _check_distinct(run_list, datasets)
     _check_same_voxels(datasets)
     frames = [_as_frame(d) for d in design_list]
     built = [
@@ -136,6 +139,30 @@ def _open(run: str | PathLike[str] | xr.Dataset) -> xr.Dataset:
     if run["bold"].chunks is None:
         run = run.assign(bold=run["bold"].chunk())
     return run
+
+
+def _identities(run: Any, ds: xr.Dataset) -> list[tuple[str, str]]:
+    """What makes a run the same as another: its Dataset object, its store's path."""
+    found = [("Dataset", f"object at {id(run):#x}")] if isinstance(run, xr.Dataset) else []
+    stores = [] if isinstance(run, xr.Dataset) else [run]
+    if ds.attrs.get("store"):
+        stores.append(ds.attrs["store"])
+    found += [("store", str(Path(store).expanduser().resolve())) for store in stores]
+    return found
+
+
+def _check_distinct(runs: list[Any], datasets: list[xr.Dataset]) -> None:
+    """A run given twice would count its scans twice (doubled dof, inflated z)."""
+    seen: dict[tuple[str, str], int] = {}
+    for index, (run, ds) in enumerate(zip(runs, datasets, strict=True)):
+        for identity in dict.fromkeys(_identities(run, ds)):
+            if identity in seen:
+                raise DesignError(
+                    f"runs {seen[identity]} and {index} are the same {identity[0]} "
+                    f"({identity[1]}); give each run once (a run fitted twice doubles "
+                    "its degrees of freedom and inflates every z)"
+                )
+            seen[identity] = index
 
 
 def _check_same_voxels(datasets: list[xr.Dataset]) -> None:

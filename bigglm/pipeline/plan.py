@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import pandas as pd
 
 from bigglm.bids import Run, find_runs, parse_entities
 from bigglm.config import AnalysisConfig, RunInput
-from bigglm.exceptions import ConfigError, DesignError
+from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError
 
 __all__ = [
     "STATE",
@@ -190,10 +191,39 @@ def plan(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> list[
             f"inputs: several runs are called {duplicated[0]!r}; give each run a distinct "
             "'subject'/'task' or BIDS file name"
         )
+    _check_confounds(config, runs)
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.unit, []).append(r)
     return [_plan_unit(config, name, members) for name, members in groups.items()]
+
+
+def _check_confounds(config: AnalysisConfig, runs: list[Run]) -> None:
+    """Requested confounds need a confounds file for every run (or an explicit opt-out)."""
+    if not config.inputs.confounds:
+        return
+    lacking = [r for r in runs if r.confounds is None]
+    if not lacking:
+        return
+    names = ", ".join(r.name for r in lacking)
+    if not config.inputs.confounds_required:
+        warnings.warn(
+            f"inputs.confounds: no confounds file for {names}; these runs are fitted "
+            "without confounds ('confounds_required: false')",
+            BigGLMWarning,
+            stacklevel=3,
+        )
+        return
+    where = (
+        f"no *_desc-confounds_timeseries.tsv beside {lacking[0].bold}"
+        if config.inputs.bids is not None
+        else "no 'confounds' file given in inputs.runs"
+    )
+    raise ConfigError(
+        f"inputs.confounds: {config.inputs.confounds} requested, but {len(lacking)} run(s) "
+        f"have no confounds file ({names}; {where}); add the files, or set "
+        "'confounds_required: false' to fit those runs without confounds"
+    )
 
 
 def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:

@@ -194,7 +194,7 @@ def _run_unit(
         if mask is None and index == 0 and len(unit.runs) > 1:
             mask = epi_mask(unit, config)
     design_step(unit, steps)
-    result, fit_key = fit_step(unit, config, steps, sums, client, progress)
+    result, fit_key = fit_step(unit, config, steps, client, progress)
     outcome.n_voxels = int(open_run(unit.runs[0].store).sizes["voxel"])
     maps_step(unit, config, result, fit_key, steps, outcome)
     residuals_step(unit, config, result, fit_key, steps, outcome, client)

@@ -1,5 +1,12 @@
 """The steps of a unit, each recorded with a digest of its inputs so a rerun can skip it.
 
+Every step's key comes from :func:`step_key`: the step's name, the version of its code
+(:data:`STEP_VERSIONS`) and every input that changes its output: files by content
+(SHA-256), stores by :func:`store_identity` (their sources, grid, TR, conversion
+parameters and voxels), designs by their values, and the options the step uses. A
+downstream step's key includes its upstream steps' keys or identities, so a rerun
+recomputes exactly the steps whose inputs changed.
+
 A step's record (``<outputs>/.bigglm/steps/<unit>/<step>.json``) is written only after
 its outputs are complete (each written under a temporary name, then renamed), so a run
 killed at any point leaves either a finished step or none.
@@ -67,6 +74,57 @@ def _digest(*parts: Any) -> str:
 
 def _frame_digest(frame: pd.DataFrame) -> str:
     return hashlib.sha256(frame.to_csv(sep="\t", float_format="%.17g").encode()).hexdigest()
+
+
+#: The version of each step's code. Bump a step's number when it would write other
+#: outputs from the same inputs: every record made by the older code is then stale.
+STEP_VERSIONS: dict[str, int] = {
+    "convert": 2,
+    "designs": 2,
+    "fit": 2,
+    "contrast": 2,
+    "residuals": 2,
+}
+
+
+def step_key(step: str, *inputs: Any) -> str:
+    """The key of a step: a digest of its name, its code version and all its inputs.
+
+    Examples
+    --------
+    >>> step_key("fit", "ols") == step_key("fit", "ols") != step_key("fit", "ar1")
+    True
+    """
+    return _digest(step, STEP_VERSIONS[step], *inputs)
+
+
+def store_identity(path: Path) -> str:
+    """The content identity of a converted store, read from its attributes and mask.
+
+    It covers what the store's values depend on: the SHA-256 of its sources, its grid
+    (affine, volume shape), TR, conversion parameters (chunks, codec, dtype) and its
+    voxels (a digest of the mask array), not where it lies nor when it was made.
+
+    Raises
+    ------
+    StoreError
+        If ``path`` is not a readable store.
+    """
+    from bigglm.io import open_run
+
+    ds = open_run(path)
+    attrs = ds.attrs
+    mask = np.asarray(ds["mask"].values, dtype=bool)
+    parameters = {k: v for k, v in dict(attrs.get("parameters", {})).items() if k != "mask"}
+    return _digest(
+        [source.get("sha256") for source in attrs.get("sources", [])],
+        attrs.get("affine"),
+        attrs.get("volume_shape"),
+        attrs.get("tr"),
+        parameters,
+        int(ds.sizes["time"]),
+        hashlib.sha256(np.packbits(mask).tobytes()).hexdigest(),
+    )
 
 
 class StepRecords:
@@ -252,9 +310,9 @@ def pending_conversion(
     key is returned, the store's folder exists and no partial conversion is left in it.
     """
     mask_sum = sums(mask) if mask is not None else None
-    key = _digest(sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
+    key = step_key("convert", sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
     step = f"convert-{rp.run.name}"
-    if steps.done(step, key, [rp.store]) and _store_matches(rp, sums, None):
+    if steps.done(step, key, [rp.store]) and _store_matches(rp, sums, mask):
         return None
     if _store_matches(rp, sums, mask):  # made elsewhere (`bigglm convert`) from the same file
         steps.adopt(step, key)
@@ -327,7 +385,8 @@ def _timed_convert(
 def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
     """A complete store exists, made from a file with the same SHA-256 and the same TR.
 
-    With ``mask``, the store's voxels must also be exactly those of that mask.
+    With ``mask``, the store's voxels must also be those of that mask (less the voxels
+    with non-finite values that conversion dropped, as its attributes record).
     """
     from bigglm.io import open_run
 
@@ -340,10 +399,18 @@ def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
     recorded = [s.get("sha256") for s in ds.attrs.get("sources", [])]
     if recorded != [sums(rp.run.bold)] or abs(float(ds.attrs.get("tr", 0)) - rp.tr) > 1e-9:
         return False
-    if mask is None:
-        return True
+    return mask is None or _has_voxels_of(ds, mask)
+
+
+def _has_voxels_of(ds: Any, mask: Path) -> bool:
+    """The store's voxels are the mask's, less the non-finite ones conversion dropped."""
     wanted = np.asarray(_image(mask).dataobj)
-    return bool(np.array_equal(np.asarray(ds["mask"].values), np.isfinite(wanted) & (wanted != 0)))
+    wanted = np.isfinite(wanted) & (wanted != 0)
+    inside = np.asarray(ds["mask"].values, dtype=bool)
+    if inside.shape != wanted.shape or (inside & ~wanted).any():
+        return False
+    dropped = int(dict(ds.attrs.get("parameters", {})).get("nonfinite_voxels_dropped", 0))
+    return int(wanted.sum()) - int(inside.sum()) == dropped
 
 
 def _remove_partials(store: Path) -> None:
@@ -368,13 +435,17 @@ def remove_leftovers(unit: UnitPlan) -> None:
 
 
 def epi_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
-    """The mask of the unit's first store as a NIfTI, so every run uses the same voxels."""
+    """The mask of the unit's first store as a NIfTI, so every run uses the same voxels.
+
+    Derived from the store each time (a small read) and rewritten only when it changed,
+    so a first run converted again from changed data changes its unit's mask, and the
+    key of every later run's conversion (which covers the mask's content) with it.
+    """
     from bigglm.io import open_run
 
     path = config.store_folder / f"{unit.name}_desc-epi_mask.nii.gz"
-    if not path.exists():
-        ds = open_run(unit.runs[0].store)
-        _save_mask(path, np.asarray(ds["mask"].values), np.asarray(ds.attrs["affine"]))
+    ds = open_run(unit.runs[0].store)
+    _save_mask(path, np.asarray(ds["mask"].values), np.asarray(ds.attrs["affine"]))
     return path
 
 
@@ -404,9 +475,14 @@ def _save_mask(path: Path, inside: np.ndarray, affine: np.ndarray) -> None:
     os.replace(temp, path)
 
 
+def design_key(unit: UnitPlan) -> str:
+    """The key of the designs step: the values of every run's design."""
+    return step_key("designs", [_frame_digest(rp.design) for rp in unit.runs])
+
+
 def design_step(unit: UnitPlan, steps: StepRecords) -> list[Path]:
     paths = [unit.folder / f"{rp.run.name}_design.tsv" for rp in unit.runs]
-    key = _digest([_frame_digest(rp.design) for rp in unit.runs])
+    key = design_key(unit)
     if steps.done("designs", key, paths):
         return paths
     with steps.running("designs", key):
@@ -421,7 +497,6 @@ def fit_step(
     unit: UnitPlan,
     config: AnalysisConfig,
     steps: StepRecords,
-    sums: Checksums,
     client: Any,
     progress: ProgressFactory,
 ) -> tuple[Any, str]:
@@ -429,12 +504,11 @@ def fit_step(
     from bigglm.io import open_run
 
     path = unit.folder / f"{unit.name}_glm.zarr"
-    key = _digest(
+    key = step_key(
         "fit",
         config.model.noise,
-        [sums(rp.run.bold) for rp in unit.runs],
-        [_frame_digest(rp.design) for rp in unit.runs],
-        [str(rp.store) for rp in unit.runs],
+        [store_identity(rp.store) for rp in unit.runs],
+        design_key(unit),
     )
     if steps.done("fit", key, [path]):
         return GLMResult.from_zarr(path), key
@@ -465,7 +539,7 @@ def maps_step(
     for name, expression in config.contrasts.items():
         kind: ContrastKind = default_kind(expression)
         paths = {stat: map_path(config, unit.name, name, stat) for stat in config.outputs.maps}
-        key = _digest(fit_key, expression, kind, sorted(paths))
+        key = step_key("contrast", fit_key, expression, kind, sorted(paths))
         outcome.maps.extend(paths.values())
         if steps.done(f"contrast-{name}", key, list(paths.values())):
             if "z" in paths:
@@ -498,7 +572,7 @@ def residuals_step(
     fmt, whitened = options.format, options.whitened
     paths = [unit.folder / file_name(p, whitened=whitened, format=fmt) for p in prefixes]
     outcome.residuals.extend(paths)
-    key = _digest(fit_key, "residuals", whitened, fmt, [p.name for p in paths])
+    key = step_key("residuals", fit_key, whitened, fmt, [p.name for p in paths])
     if steps.done("residuals", key, paths):
         return
     with steps.running("residuals", key):
