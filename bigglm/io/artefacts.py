@@ -32,6 +32,7 @@ interleave their renames.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -132,8 +133,9 @@ def _zarr_kind(path: Path) -> str | None:
     return None
 
 
-def _content_kind(path: Path) -> str | None:
-    name = path.name.lower()
+def _content_kind(path: Path, name: str | None = None) -> str | None:
+    """The kind marked in a file's content, its format told by ``name`` (default its own)."""
+    name = (name or path.name).lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
             return _named(_nifti_descrip(path))
@@ -148,7 +150,7 @@ def _content_kind(path: Path) -> str | None:
             return "report" if b"<h1>bigglm first level:" in head else None
         if name.endswith(".json"):
             return _json_kind(path)
-    except (OSError, ValueError):
+    except Exception:  # unreadable, truncated, another format: not bigglm's, whatever it is
         return None
     return None
 
@@ -161,9 +163,19 @@ def _named(text: str | None) -> str | None:
 
 
 def _nifti_descrip(path: Path) -> str:
+    """The ``descrip`` of a NIfTI-1 or -2 header (gzipped or not, told by its bytes)."""
+    import gzip
+
     import nibabel as nib
 
-    header: Any = nib.load(path).header
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rb") if gzipped else open(path, "rb") as handle:
+        head = handle.read(540)
+    size = int.from_bytes(head[:4], "little")
+    size = size if size in (348, 540) else int.from_bytes(head[:4], "big")
+    kind = nib.Nifti2Header if size == 540 else nib.Nifti1Header
+    header: Any = kind.from_fileobj(io.BytesIO(head))
     return bytes(header["descrip"]).rstrip(b"\0").decode("ascii", "replace")
 
 
@@ -336,7 +348,7 @@ def writing(
         if directory:
             stage.mkdir()
         yield stage
-        _mark(stage, kind)
+        _mark(stage, target, kind)
         with target_lock(target):
             _move_into_place(stage, target, kind, overwrite=overwrite, owner=owner, token=token)
         logger.info("wrote %s", target)
@@ -370,13 +382,16 @@ def _record_owner(owner: Path, kind: str, paths: list[str]) -> None:
     os.replace(temp, owner)
 
 
-def _mark(stage: Path, kind: str) -> None:
+def _mark(stage: Path, target: Path, kind: str) -> None:
     """Add the marker a store or sidecar kind carries; check that a file carries its own."""
     if stage.is_dir():
         import zarr
 
         zarr.open_group(str(stage), mode="r+").attrs[MARKER_KEY] = {"kind": kind}
-    if kind not in _SIDECAR_KINDS and kind_of(stage) != kind:
+        found = _zarr_kind(stage)
+    else:
+        found = _content_kind(stage, target.name) if stage.is_file() else None
+    if kind not in _SIDECAR_KINDS and found != kind:
         raise StoreError(
             f"{stage}: was written without the marker of a bigglm {kind}; this is a bug "
             "in bigglm, please report it"
@@ -397,7 +412,7 @@ def _move_into_place(
     trash = target.with_name(f".{target.name}.old-{token}")
     _record_owner(owner, kind, [stage.name, trash.name])
     os.rename(target, trash)
-    if kind_of(trash) != kind:  # changed since it was checked: put it back
+    if _zarr_kind(trash) != kind:  # changed since it was checked: put it back
         os.rename(trash, target)
         raise StoreError(f"{target}: changed while bigglm replaced it; nothing was replaced")
     os.rename(stage, target)
@@ -462,24 +477,23 @@ def _glob_escape(name: str) -> str:
 
 
 def _remove_if_dead(owner: Path) -> list[Path]:
+    """Remove what a dead writer's owner record names: its staging path, the old target
+    it was replacing (put back if the target is missing), and paths named after them."""
     match = re.fullmatch(r"\.(.+)\.owner-([0-9a-f]{12})\.json", owner.name)
     try:
         record = json.loads(owner.read_text())["bigglm_staging"]
-        paths = [str(p) for p in record["paths"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    if match is None or alive(record):
+    if match is None or not isinstance(record, dict) or alive(record):
         return []
     name, token = match.groups()
-    own = (f".{name}.partial-{token}", f".{name}.old-{token}")
-    old, target = owner.with_name(own[1]), owner.with_name(name)
+    old, target = owner.with_name(f".{name}.old-{token}"), owner.with_name(name)
     if old.is_dir() and not (target.exists() or target.is_symlink()):
         logger.warning("restoring %s, which a bigglm process that died was replacing", target)
         os.rename(old, target)  # it died between its two renames: the old one goes back
     removed = []
-    for staged in paths:
-        path = owner.with_name(staged)
-        if staged.startswith(own) and "/" not in staged and (path.exists() or path.is_symlink()):
+    for stem in (f".{name}.partial-{token}", f".{name}.old-{token}"):
+        for path in sorted(owner.parent.glob(_glob_escape(stem) + "*")):
             logger.warning("removing %s, left by a bigglm process that died", path)
             _remove(path)
             removed.append(path)

@@ -303,11 +303,9 @@ def _rewrite_without(
     chunks: tuple[int, int],
 ) -> StoreWriter:
     """Rebuild ``bold`` without the dropped columns (rare: non-finite voxels in a given mask)."""
-    old = stage / ".nonfinite"  # inside the staging folder: cleaned up with it
-    old.mkdir()
-    for entry in list(stage.iterdir()):
-        if entry != old:
-            os.rename(entry, old / entry.name)
+    old = stage.with_name(stage.name + ".nonfinite")  # named after the staging folder,
+    os.rename(stage, old)  # so a dead conversion's clean-up removes it too
+    stage.mkdir()
     try:
         previous = zarr.open_array(old / "bold", mode="r")
         kept = np.flatnonzero(~drop)
