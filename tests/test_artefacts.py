@@ -6,6 +6,7 @@ folders, real Zarr stores, real NIfTI files and real processes (killed ones incl
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -20,7 +21,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import psutil  # imported before the processes fork, so that they start at once
 import pytest
 
 import bigglm
@@ -82,9 +82,7 @@ def test_to_zarr_never_replaces_or_hides_a_file(result: Any, tmp_path: Path) -> 
     assert _hidden(tmp_path) == []  # no .afile.txt.old-... left behind
 
 
-def test_to_zarr_replaces_its_own_result_only_with_overwrite(
-    result: Any, tmp_path: Path
-) -> None:
+def test_to_zarr_replaces_its_own_result_only_with_overwrite(result: Any, tmp_path: Path) -> None:
     target = result.to_zarr(tmp_path / "glm.zarr")
     assert kind_of(target) == "glm-result"
     with pytest.raises(StoreError, match="already exists; pass overwrite=True"):
@@ -105,12 +103,15 @@ def test_stores_of_earlier_versions_are_recognised(result: Any, store: Path) -> 
 # --- item 1: `bigglm fit --output OUT` --------------------------------------------------
 
 
+_FIT = (sys.executable, "-m", "bigglm.cli", "fit")
+_OPTIONS = ("--noise", "ols", "--contrast", "a=a")
+
+
 def _fit_cli(store: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     events = out.parent / "events.tsv"
     events.write_text("onset\tduration\ttrial_type\n0\t10\ta\n")
     return subprocess.run(
-        [sys.executable, "-m", "bigglm.cli", "fit", str(store), "--events", str(events)]
-        + ["--noise", "ols", "--contrast", "a=a", "--output", str(out), *extra],
+        [*_FIT, str(store), "--events", str(events), *_OPTIONS, "--output", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -157,7 +158,7 @@ def test_convert_never_replaces_a_zarr_like_folder(functional_nii: Path, tmp_pat
     (zarrlike / "notes.txt").write_text("notes")
     (zarrlike / "rawdata" / "scan.dat").write_bytes(b"\x00\x01")
     before = _tree(zarrlike)
-    with pytest.raises(StoreError, match="is a Zarr store not written by bigglm.*notes.txt"):
+    with pytest.raises(StoreError, match=r"is a Zarr store not written by bigglm.*notes\.txt"):
         bigglm.convert(functional_nii, zarrlike, overwrite=True, mask=MASK)
     assert _tree(zarrlike) == before
     assert _hidden(tmp_path) == []
@@ -246,6 +247,8 @@ def test_a_failed_write_removes_only_its_own_staging(tmp_path: Path) -> None:
 
 
 def _hold_unit_lock(outputs: str, start: Any, held: Any) -> None:
+    import psutil  # noqa: F401  (imported before the race, so that the processes start at once)
+
     from bigglm.pipeline.lock import lock_units
 
     start.wait()
@@ -283,7 +286,7 @@ def test_a_dead_holders_lock_goes_to_one_process_at_a_time(tmp_path: Path) -> No
             process.join(timeout=60)
         spans = sorted(o[1:] for o in outcomes if o is not None)
         assert spans, "nobody took the stale lock"
-        for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (begin, _) in itertools.pairwise(spans):
             assert begin >= end, f"trial {trial}: two processes held the lock at once"
         assert not lock.exists()
 
@@ -356,3 +359,24 @@ def test_a_live_conversions_staging_survives_another_analysis_cleaning_up(
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert out.strip() == "300" and bigglm.open_run(target).sizes["time"] == 300
+
+
+def test_a_design_table_is_bigglms_only_while_its_sidecar_says_so(tmp_path: Path) -> None:
+    """TSVs have no room for a marker: a BIDS-style JSON sidecar holds their SHA-256."""
+    table = tmp_path / "sub-01_design.tsv"
+    for value in (1.0, 2.0):  # written, then replaced by a rerun
+        with writing(table, "design-table", overwrite=True) as stage:
+            pd.DataFrame({"a": [value]}).to_csv(stage, sep="\t", index=False)
+    assert kind_of(table) == "design-table" and pd.read_csv(table, sep="\t")["a"][0] == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub-01_design.json", table.name]
+    table.write_text("a\n3\n")  # edited by hand: no longer bigglm's
+    with pytest.raises(StoreError, match="is a file not written by bigglm"):
+        with writing(table, "design-table", overwrite=True) as stage:
+            stage.write_text("a\n4\n")
+    assert table.read_text() == "a\n3\n"
+    theirs = tmp_path / "sub-02_design.tsv"
+    theirs.with_suffix(".json").write_text('{"Description": "mine"}')  # a user's sidecar
+    with pytest.raises(StoreError, match=r"sub-02_design\.json: exists and is not bigglm's"):
+        with writing(theirs, "design-table", overwrite=True) as stage:
+            stage.write_text("a\n5\n")
+    assert theirs.with_suffix(".json").read_text() == '{"Description": "mine"}'

@@ -16,9 +16,11 @@ Markers, by format (read back by :func:`kind_of`):
 - JSON: a top-level ``"bigglm_artefact"`` key (provenance of earlier versions: a
   ``"bigglm_step"`` key); HTML: ``<meta name="generator" content="bigglm <kind>">``;
   PNG: the ``Software`` text chunk is ``"bigglm <kind>"``;
-- formats with no room for one (the design TSVs): a hidden sidecar
-  ``.<name>.bigglm.json`` holding the kind and the SHA-256 of the file's bytes, so an
-  edited or replaced file is no longer bigglm's. The TSV stays plain for other tools.
+- formats with no room for one (the design TSVs): a JSON sidecar of the same stem, as
+  BIDS pairs ``.tsv`` and ``.json`` files (``sub-01_design.tsv``: ``sub-01_design.json``),
+  holding ``"bigglm_artefact": {"kind", "sha256"}``, the SHA-256 of the file's bytes, so
+  an edited or replaced file is no longer bigglm's. The TSV stays plain for other tools;
+  a sidecar path holding anything but bigglm's record is refused like the target.
 
 Writes are atomic (:func:`writing`): into a hidden staging path beside the target, moved
 into place when complete. Each staging path has an owner record beside it (kind, host,
@@ -31,6 +33,7 @@ interleave their renames.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -45,7 +48,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bigglm.exceptions import StoreError
-from bigglm.io.locks import alive, exclusive, me
+from bigglm.io.locks import Busy, alive, exclusive, me
 
 __all__ = [
     "KINDS",
@@ -197,17 +200,26 @@ def _json_kind(path: Path) -> str | None:
 
 
 def _sidecar(path: Path) -> Path:
-    return path.with_name(f".{path.name}.bigglm.json")
+    """``x.tsv`` -> ``x.json`` (BIDS's sidecar of a TSV)."""
+    return path.with_suffix(".json")
+
+
+def _sidecar_record(path: Path) -> dict[str, Any] | None:
+    """bigglm's record in the sidecar of ``path``, if the sidecar is bigglm's."""
+    try:
+        record = json.loads(_sidecar(path).read_text())[MARKER_KEY]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = isinstance(record, dict) and record.get("kind") in _SIDECAR_KINDS
+    return record if ok and isinstance(record.get("sha256"), list) else None
 
 
 def _sidecar_kind(path: Path) -> str | None:
-    try:
-        record = json.loads(_sidecar(path).read_text())
-        digests, kind = record["sha256"], record["kind"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if path.suffix != ".tsv":
         return None
-    if kind in _SIDECAR_KINDS and _sha256(path) in digests:
-        return str(kind)
+    record = _sidecar_record(path)
+    if record is not None and _sha256(path) in record["sha256"]:
+        return str(record["kind"])
     return None
 
 
@@ -255,6 +267,7 @@ def check_replaceable(target: str | os.PathLike[str], kind: str, *, overwrite: b
     marker(kind)  # a known kind
     if not target.parent.is_dir():
         raise StoreError(f"{target}: folder {target.parent} does not exist; create it first")
+    _check_sidecar(target, kind)
     if not (target.exists() or target.is_symlink()):
         return
     found = kind_of(target)
@@ -267,6 +280,18 @@ def check_replaceable(target: str | os.PathLike[str], kind: str, *, overwrite: b
     if not overwrite:
         raise StoreError(
             f"{target}: already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+
+
+def _check_sidecar(target: Path, kind: str) -> None:
+    """Refuse a sidecar kind whose sidecar path holds anything but bigglm's record."""
+    if kind not in _SIDECAR_KINDS:
+        return
+    sidecar = _sidecar(target)
+    if (sidecar.exists() or sidecar.is_symlink()) and _sidecar_record(target) is None:
+        raise StoreError(
+            f"{sidecar}: exists and is not bigglm's record of {target.name}; refusing to "
+            "replace it, choose another path or move it away yourself"
         )
 
 
@@ -423,9 +448,14 @@ def _write_sidecar(stage: Path, target: Path, kind: str) -> None:
     digests = [_sha256(stage)]
     if kind_of(target) == kind:  # the old file stays bigglm's until the rename
         digests.append(_sha256(target))
+    record = {
+        "Description": f"written by bigglm ({kind}); bigglm replaces {target.name} only "
+        "while its SHA-256 is one of these",
+        MARKER_KEY: {"kind": kind, "sha256": digests},
+    }
     sidecar = _sidecar(target)
-    temp = sidecar.with_name(sidecar.name + ".tmp")
-    temp.write_text(json.dumps({"kind": kind, "sha256": digests}))
+    temp = stage.with_name(stage.name + ".json")  # named after the staging: cleaned with it
+    temp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(temp, sidecar)
 
 
@@ -468,6 +498,9 @@ def remove_stale_staging(target: str | os.PathLike[str], *, folder: bool = False
     removed: list[Path] = []
     for owner in sorted(where.glob(pattern)):
         removed += _remove_if_dead(owner)
+    for lock in sorted(where.glob(pattern.replace(".owner-*.json", ".bigglm-lock"))):
+        with contextlib.suppress(Busy, FileNotFoundError), exclusive(lock, wait=False):
+            pass  # nobody holds it (its holder died): taking it deletes it
     return removed
 
 

@@ -271,7 +271,7 @@ def pending_conversion(
         steps.adopt(step, key)
         return None
     rp.store.parent.mkdir(parents=True, exist_ok=True)
-    _remove_partials(rp.store)
+    remove_stale_staging(rp.store.parent, folder=True)  # only dead writers': safe when shared
     return key
 
 
