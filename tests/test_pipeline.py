@@ -590,3 +590,18 @@ def test_relative_input_paths_reach_the_workers_resolved(
     (outcome,) = run_analysis(parse_config(cfg), client=local_client)
     converted = {k: v["status"] for k, v in outcome.steps.items() if k.startswith("convert")}
     assert len(converted) == 2 and set(converted.values()) == {"ran"}, converted
+
+
+def test_a_file_bigglm_did_not_write_at_an_output_path_is_refused(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """A rerun replaces the analysis's own outputs; a user's file at such a path, never."""
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    run_analysis(config, client=local_client)
+    z_map = map_path(config, "sub-01_task-tiny", "a", "z")
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), z_map)  # a user's
+    mine = z_map.read_bytes()
+    (tmp_path / "out" / STATE / "steps" / "sub-01_task-tiny" / "contrast-a.json").unlink()
+    with pytest.raises(StoreError, match="is a file not written by bigglm; refusing"):
+        run_analysis(config, client=local_client)
+    assert z_map.read_bytes() == mine
