@@ -290,6 +290,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         slice_time_ref=args.slice_time_ref,
         address=args.address,
         residuals=args.residuals,
+        overwrite=args.overwrite,
     )
     print(f"wrote {len(written)} images to {args.output}")
     return 0
@@ -327,6 +328,11 @@ def _add_fit(sub: SubParsers) -> None:
         help="also write each run's residuals (Y - X beta, or AR-whitened): a second pass",
     )
     parser.add_argument("--output", type=Path, required=True, help="folder for the maps")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs an earlier 'bigglm fit' wrote there (never files bigglm did not)",
+    )
     parser.set_defaults(func=_cmd_fit)
 
 

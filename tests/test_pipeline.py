@@ -443,18 +443,28 @@ def test_two_runs_with_different_masks_are_fitted_on_their_intersection(
 def test_temporary_files_of_a_killed_run_are_removed(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
+    """Staging a killed writer recorded as its own is removed; unrecorded files are kept
+    (bigglm cannot prove it wrote them: a user's hidden file looks the same)."""
     config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
     folder = tmp_path / "out" / "sub-01"
     folder.mkdir(parents=True)
-    half_map = folder / ".sub-01_task-tiny_contrast-a_stat-z_statmap.nii.gz.partial-0123"
-    half_map.write_bytes(b"\x1f\x8b half")
-    half_store = folder / ".sub-01_task-tiny_glm.zarr.partial-0123"
-    half_store.mkdir()
-    other_task = folder / ".sub-01_task-other_glm.zarr.partial-0123"  # another unit's: kept
-    other_task.mkdir()
+    killed = (
+        "import os, sys; from pathlib import Path; from bigglm.io.artefacts import writing\n"
+        "with writing(Path(sys.argv[1]), 'glm-result', overwrite=True, directory=True) as s:\n"
+        "    (s / 'zarr.json').write_text('{}'); print(s, flush=True); os._exit(9)\n"
+    )
+    target = folder / "sub-01_task-tiny_glm.zarr"
+    done = subprocess.run(
+        [sys.executable, "-c", killed, str(target)], capture_output=True, text=True, check=False
+    )
+    half_store = Path(done.stdout.strip())
+    assert done.returncode == 9 and half_store.is_dir()  # left by a writer that died
+    unrecorded = folder / ".sub-01_task-tiny_glm.zarr.partial-0123"  # not provably bigglm's
+    unrecorded.mkdir()
     run_analysis(config, client=local_client)
-    assert not half_map.exists() and not half_store.exists()
-    assert other_task.exists()
+    assert not half_store.exists()
+    assert unrecorded.exists()
+    assert not list(folder.glob(".*.owner-*.json"))
 
 
 def test_a_store_converted_beforehand_from_the_same_file_is_reused(
@@ -580,3 +590,18 @@ def test_relative_input_paths_reach_the_workers_resolved(
     (outcome,) = run_analysis(parse_config(cfg), client=local_client)
     converted = {k: v["status"] for k, v in outcome.steps.items() if k.startswith("convert")}
     assert len(converted) == 2 and set(converted.values()) == {"ran"}, converted
+
+
+def test_a_file_bigglm_did_not_write_at_an_output_path_is_refused(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """A rerun replaces the analysis's own outputs; a user's file at such a path, never."""
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    run_analysis(config, client=local_client)
+    z_map = map_path(config, "sub-01_task-tiny", "a", "z")
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), z_map)  # a user's
+    mine = z_map.read_bytes()
+    (tmp_path / "out" / STATE / "steps" / "sub-01_task-tiny" / "contrast-a.json").unlink()
+    with pytest.raises(StoreError, match="is a file not written by bigglm; refusing"):
+        run_analysis(config, client=local_client)
+    assert z_map.read_bytes() == mine

@@ -1,13 +1,14 @@
 """Figures of a design, written as PNG files (matplotlib's Agg backend, no pyplot).
 
-Each function writes atomically (a temporary file in the target folder, then a
-rename) and returns the path, for the report to embed.
+Each function writes atomically (:func:`bigglm.io.artefacts.writing`) and returns the
+path, for the report to embed. The PNG's ``Software`` text says ``bigglm figure``, so a
+figure bigglm wrote is replaced by the next one, and any other file at the path is
+refused.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +25,19 @@ __all__ = ["plot_correlation", "plot_design", "plot_hrf"]
 
 def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
     """Write a figure as PNG atomically and return its path."""
+    from bigglm.io.artefacts import marker, writing
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    handle, tmp = tempfile.mkstemp(suffix=".png", dir=target.parent, prefix=f".{target.name}.")
-    os.close(handle)
-    try:
-        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with writing(target, "figure", overwrite=True, suffix=".png") as stage:
+        figure.savefig(
+            stage,
+            format="png",
+            dpi=100,
+            bbox_inches="tight",
+            metadata={"Software": marker("figure")},
+        )
     return target
 
 

@@ -49,7 +49,8 @@ from bigglm._allocator import tune as tune_allocator
 from bigglm.exceptions import StoreError
 from bigglm.glm import ar
 from bigglm.glm.linalg import serial_matmul
-from bigglm.io.store import StoreWriter, check_target, commit, open_run, staging
+from bigglm.io.artefacts import check_replaceable, writing
+from bigglm.io.store import StoreWriter, open_run
 from bigglm.typing import ResidualFormat
 
 __all__ = [
@@ -350,7 +351,7 @@ def write_store(
         The run's store (from :func:`bigglm.open_run`): mask, grid and TR.
     path : path-like
     overwrite : bool
-        Replace an existing store.
+        Replace an existing residuals store bigglm wrote (anything else is refused).
 
     Returns
     -------
@@ -376,11 +377,11 @@ def write_store(
     if "mask" not in like or "affine" not in like.attrs or "tr" not in like.attrs:
         raise StoreError("the run has no voxel grid (mask, affine, TR); fit from a store")
     target = Path(path).expanduser().resolve()
-    check_target(target, overwrite=overwrite)
+    check_replaceable(target, "residuals-store", overwrite=overwrite)
     data = residuals.data if residuals.chunks is not None else da.from_array(residuals.values)
     chunks = (data.chunks[0][0], data.chunks[1][0])
     data = data.rechunk(chunks).astype(np.float32)
-    with staging(target) as stage:
+    with writing(target, "residuals-store", overwrite=overwrite, directory=True) as stage:
         writer = StoreWriter(
             stage,
             np.asarray(like["mask"].values, dtype=bool),
@@ -390,7 +391,7 @@ def write_store(
         )
         da.store(data, writer.bold, lock=False)  # type: ignore[arg-type]
         writer.finish(_store_attributes(residuals, like))
-        return commit(stage, target, overwrite=overwrite)
+    return target
 
 
 def _store_attributes(residuals: xr.DataArray, like: xr.Dataset) -> dict[str, Any]:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -331,7 +329,8 @@ class GLMResult:
         ----------
         path : path-like
         overwrite : bool
-            Replace an existing store.
+            Replace an existing GLM result bigglm wrote. Anything else at ``path`` (a
+            folder, a file, a run store) is refused, whatever ``overwrite`` says.
 
         Returns
         -------
@@ -340,7 +339,8 @@ class GLMResult:
         Raises
         ------
         StoreError
-            If ``path`` exists and ``overwrite`` is False.
+            If ``path`` exists and is not a GLM result bigglm wrote, or is one and
+            ``overwrite`` is False.
 
         Examples
         --------
@@ -351,22 +351,18 @@ class GLMResult:
         >>> GLMResult.from_zarr(out).beta.shape
         (1, 3)
         """
-        target = Path(path)
-        if target.exists() and not overwrite:
-            raise StoreError(f"{target} exists; pass overwrite=True to replace it")
+        from bigglm.io.artefacts import check_replaceable, writing
+
+        target = Path(path).expanduser().resolve()
+        check_replaceable(target, "glm-result", overwrite=overwrite)
         runs = self.compute().runs
-        temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with writing(target, "glm-result", overwrite=overwrite, directory=True) as temp:
             groups = [None] if len(runs) == 1 else [f"run-{i}" for i in range(len(runs))]
             for ds, group in zip(runs, groups, strict=True):
                 ds.to_zarr(
                     temp, group=group, mode="w" if group is None else "a", consolidated=False
                 )
             _mark_complete(temp, len(runs))
-            _replace(temp, target)
-        finally:
-            if temp.exists():
-                shutil.rmtree(temp)
         return target
 
     @classmethod
@@ -419,6 +415,7 @@ class GLMResult:
         prefix: str,
         kind: ContrastKind = "t",
         precision_weighted: bool = False,
+        overwrite: bool = False,
     ) -> list[Path]:
         """Write contrast maps as NIfTI files with BIDS-derivatives names.
 
@@ -441,6 +438,9 @@ class GLMResult:
         kind : {"t", "F"}
             Exactly ``"t"`` or ``"F"``; it names the statistic's files (``stat-t``).
         precision_weighted : bool
+        overwrite : bool
+            Replace maps bigglm wrote before; a file bigglm did not write is always
+            refused.
 
         Returns
         -------
@@ -451,7 +451,9 @@ class GLMResult:
         DesignError
             As :meth:`contrast`, before any file is written.
         StoreError
-            If the result has no voxel grid.
+            If the result has no voxel grid, or a map's path holds anything but an image
+            bigglm wrote, or holds one and ``overwrite`` is False (checked for every map
+            before any is written).
 
         Examples
         --------
@@ -471,19 +473,30 @@ class GLMResult:
         like = self._like[0] if self._like else self.runs[0].attrs.get("store")
         if like is None:
             raise StoreError("this result has no voxel grid; fit from a store to write NIfTI")
+        from bigglm.io.artefacts import check_replaceable
+
         kind = con.check_kind(kind)
         named, labels = con.named_contrasts(contrasts), con.file_labels(contrasts)
         out_dir = Path(directory)
         out_dir.mkdir(parents=True, exist_ok=True)
+        stats = ("effect", "variance", kind, "p", "z")
+        for name in named:
+            for stat in stats:
+                path = self._map_path(out_dir, prefix, labels[name], stat)
+                check_replaceable(path, "image", overwrite=overwrite)
         written = []
         for name, spec in named.items():
             maps = self.contrast(spec, kind=kind, precision_weighted=precision_weighted)
             for stat, values in contrast_maps(maps).items():
                 stat = kind if stat == "stat" else stat
-                path = out_dir / f"{prefix}_contrast-{labels[name]}_stat-{stat}_statmap.nii.gz"
-                bigglm.to_nifti(values, like, path)
+                path = self._map_path(out_dir, prefix, labels[name], stat)
+                bigglm.to_nifti(values, like, path, overwrite=overwrite)
                 written.append(path)
         return written
+
+    @staticmethod
+    def _map_path(folder: Path, prefix: str, label: str, stat: str) -> Path:
+        return folder / f"{prefix}_contrast-{label}_stat-{stat}_statmap.nii.gz"
 
     # --- residuals -------------------------------------------------------------
     def residuals(self, run: int | None = None, *, whitened: bool = False) -> xr.DataArray:
@@ -592,7 +605,8 @@ class GLMResult:
             As for :meth:`residuals`.
         format : {"nifti", "zarr"}
         overwrite : bool
-            Replace existing outputs (otherwise an existing output is an error).
+            Replace existing outputs bigglm wrote (otherwise an existing output is an
+            error; anything bigglm did not write is always refused).
         client : distributed.Client, optional
             Where to compute: default, the result's client, else Dask's default.
 
@@ -623,6 +637,7 @@ class GLMResult:
         ('sub-01_task-a_desc-residuals_bold.nii.gz', (2, 2, 1, 12))
         """
         from bigglm.glm.residuals import file_name, write_store
+        from bigglm.io.artefacts import check_replaceable
         from bigglm.io.export import to_nifti
 
         n_runs = len(self._runs)
@@ -635,9 +650,9 @@ class GLMResult:
         out_dir = Path(directory)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = [out_dir / file_name(p, whitened=whitened, format=format) for p in prefixes]
+        kind = "residuals-store" if format == "zarr" else "image"
         for path in paths:
-            if path.exists() and not overwrite:
-                raise StoreError(f"{path} exists; pass overwrite=True to replace it")
+            check_replaceable(path, kind, overwrite=overwrite)
         sources = [self._source(index) for index in range(n_runs)]
         for index, like in enumerate(sources):  # every run checked before any is written
             if "mask" not in like or "affine" not in like.attrs:
@@ -653,7 +668,7 @@ class GLMResult:
                 if format == "zarr":
                     write_store(values, like, path, overwrite=overwrite)
                 else:
-                    to_nifti(values, like, path)
+                    to_nifti(values, like, path, overwrite=overwrite)
         return paths
 
     def _run_index(self, run: int | None) -> int:
@@ -815,14 +830,3 @@ def _mark_complete(store: Path, n_runs: int) -> None:
 
     root = zarr.open_group(str(store), mode="a")
     root.attrs["bigglm_result"] = {"n_runs": n_runs, "complete": True}
-
-
-def _replace(temp: Path, target: Path) -> None:
-    """Move a finished store into place, replacing an old one only after it is complete."""
-    if not target.exists():
-        os.replace(temp, target)
-        return
-    trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, trash)
-    os.replace(temp, target)
-    shutil.rmtree(trash)

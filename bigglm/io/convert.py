@@ -43,6 +43,7 @@ import zarr
 
 from bigglm._allocator import tune as tune_allocator
 from bigglm.exceptions import BigGLMWarning, StoreError
+from bigglm.io.artefacts import check_replaceable, writing
 from bigglm.io.mask import compute_epi_mask
 from bigglm.io.nifti import (
     SourceSeries,
@@ -50,7 +51,7 @@ from bigglm.io.nifti import (
     inspect_sources,
     load_mask,
 )
-from bigglm.io.store import BOLD_CODEC, StoreWriter, check_target, choose_chunks, commit, staging
+from bigglm.io.store import BOLD_CODEC, StoreWriter, choose_chunks
 from bigglm.io.streaming import prefetched, write_rows
 from bigglm.typing import ProgressCallback
 
@@ -109,7 +110,9 @@ def convert(
         its time unit (ms and us are handled).
     overwrite : bool
         Replace an existing store (atomically: the old one is removed only once the new
-        one is complete).
+        one is complete). Only a run store bigglm wrote is ever replaced: anything else
+        at ``store`` (a folder, a file, a Zarr store of another tool or another kind of
+        bigglm store) is refused, whatever ``overwrite`` says.
     time_chunk, voxel_chunk : int, optional
         ``bold`` chunk shape; by default 128 volumes and about 16 MiB per chunk.
     progress : callable, optional
@@ -126,7 +129,8 @@ def convert(
     StoreError
         Before anything is written: missing, unreadable or truncated files, a 3D file
         where a 4D one is needed, volumes on different grids, a mask on another grid, no
-        TR, an existing store without ``overwrite``. A truncated ``.nii.gz`` is only
+        TR, an existing store without ``overwrite``, anything but a bigglm run store at
+        ``store``. A truncated ``.nii.gz`` is only
         discovered while it is decompressed: then the staging directory is removed and
         nothing is left at ``store``.
 
@@ -151,10 +155,10 @@ def convert(
     tune_allocator()
     series = inspect_sources(sources, tr=tr)
     target = Path(store).expanduser().resolve()
-    check_target(target, overwrite=overwrite)
+    check_replaceable(target, "run-store", overwrite=overwrite)
     given_mask = load_mask(mask, series) if mask is not None else None
     report = progress or (lambda done, total: None)
-    with staging(target) as stage:
+    with writing(target, "run-store", overwrite=overwrite, directory=True) as stage:
         first: _FirstPass | None = None
         if given_mask is None:
             first = _mean_pass(series, report)
@@ -178,7 +182,7 @@ def convert(
             _check_unchanged(first.provenance, provenance)
         params = _parameters(series, mask, chunks, bad_voxels=bad)
         writer.finish(_attributes(series, provenance, params))
-        return commit(stage, target, overwrite=overwrite)
+    return target
 
 
 def _epi_mask(first: _FirstPass, series: SourceSeries) -> np.ndarray:
@@ -299,8 +303,8 @@ def _rewrite_without(
     chunks: tuple[int, int],
 ) -> StoreWriter:
     """Rebuild ``bold`` without the dropped columns (rare: non-finite voxels in a given mask)."""
-    old = stage.with_name(stage.name + ".nonfinite")
-    os.rename(stage, old)
+    old = stage.with_name(stage.name + ".nonfinite")  # named after the staging folder,
+    os.rename(stage, old)  # so a dead conversion's clean-up removes it too
     stage.mkdir()
     try:
         previous = zarr.open_array(old / "bold", mode="r")
@@ -458,7 +462,7 @@ def _check_runs(
         raise StoreError("two runs would write the same store; give each run its own store path")
     for src, target, m in zip(runs, targets, masks, strict=True):
         series = inspect_sources(src, tr=tr)
-        check_target(target, overwrite=overwrite)
+        check_replaceable(target, "run-store", overwrite=overwrite)
         if m is not None:
             load_mask(m, series)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
@@ -15,6 +14,7 @@ import xarray as xr
 from isal import igzip
 
 from bigglm.exceptions import StoreError
+from bigglm.io.artefacts import marker, writing
 from bigglm.io.store import open_run
 
 __all__ = ["to_nifti"]
@@ -32,6 +32,7 @@ def to_nifti(
     path: str | os.PathLike[str],
     *,
     fill: float | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``(voxel,)`` values as a 3D NIfTI, or ``(n, voxel)`` values as a 4D one.
 
@@ -49,6 +50,9 @@ def to_nifti(
     fill : float, optional
         Value outside the mask. Default: NaN for floating-point values (so "no data" is
         never confused with 0), 0 for integer and boolean values.
+    overwrite : bool
+        Replace an image bigglm wrote before (its header's ``descrip`` says
+        ``bigglm image``). Any other file at ``path`` is refused, whatever this says.
 
     Returns
     -------
@@ -59,7 +63,8 @@ def to_nifti(
     Raises
     ------
     StoreError
-        If the values do not have one column per in-mask voxel.
+        If the values do not have one column per in-mask voxel, or ``path`` holds
+        anything but an image bigglm wrote, or holds one and ``overwrite`` is False.
 
     Notes
     -----
@@ -96,17 +101,15 @@ def to_nifti(
     shape = mask.shape if data.ndim == 1 else (*mask.shape, n)
     header = _header(shape, dtype, np.asarray(ds.attrs["affine"]), ds.attrs["tr"], is_series)
     target = Path(path).expanduser().resolve()
-    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:12]}")
-    try:
-        with _open_output(partial, target) as out:
-            header.write_to(out)
-            columns = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
-            for block in _blocks(data, n, mask.size * dtype.itemsize):
-                out.write(_scatter(block, columns, mask.size, dtype, fill_value).tobytes())
-                del block  # a view of a whole row of chunks: free it before the next row
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with (
+        writing(target, "image", overwrite=overwrite) as partial,
+        _open_output(partial, target) as out,
+    ):
+        header.write_to(out)
+        columns = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
+        for block in _blocks(data, n, mask.size * dtype.itemsize):
+            out.write(_scatter(block, columns, mask.size, dtype, fill_value).tobytes())
+            del block  # a view of a whole row of chunks: free it before the next row
     return target
 
 
@@ -145,6 +148,7 @@ def _header(
     if is_series:
         header["pixdim"][4] = tr
     header["vox_offset"] = _VOX_OFFSET
+    header["descrip"] = marker("image").encode()
     return header
 
 

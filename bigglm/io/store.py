@@ -9,19 +9,17 @@ Layout (the contract shared with the engine and the workflows):
 - group attributes: ``"bigglm"`` (affine, volume_shape, tr, units, sources,
   parameters, version, created) and ``"complete": true``, written last.
 
-A store is built in a hidden temporary sibling directory and renamed into place only
-when complete (:func:`staging`, :func:`commit`), so an interrupted conversion never
-leaves anything at the target path, let alone something that opens as complete.
+A store is built in a hidden staging sibling directory and renamed into place only
+when complete (:func:`bigglm.io.artefacts.writing`, which also decides what may be
+replaced), so an interrupted conversion never leaves anything at the target path, let
+alone something that opens as complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,11 +40,8 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_TIME_CHUNK",
     "StoreWriter",
-    "check_target",
     "choose_chunks",
-    "commit",
     "open_run",
-    "staging",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,84 +122,6 @@ def choose_chunks(
     if voxel_chunk is None:
         voxel_chunk = max(1024, DEFAULT_CHUNK_BYTES // (4 * tc) // 1024 * 1024)
     return tc, min(voxel_chunk, n_voxels)
-
-
-def check_target(target: Path, *, overwrite: bool) -> None:
-    """Refuse an existing target unless ``overwrite``, and never replace a non-store.
-
-    Raises
-    ------
-    StoreError
-        If ``target`` exists and ``overwrite`` is false, or exists and is not a Zarr
-        store (then it is never replaced), or its folder does not exist.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     check_target(Path(tmp) / "run.zarr", overwrite=False)
-    """
-    if not target.parent.is_dir():
-        raise StoreError(f"{target}: folder {target.parent} does not exist; create it first")
-    if not (target.exists() or target.is_symlink()):
-        return
-    if not overwrite:
-        raise StoreError(
-            f"{target}: already exists; pass overwrite=True (--overwrite) to replace it"
-        )
-    if not (target.is_dir() and (target / "zarr.json").is_file()):
-        raise StoreError(
-            f"{target}: exists and is not a Zarr store; refusing to replace it, "
-            "choose another path or remove it yourself"
-        )
-
-
-@contextlib.contextmanager
-def staging(target: Path) -> Iterator[Path]:
-    """A fresh hidden sibling directory of ``target``, removed if the block fails.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as tmp, staging(Path(tmp) / "run.zarr") as stage:
-    ...     stage.name.startswith(".run.zarr.partial-")
-    True
-    """
-    stage = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:12]}")
-    stage.mkdir()
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-
-
-def commit(stage: Path, target: Path, *, overwrite: bool) -> Path:
-    """Move a finished store into place; an existing store is replaced only if ``overwrite``.
-
-    The old store is renamed away, the new one renamed in, then the old one deleted, so
-    at every moment ``target`` is either the complete old store or the complete new one
-    (bar the instant between the two renames, when it is absent).
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     stage = Path(tmp) / ".new"
-    ...     stage.mkdir()
-    ...     commit(stage, Path(tmp) / "run.zarr", overwrite=False).name
-    'run.zarr'
-    """
-    if target.exists() or target.is_symlink():
-        check_target(target, overwrite=overwrite)
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
-        os.rename(target, old)
-        os.rename(stage, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(stage, target)
-    logger.info("wrote %s", target)
-    return target
 
 
 class StoreWriter:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from bigglm.contrasts import default_kind, label
 from bigglm.exceptions import ConfigError, DesignError
+from bigglm.io.artefacts import check_replaceable
 from bigglm.typing import ContrastKind
 
 __all__ = ["fit_stores", "parse_contrast_options"]
@@ -105,6 +106,7 @@ def fit_stores(
     slice_time_ref: float = 0.0,
     address: str | None = None,
     residuals: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Fit converted stores (one subject's runs) and write each contrast's maps.
 
@@ -133,6 +135,10 @@ def fit_stores(
     residuals : {"raw", "whitened"}, optional
         Also write each run's residuals as ``<store name>_desc-residuals_bold.nii.gz``
         (``desc-whitenedResiduals`` for whitened): a second pass over the data.
+    overwrite : bool
+        Replace outputs bigglm wrote before in ``output``; otherwise any existing output
+        is refused before anything is fitted. A file or folder bigglm did not write at
+        an output's path is always refused.
 
     Returns
     -------
@@ -142,7 +148,8 @@ def fit_stores(
     Raises
     ------
     ConfigError, DesignError, StoreError
-        For bad options, files or stores.
+        For bad options, files or stores; StoreError for an output path that is taken
+        (see ``overwrite``).
 
     Examples
     --------
@@ -187,22 +194,49 @@ def fit_stores(
     _check_contrasts(named, designs)
     profile = ClusterConfig(profile="address", address=address) if address else ClusterConfig()
     output.mkdir(parents=True, exist_ok=True)
+    prefixes = [Path(store).name.removesuffix(".zarr") for store in stores]
+    for path, artefact in _outputs(output, named, prefixes, residuals):
+        check_replaceable(path, artefact, overwrite=overwrite)
     written: list[Path] = []
     with client_from_profile(profile) as client:
         result = fit(runs, designs, noise=model.noise, client=client).compute()
         if residuals is not None:
             written += result.write_residuals(
                 output,
-                [Path(store).name.removesuffix(".zarr") for store in stores],
+                prefixes,
                 whitened=residuals == "whitened",
-                overwrite=True,
+                overwrite=overwrite,
                 client=client,
             )
-    result.to_zarr(output / "glm.zarr", overwrite=True)
+    result.to_zarr(output / "glm.zarr", overwrite=overwrite)
     for name, expression in named.items():
         kind: ContrastKind = default_kind(expression)
         images = contrast_maps(result.contrast(expression, kind=kind))
-        for stat in ("effect", "variance", "stat", "z"):
-            path = output / f"contrast-{label(name)}_stat-{stat}_statmap.nii.gz"
-            written.append(to_nifti(images[stat], stores[0], path))
+        for stat in _MAP_STATS:
+            path = _map_path(output, name, stat)
+            written.append(to_nifti(images[stat], stores[0], path, overwrite=overwrite))
     return written
+
+
+#: The maps ``bigglm fit`` writes per contrast.
+_MAP_STATS = ("effect", "variance", "stat", "z")
+
+
+def _map_path(output: Path, name: str, stat: str) -> Path:
+    return output / f"contrast-{label(name)}_stat-{stat}_statmap.nii.gz"
+
+
+def _outputs(
+    output: Path, named: Mapping[str, Any], prefixes: Sequence[str], residuals: str | None
+) -> list[tuple[Path, str]]:
+    """Every path :func:`fit_stores` writes, with the kind of artefact it holds."""
+    from bigglm.glm.residuals import file_name
+
+    paths = [(output / "glm.zarr", "glm-result")]
+    paths += [(_map_path(output, n, stat), "image") for n in named for stat in _MAP_STATS]
+    if residuals is not None:
+        whitened = residuals == "whitened"
+        paths += [
+            (output / file_name(p, whitened=whitened, format="nifti"), "image") for p in prefixes
+        ]
+    return paths

@@ -157,7 +157,7 @@ def _pending(
     for rp in runs:
         key = pending_conversion(rp, mask, records[unit.name], sums, config)
         if key is not None:
-            jobs.append(Conversion(rp, mask, records[unit.name], key))
+            jobs.append(Conversion(rp, mask, records[unit.name], key, sums(rp.run.bold)))
     return jobs
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -36,6 +34,7 @@ import pandas as pd
 
 from bigglm.config import AnalysisConfig
 from bigglm.exceptions import StoreError
+from bigglm.io.artefacts import kind_of, marker, remove_stale_staging, target_lock, writing
 from bigglm.pipeline.plan import STATE, RunPlan, UnitPlan, map_path
 from bigglm.report import environment, file_record, sha256_file, write_json_atomic
 from bigglm.typing import ContrastKind, ProgressCallback
@@ -283,22 +282,33 @@ def convert_step(
     config: AnalysisConfig,
     progress: ProgressFactory,
 ) -> None:
-    """Convert one run here, unless its store is up to date."""
+    """Convert one run here, unless its store is up to date.
+
+    The store's lock (:func:`bigglm.io.artefacts.target_lock`) is held from the check to
+    the commit: another analysis sharing ``store.folder`` that converts the same run at
+    the same time waits, then finds the store up to date and reuses it, so a store
+    another analysis is reading is not replaced by an identical one.
+    """
     from bigglm.io import convert
 
-    key = pending_conversion(rp, mask, steps, sums, config)
-    if key is None:
-        return
-    with steps.running(f"convert-{rp.run.name}", key), progress(f"convert {rp.run.name}") as cb:
-        convert(
-            rp.run.bold,
-            rp.store,
-            mask=mask,
-            tr=rp.tr,
-            overwrite=True,
-            time_chunk=config.store.time_chunk,
-            progress=cb,
-        )
+    rp.store.parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(rp.store):
+        key = pending_conversion(rp, mask, steps, sums, config)
+        if key is None:
+            return
+        with (
+            steps.running(f"convert-{rp.run.name}", key),
+            progress(f"convert {rp.run.name}") as cb,
+        ):
+            convert(
+                rp.run.bold,
+                rp.store,
+                mask=mask,
+                tr=rp.tr,
+                overwrite=True,
+                time_chunk=config.store.time_chunk,
+                progress=cb,
+            )
 
 
 def pending_conversion(
@@ -307,7 +317,8 @@ def pending_conversion(
     """The convert step's key if the run's store must be made, None if it is up to date.
 
     A store made elsewhere (``bigglm convert``) from the same file is adopted. When a
-    key is returned, the store's folder exists and no partial conversion is left in it.
+    key is returned, the store's folder exists and no staging folder of a dead
+    conversion of it is left (a live one's, e.g. another analysis's, is kept).
     """
     mask_sum = sums(mask) if mask is not None else None
     key = step_key("convert", sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
@@ -318,7 +329,7 @@ def pending_conversion(
         steps.adopt(step, key)
         return None
     rp.store.parent.mkdir(parents=True, exist_ok=True)
-    _remove_partials(rp.store)
+    remove_stale_staging(rp.store.parent, folder=True)  # only dead writers': safe when shared
     return key
 
 
@@ -330,6 +341,7 @@ class Conversion:
     mask: Path | None
     steps: StepRecords
     key: str
+    sha256: str
 
 
 def convert_on_client(
@@ -351,6 +363,7 @@ def convert_on_client(
             None if job.mask is None else job.mask.resolve(),
             job.run.tr,
             config.store.time_chunk,
+            job.sha256,
             pure=False,
         ): job
         for job in jobs
@@ -372,14 +385,34 @@ def convert_on_client(
 
 
 def _timed_convert(
-    bold: Path, store: Path, mask: Path | None, tr: float, time_chunk: int | None
+    bold: Path, store: Path, mask: Path | None, tr: float, time_chunk: int | None, sha256: str
 ) -> float:
-    """Convert one run (on a worker) and return how long it took."""
+    """Convert one run (on a worker) and return how long it took.
+
+    Under the store's lock, a store made meanwhile from the same file (by another
+    analysis sharing ``store.folder``) is kept, as :func:`convert_step` does.
+    """
     from bigglm.io import convert
 
     start = time.perf_counter()
-    convert(bold, store, mask=mask, tr=tr, overwrite=True, time_chunk=time_chunk)
+    with target_lock(store):
+        if mask is not None or not _made_from(store, sha256, tr):
+            convert(bold, store, mask=mask, tr=tr, overwrite=True, time_chunk=time_chunk)
     return time.perf_counter() - start
+
+
+def _made_from(store: Path, sha256: str, tr: float) -> bool:
+    """A complete store exists, made from a file with this SHA-256 and this TR."""
+    from bigglm.io import open_run
+
+    if not store.exists():
+        return False
+    try:
+        ds = open_run(store)
+    except StoreError:
+        return False
+    recorded = [s.get("sha256") for s in ds.attrs.get("sources", [])]
+    return recorded == [sha256] and abs(float(ds.attrs.get("tr", 0)) - tr) <= 1e-9
 
 
 def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
@@ -413,25 +446,20 @@ def _has_voxels_of(ds: Any, mask: Path) -> bool:
     return int(wanted.sum()) - int(inside.sum()) == dropped
 
 
-def _remove_partials(store: Path) -> None:
-    """Remove staging folders an interrupted conversion of this store left behind."""
-    for partial in store.parent.glob(f".{store.name}.*"):
-        shutil.rmtree(partial, ignore_errors=True)
+def _remove_partials(target: Path) -> None:
+    """Remove staging paths a dead writer of ``target`` left (never a live writer's)."""
+    remove_stale_staging(target)
 
 
 def remove_leftovers(unit: UnitPlan) -> None:
-    """Delete temporary files a killed run of this unit left (we hold the unit's lock).
+    """Delete staging files and folders that dead writers left in the unit's folder.
 
-    Every output of the unit is named ``<unit>_...`` (maps, result store) or
-    ``<run>_...`` (designs), and is written as a hidden ``.<name>...`` sibling first.
+    Only what :func:`bigglm.io.artefacts.writing` recorded as its staging, and only once
+    its writer is dead (:func:`bigglm.io.artefacts.remove_stale_staging`): a user's
+    hidden file, or a live process's staging, is never touched.
     """
-    prefixes = (f".{unit.name}_", *(f".{rp.run.name}_" for rp in unit.runs))
-    for leftover in unit.folder.iterdir():
-        if leftover.name.startswith(prefixes):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+    if unit.folder.is_dir():
+        remove_stale_staging(unit.folder, folder=True)
 
 
 def epi_mask(unit: UnitPlan, config: AnalysisConfig) -> Path:
@@ -468,11 +496,12 @@ def _image(path: Path) -> Any:
 def _save_mask(path: Path, inside: np.ndarray, affine: np.ndarray) -> None:
     """Write a uint8 mask NIfTI atomically; rewrite only if its content would change."""
     data = np.asarray(inside, dtype=np.uint8)
-    if path.exists() and np.array_equal(np.asarray(_image(path).dataobj), data):
+    if kind_of(path) == "mask" and np.array_equal(np.asarray(_image(path).dataobj), data):
         return
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    nib.save(nib.Nifti1Image(data, affine.astype(float)), temp)
-    os.replace(temp, path)
+    image = nib.Nifti1Image(data, affine.astype(float))
+    image.header["descrip"] = marker("mask").encode()
+    with writing(path, "mask", overwrite=True, suffix=".nii.gz") as temp:
+        nib.save(image, temp)
 
 
 def design_key(unit: UnitPlan) -> str:
@@ -487,9 +516,8 @@ def design_step(unit: UnitPlan, steps: StepRecords) -> list[Path]:
         return paths
     with steps.running("designs", key):
         for rp, path in zip(unit.runs, paths, strict=True):
-            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            rp.design.to_csv(temp, sep="\t", index=False, float_format="%.10g")
-            os.replace(temp, path)
+            with writing(path, "design-table", overwrite=True) as temp:
+                rp.design.to_csv(temp, sep="\t", index=False, float_format="%.10g")
     return paths
 
 
@@ -549,7 +577,7 @@ def maps_step(
             values = result.contrast(expression, kind=kind)
             images = contrast_maps(values)
             for stat, path in paths.items():
-                to_nifti(images[stat], like, path)
+                to_nifti(images[stat], like, path, overwrite=True)
         outcome.peaks[name] = _peak(np.asarray(values["z"]))
 
 
@@ -622,7 +650,7 @@ def provenance_step(
         "outputs": [str(p) for p in (*outcome.maps, *outcome.residuals)],
     }
     path = unit.folder / f"{unit.name}_provenance.json"
-    return write_json_atomic(path, record)
+    return write_json_atomic(path, record, artefact=True)
 
 
 def report_step(unit: UnitPlan, config: AnalysisConfig, outcome: UnitOutcome) -> Path:

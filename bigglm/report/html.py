@@ -9,14 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from bigglm.io.artefacts import marker, writing
 
 __all__ = ["design_png", "mosaic_png", "write_html_report"]
 
@@ -170,7 +170,8 @@ def write_html_report(
         for n, z in z_maps.items()
     ]
     page = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<meta name='generator' content='{marker('report')}'><title>{esc(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}"
         "img{max-width:100%}</style></head><body>"
         f"<h1>bigglm first level: {esc(title)}</h1><table>{table}</table>"
@@ -181,12 +182,7 @@ def write_html_report(
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write the page atomically; only a report bigglm wrote is replaced."""
+    with writing(path, "report", overwrite=True) as stage:
+        stage.write_text(text)
     return path

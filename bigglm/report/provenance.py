@@ -111,7 +111,9 @@ def environment() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": packages}
 
 
-def write_json_atomic(path: str | Path, record: Mapping[str, Any]) -> Path:
+def write_json_atomic(
+    path: str | Path, record: Mapping[str, Any], *, artefact: bool = False
+) -> Path:
     """Write a JSON document so that ``path`` is either absent or complete.
 
     Parameters
@@ -120,6 +122,11 @@ def write_json_atomic(path: str | Path, record: Mapping[str, Any]) -> Path:
         Target file; its folder must exist.
     record : Mapping
         JSON-serialisable data (paths are written as strings).
+    artefact : bool
+        An output (the provenance record): marked as bigglm's (a top-level
+        ``"bigglm_artefact": "provenance"``) and written by
+        :func:`bigglm.io.artefacts.writing`, so only a record bigglm wrote is replaced.
+        Otherwise a file of the pipeline's own state (under ``<outputs>/.bigglm/``).
 
     Returns
     -------
@@ -134,6 +141,13 @@ def write_json_atomic(path: str | Path, record: Mapping[str, Any]) -> Path:
     {'a': 1}
     """
     path = Path(path)
+    if artefact:
+        from bigglm.io.artefacts import MARKER_KEY, writing
+
+        marked = {**record, MARKER_KEY: "provenance"}
+        with writing(path, "provenance", overwrite=True) as stage:
+            stage.write_text(json.dumps(marked, indent=2, sort_keys=True, default=str) + "\n")
+        return path
     text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
