@@ -31,7 +31,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
     PositiveInt,
     ValidationError,
     ValidationInfo,
@@ -77,7 +76,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _WHAT = {"sub": "subject", "ses": "session", "task": "task"}
 _S = typing.TypeVar("_S", bound=BaseModel)
-_DESIGN_CHECKS = {
+_DESIGN_CHECKS: dict[str, typing.Callable[[Any], Any]] = {
     "high_pass": check_high_pass,
     "drift_order": check_drift_order,
     "fir_delays": check_fir_delays,

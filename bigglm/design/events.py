@@ -224,7 +224,8 @@ def oversampled_grid(
     end = last * (1 + 1.0 / (n - 1))
     per_tr = (n - 1) * 1.0 / (last - first)
     n_samples = per_tr * ((end - first - min_onset) * oversampling) + 1
-    return np.linspace(first + min_onset, end, check_grid_samples(n_samples, oversampling))
+    n_samples = check_grid_samples(n_samples, oversampling)
+    return np.linspace(first + min_onset, end, int(np.rint(n_samples)))
 
 
 def _boxcar(

@@ -109,7 +109,7 @@ def _confound_block(confounds: ArrayLike | pd.DataFrame, n_scans: int) -> pd.Dat
     if infinite.any():
         row, col = (int(v[0]) for v in np.nonzero(infinite))
         raise DesignError(
-            f"confounds column {table.columns[col]!r} is {table.iat[row, col]} in row {row}; "
+            f"confounds column {table.columns[col]!r} is {table.iat[row, col]!r} in row {row}; "
             "regressors must be finite numbers; fix or drop the column"
         )
     return table.reset_index(drop=True)

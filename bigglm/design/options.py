@@ -41,21 +41,32 @@ MAX_TR = 100.0
 MAX_GRID_SAMPLES = 2**24
 
 
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        return math.copysign(math.inf, value)
+
+
 def _finite(name: str, value: Any, unit: str = "") -> float:
     """``value`` as a finite float, or a DesignError naming the option."""
-    number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    number = _real(value)
     if number is None or not math.isfinite(number):
         raise DesignError(f"{name}={value!r} is not a finite number{unit}; give a real number")
-    return float(number)
+    return number
 
 
 def _integer(name: str, value: Any) -> int:
     """``value`` as an int (a float with no fraction is accepted), or a DesignError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    number = _real(value)
+    if number is None or not number.is_integer():
         raise DesignError(f"{name}={value!r} is not an integer; give a whole number")
-    if not math.isfinite(value) or value != int(value):
-        raise DesignError(f"{name}={value!r} is not an integer; give a whole number")
-    return int(value)
+    return int(number)
 
 
 def check_tr(tr: Any) -> float:
@@ -130,13 +141,13 @@ def check_oversampling(oversampling: Any) -> int:
     return value
 
 
-def check_grid_samples(n_samples: float, oversampling: int) -> int:
+def check_grid_samples(n_samples: float, oversampling: int) -> float:
     """The length of the oversampled grid, at most :data:`MAX_GRID_SAMPLES`.
 
     Examples
     --------
     >>> check_grid_samples(12001.0, 50)
-    12001
+    12001.0
     >>> check_grid_samples(7.2e13, 10**12)
     Traceback (most recent call last):
     ...
@@ -148,7 +159,7 @@ def check_grid_samples(n_samples: float, oversampling: int) -> int:
             f"{oversampling} per TR), more than the limit of {MAX_GRID_SAMPLES}; lower "
             "oversampling (nilearn's default is 50) or raise min_onset"
         )
-    return int(round(n_samples))
+    return n_samples
 
 
 def check_drift_order(drift_order: Any, n_scans: int | None = None) -> int:
