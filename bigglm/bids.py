@@ -167,8 +167,10 @@ def find_runs(
     found = [p for p in candidates if _keep(parse_entities(p), wanted)]
     found = _one_space(found, space, root)
     if not found:
+        in_space = f" in space {space!r}" if space is not None else ""
         raise ConfigError(
-            f"inputs.bids: no *_{_PREPROC}.nii.gz under {root} matches the filters {wanted}; "
+            f"inputs.bids: no *_{_PREPROC}.nii.gz under {root} matches the filters "
+            f"{wanted}{in_space}; "
             "check the folder and the subjects/sessions/tasks/runs/space filters"
         )
     return sorted((_describe(p, root, raw_root) for p in found), key=_sort_key)
