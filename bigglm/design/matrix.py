@@ -105,11 +105,12 @@ def _confound_block(confounds: ArrayLike | pd.DataFrame, n_scans: int) -> pd.Dat
             f"confounds column {table.columns[col]!r} is missing a value in row {row}; "
             "fill it (bigglm.design.load_confounds fills fMRIPrep's leading n/a)"
         )
-    infinite = ~np.isfinite(table.to_numpy())
+    values = table.to_numpy()
+    infinite = ~np.isfinite(values)
     if infinite.any():
         row, col = (int(v[0]) for v in np.nonzero(infinite))
         raise DesignError(
-            f"confounds column {table.columns[col]!r} is {table.iat[row, col]!r} in row {row}; "
+            f"confounds column {table.columns[col]!r} is {values[row, col]} in row {row}; "
             "regressors must be finite numbers; fix or drop the column"
         )
     return table.reset_index(drop=True)
