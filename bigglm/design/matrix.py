@@ -177,7 +177,8 @@ def make_design(
     ------
     DesignError
         For bad frame times, events, confounds or options (out of the ranges of
-        :mod:`bigglm.design.options`), or duplicated column names.
+        :mod:`bigglm.design.options`), duplicated column names, or at least as many
+        columns as frames.
 
     Examples
     --------
@@ -219,8 +220,20 @@ def make_design(
             "('constant' and 'drift_*' are reserved)"
         )
     design.index = pd.Index(times)
+    _check_columns_fit(design)
     _warn_if_rank_deficient(design)
     return design.astype(np.float64)
+
+
+def _check_columns_fit(design: pd.DataFrame) -> None:
+    """Refuse a design with at least as many columns as frames: no residual is left."""
+    n_scans, n_columns = design.shape
+    if n_columns >= n_scans:
+        raise DesignError(
+            f"the design has {n_columns} regressors but only {n_scans} scans, so nothing is "
+            "left to estimate the noise; use fewer regressors (a lower high_pass or "
+            "drift_order, fewer confounds or FIR delays)"
+        )
 
 
 def _warn_if_rank_deficient(design: pd.DataFrame) -> None:

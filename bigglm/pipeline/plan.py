@@ -19,6 +19,7 @@ import pandas as pd
 
 from bigglm.bids import Run, find_runs, parse_entities
 from bigglm.config import AnalysisConfig, RunInput
+from bigglm.design.options import check_tr
 from bigglm.exceptions import ConfigError, DesignError, not_a_regular_file
 from bigglm.glm.noise import check_fit_size, noise_order
 
@@ -244,6 +245,12 @@ def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
             f"inputs: no TR for {run.bold.name} (no sidecar RepetitionTime, header pixdim[4] "
             "is 0); give 'tr' for this run"
         )
+    try:
+        tr = check_tr(tr)
+    except DesignError as err:
+        raise ConfigError(
+            f"inputs: {run.bold.name}: {err}; check the sidecar's RepetitionTime or the run's 'tr'"
+        ) from None
     if header_tr is not None and run.tr is not None and abs(header_tr - run.tr) > 1e-3 * run.tr:
         logger.warning(
             "%s: header TR %.4g s differs from the sidecar/config TR %.4g s; using %.4g s",
