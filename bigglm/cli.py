@@ -411,8 +411,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bigglm {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
+            _quiet_shutdown()
             print(f"bigglm {args.command}: interrupted", file=sys.stderr)
             return 130
+
+
+def _quiet_shutdown() -> None:
+    """After Ctrl-C, keep the shutdown's noise off stderr: the cluster's closing messages
+    and the warnings about the coroutines the interrupt left unfinished."""
+    import warnings
+
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -346,3 +346,35 @@ def test_quiet_and_verbose_work_before_and_after_the_command(
     from bigglm.cli import _build_parser
 
     assert _build_parser().parse_args(args).verbosity == verbosity
+
+
+@pytest.mark.cluster
+def test_ctrl_c_during_run_is_one_line_and_exit_130(
+    tiny_bids: Path, tiny_config: Any, tmp_path: Path
+) -> None:
+    import signal
+
+    cfg = tiny_config(tiny_bids, tmp_path / "out", cluster={"profile": "local", "n_workers": 2})
+    cfg["inputs"]["bids"]["subjects"] = ["01"]
+    config = _yaml(tmp_path / "a.yaml", cfg)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bigglm.cli", "run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert run.stderr is not None
+    seen = []
+    for line in run.stderr:
+        seen.append(line)
+        if ": fit ..." in line:  # the fit has started on the workers
+            time.sleep(0.5)
+            os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches the workers too
+            break
+    rest = run.stderr.read()
+    assert run.wait(timeout=120) == 130, "".join(seen) + rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert "Warning" not in rest and "WARNING" not in rest, rest
+    assert rest.strip().splitlines()[-1] == "bigglm run: interrupted"
+    assert not list((tmp_path / "out").rglob("*_statmap.nii.gz"))
