@@ -36,9 +36,9 @@ def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and not isinstance(err, StoreError) and err.strerror:
         import errno
 
-        where = err.filename if err.filename is not None else "error"
+        where = f"{err.filename}: " if err.filename is not None else ""
         code = errno.errorcode.get(err.errno or 0)
-        return f"{where}: {err.strerror}" + (f" ({code})" if code else "")
+        return f"{where}{err.strerror}" + (f" ({code})" if code else "")
     return " ".join(str(err).split()) or type(err).__name__
 
 

@@ -317,9 +317,9 @@ def test_system_errors_are_one_line_with_the_path_and_reason() -> None:
         full.write("x")
         full.flush()
     assert isinstance(info.value, USER_ERRORS)
-    assert _one_line(info.value) == "No space left on device (ENOSPC)" or _one_line(
-        info.value
-    ).endswith(": No space left on device (ENOSPC)")
+    assert _one_line(info.value) == "No space left on device (ENOSPC)"
+    named = OSError(30, "Read-only file system", "/data/results")
+    assert _one_line(named) == "/data/results: Read-only file system (EROFS)"
 
 
 def test_a_read_only_target_is_one_line(
