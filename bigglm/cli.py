@@ -194,7 +194,7 @@ def _add_run(sub: SubParsers) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args)  # before the pipeline's imports: a bad config fails in a blink
-    from bigglm.pipeline import plan
+    from bigglm.pipeline.plan import plan  # the function: doctest collection binds the module
 
     units = plan(config, args.subject)
     runs = sum(len(u.runs) for u in units)

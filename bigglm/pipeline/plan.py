@@ -200,19 +200,17 @@ def plan(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> list[
 
 
 def _check_output_folders(config: AnalysisConfig) -> None:
-    """Refuse an outputs or store folder that exists but is not a folder."""
+    """Refuse an outputs or store folder that is, or is inside, something not a folder."""
     for key, folder in (
         ("outputs.folder", config.outputs.folder),
         ("store.folder", config.store_folder),
     ):
-        for path in (folder, *folder.parents):
-            if path.exists():
-                if not path.is_dir():
-                    raise ConfigError(
-                        f"{key}: {path} exists and is not a folder; choose another path "
-                        "or move the file"
-                    )
-                break
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(
+                f"{key}: {existing} exists and is not a folder; choose another path "
+                "or move the file"
+            )
 
 
 def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
