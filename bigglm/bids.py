@@ -167,8 +167,10 @@ def find_runs(
     found = [p for p in candidates if _keep(parse_entities(p), wanted)]
     found = _one_space(found, space, root)
     if not found:
+        in_space = f" in space {space!r}" if space is not None else ""
         raise ConfigError(
-            f"inputs.bids: no *_{_PREPROC}.nii.gz under {root} matches the filters {wanted}; "
+            f"inputs.bids: no *_{_PREPROC}.nii.gz under {root} matches the filters "
+            f"{wanted}{in_space}; "
             "check the folder and the subjects/sessions/tasks/runs/space filters"
         )
     return sorted((_describe(p, root, raw_root) for p in found), key=_sort_key)
@@ -213,8 +215,8 @@ def _one_space(paths: list[Path], space: str | None, root: Path) -> list[Path]:
 def _describe(bold: Path, root: Path, raw: Path | None) -> Run:
     entities = parse_entities(bold)
     sidecar = _sidecar(bold, entities, root, raw)
-    tr = sidecar.get("RepetitionTime")
-    start = sidecar.get("StartTime")
+    tr = _seconds(sidecar, "RepetitionTime", bold)
+    start = _seconds(sidecar, "StartTime", bold)
     return Run(
         bold=bold,
         subject=entities["sub"],
@@ -228,10 +230,23 @@ def _describe(bold: Path, root: Path, raw: Path | None) -> Run:
         mask=_first_existing(
             bold.parent / f"{_prefix(entities)}_desc-brain_mask{ext}" for ext in (".nii.gz", ".nii")
         ),
-        tr=float(tr) if tr is not None else None,
-        start_time=float(start) if start is not None else None,
+        tr=tr,
+        start_time=start,
         entities={k: v for k, v in entities.items() if k != "suffix"},
     )
+
+
+def _seconds(sidecar: dict[str, Any], key: str, bold: Path) -> float | None:
+    """A sidecar time in seconds (a JSON number), None when absent; ConfigError otherwise."""
+    value = sidecar.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(
+            f"inputs: the JSON sidecar of {bold.name} has {key} {value!r}; expected a number "
+            f"of seconds (e.g. 2.0); fix the sidecar, or give 'tr' with an explicit run"
+        )
+    return float(value)
 
 
 _NO_SPACE = ("space", "res", "desc", "cohort")

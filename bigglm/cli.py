@@ -25,14 +25,21 @@ __all__ = ["main"]
 
 logger = logging.getLogger("bigglm")
 
-#: Errors shown to the user as one line, without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    DesignError,
-    StoreError,
-    FileNotFoundError,
-    PermissionError,
-)
+#: Errors shown to the user as one line, without a traceback. ``OSError`` covers
+#: StoreError and what the system refuses: a full disk, a read-only filesystem, a missing
+#: file, a FIFO or device where a file was expected.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DesignError, OSError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of a user error; an ``OSError`` from the system as ``path: reason``."""
+    if isinstance(err, OSError) and not isinstance(err, StoreError) and err.strerror:
+        import errno
+
+        where = f"{err.filename}: " if err.filename is not None else ""
+        code = errno.errorcode.get(err.errno or 0)
+        return f"{where}{err.strerror}" + (f" ({code})" if code else "")
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 @contextmanager
@@ -94,6 +101,17 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Out-of-core fMRI GLMs: NIfTI -> Zarr -> Dask -> statistical maps.",
     )
     parser.add_argument("--version", action="version", version=f"bigglm {__version__}")
+    _add_verbosity(parser, default=0)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in _COMMANDS:
+        register(sub)
+    for command in sub.choices.values():  # also after the sub-command; SUPPRESS keeps
+        _add_verbosity(command, default=argparse.SUPPRESS)  # a -q/-v given before it
+    return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """``-q``/``-v``, accepted before the sub-command and after it."""
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument(
         "-q",
@@ -101,7 +119,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=-1,
         dest="verbosity",
-        default=0,
+        default=default,
         help="only warnings and errors",
     )
     noise.add_argument(
@@ -110,12 +128,9 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=1,
         dest="verbosity",
+        default=default,
         help="debug logging, and tracebacks on errors",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _COMMANDS:
-        register(sub)
-    return parser
 
 
 SubParsers = argparse._SubParsersAction
@@ -179,7 +194,7 @@ def _add_run(sub: SubParsers) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args)  # before the pipeline's imports: a bad config fails in a blink
-    from bigglm.pipeline import plan
+    from bigglm.pipeline.plan import plan  # the function: doctest collection binds the module
 
     units = plan(config, args.subject)
     runs = sum(len(u.runs) for u in units)
@@ -248,7 +263,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from bigglm.demo import format_report, run_demo
     from bigglm.report import format_summary
 
-    logger.info("demo: writing a synthetic subject to %s/data", args.output)
     report = run_demo(
         args.output, n_scans=args.scans, seed=args.seed, progress=_progress_factory(args)
     )
@@ -400,11 +414,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         except USER_ERRORS as err:
             if args.verbosity > 0:
                 logger.exception("failed")
-            print(f"bigglm {args.command}: error: {err}", file=sys.stderr)
+            print(f"bigglm {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
+            _quiet_shutdown()
             print(f"bigglm {args.command}: interrupted", file=sys.stderr)
             return 130
+
+
+def _quiet_shutdown() -> None:
+    """After Ctrl-C, keep the shutdown's noise off stderr: the cluster's closing messages
+    and the warnings about the coroutines the interrupt left unfinished."""
+    import warnings
+
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -194,7 +196,11 @@ def client_from_profile(profile: ClusterConfig | None = None) -> Iterator[Any]:
         if profile.profile != "local":
             _wait_for_batch_workers(client, profile)
         logger.info("dask cluster (%s): %s", profile.profile, _describe(client))
-        yield client
+        try:
+            yield client
+        except KeyboardInterrupt:
+            _quiet_close(client)
+            raise
 
 
 @contextmanager
@@ -218,7 +224,9 @@ def _start_cluster(profile: ClusterConfig) -> Iterator[Any]:
     if profile.profile == "local":
         from distributed import LocalCluster
 
-        with LocalCluster(**local_options(profile)) as cluster:
+        with _interrupts_held():  # the worker processes inherit SIGINT blocked
+            cluster = LocalCluster(**local_options(profile))
+        with cluster:
             yield cluster
         return
     command = _SUBMIT[profile.profile]
@@ -232,6 +240,41 @@ def _start_cluster(profile: ClusterConfig) -> Iterator[Any]:
         logger.debug("batch job script:\n%s", cluster.job_script())
         cluster.scale(jobs=profile.jobs)
         yield cluster
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ignore SIGINT while a LocalCluster spawns its worker processes, then restore it.
+
+    Ctrl-C in a terminal signals the whole process group. A worker process that starts
+    with SIGINT ignored keeps ignoring it (Python installs its handler, and asyncio its
+    runner's, only over the default), so only this process sees the interrupt and closes
+    the cluster, instead of every worker printing a ``KeyboardInterrupt`` traceback and a
+    half-started cluster failing with an ``AssertionError``. A Ctrl-C in the seconds the
+    workers take to start is ignored; press it again once they are up.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a caller's thread keeps its own
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_close(client: Any) -> None:
+    """Before an interrupted cluster closes: silence distributed's loggers, here and on
+    the workers (which would warn about every task the close cancels)."""
+    _silence_distributed()
+    try:
+        client.run(_silence_distributed)
+    except Exception:  # a worker already gone: nothing left to silence
+        logger.debug("could not silence the workers' loggers", exc_info=True)
+
+
+def _silence_distributed() -> None:
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 def _jobqueue_class(kind: str) -> Any:

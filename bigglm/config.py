@@ -31,7 +31,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
     PositiveInt,
     ValidationError,
     ValidationInfo,
@@ -39,7 +38,16 @@ from pydantic import (
     model_validator,
 )
 
-from bigglm.exceptions import ConfigError
+from bigglm.design.options import (
+    check_drift_order,
+    check_fir_delays,
+    check_high_pass,
+    check_min_onset,
+    check_oversampling,
+    check_tr,
+)
+from bigglm.exceptions import ConfigError, not_a_regular_file
+from bigglm.glm.noise import noise_order
 from bigglm.typing import ClusterKind, DriftModel, HRFName, ResidualFormat
 
 __all__ = [
@@ -55,6 +63,7 @@ __all__ = [
     "SubmitConfig",
     "load_config",
     "parse_config",
+    "parse_section",
     "walltime_seconds",
 ]
 
@@ -62,11 +71,18 @@ __all__ = [
 MapName = Literal["effect", "variance", "stat", "p", "z"]
 
 _DEFAULT_MAPS: tuple[MapName, ...] = ("effect", "variance", "stat", "z")
-_NOISE = re.compile(r"^(ols|ar[1-9][0-9]*)$")
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _WHAT = {"sub": "subject", "ses": "session", "task": "task"}
+_S = typing.TypeVar("_S", bound=BaseModel)
+_DESIGN_CHECKS: dict[str, typing.Callable[[Any], Any]] = {
+    "high_pass": check_high_pass,
+    "drift_order": check_drift_order,
+    "fir_delays": check_fir_delays,
+    "oversampling": check_oversampling,
+    "min_onset": check_min_onset,
+}
 
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
@@ -142,7 +158,7 @@ class RunInput(_Section):
     events: ConfigPath | None = None
     confounds: ConfigPath | None = None
     mask: ConfigPath | None = None
-    tr: PositiveFloat | None = None
+    tr: Annotated[float, AfterValidator(check_tr)] | None = None
     subject: str | None = None
     task: str | None = None
 
@@ -187,24 +203,34 @@ class Inputs(_Section):
 
 
 class ModelConfig(_Section):
-    """The first-level model; names and meanings follow nilearn's design options."""
+    """The first-level model; names and meanings follow nilearn's design options.
+
+    Numbers are checked by the functions :func:`bigglm.design.make_design` uses
+    (:mod:`bigglm.design.options`, :func:`bigglm.glm.noise.noise_order`), so a config
+    accepts exactly what the Python API accepts; the checks that need a run's length
+    (grid size, drift order, AR order against the scans) run in ``bigglm validate``.
+    """
 
     hrf: HRFName = "glover"
     drift: DriftModel | None = "cosine"
-    high_pass: PositiveFloat = 0.01
-    drift_order: PositiveInt = 1
+    high_pass: float = 0.01
+    drift_order: int = 1
     fir_delays: list[int] | None = None
     noise: str = "ar1"
     slice_time_ref: float | None = Field(default=None, ge=0.0, le=1.0)
-    oversampling: PositiveInt = 50
+    oversampling: int = 50
     min_onset: float = -24.0
 
     @field_validator("noise", mode="before")
     @classmethod
     def _noise(cls, value: Any) -> Any:
-        if not isinstance(value, str) or not _NOISE.match(value):
-            raise ValueError(f"{value!r} is not a noise model; use 'ols' or 'arN' (e.g. 'ar1')")
+        noise_order(value)
         return value
+
+    @field_validator("high_pass", "drift_order", "fir_delays", "oversampling", "min_onset")
+    @classmethod
+    def _design_option(cls, value: Any, info: ValidationInfo) -> Any:
+        return _DESIGN_CHECKS[str(info.field_name)](value)
 
 
 class ResidualsConfig(_Section):
@@ -471,6 +497,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def parse_section(section: type[_S], data: Mapping[str, Any]) -> _S:
+    """Validate one section (e.g. :class:`ModelConfig`) from options given outside a YAML.
+
+    Parameters
+    ----------
+    section : type
+        A section model, such as :class:`ModelConfig` or :class:`ClusterConfig`.
+    data : Mapping
+        Its fields.
+
+    Returns
+    -------
+    The validated section.
+
+    Raises
+    ------
+    ConfigError
+        Every problem as ``field: what was found; how to fix it``.
+
+    Examples
+    --------
+    >>> parse_section(ModelConfig, {"noise": "ols"}).noise
+    'ols'
+    >>> parse_section(ModelConfig, {"hrf": "spam"})
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.ConfigError: hrf: 'spam' is not allowed; use one of 'spm', ...
+    """
+    try:
+        return section.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
 def load_config(path: str | Path) -> AnalysisConfig:
     """Read and validate a YAML analysis configuration.
 
@@ -501,6 +561,9 @@ def load_config(path: str | Path) -> AnalysisConfig:
     True
     """
     path = Path(path)
+    problem = not_a_regular_file(path)
+    if problem not in (None, "does not exist"):  # a FIFO would block the read
+        raise ConfigError(f"{path}: cannot read the configuration (it {problem})")
     try:
         text = path.read_text()
     except OSError as err:

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from bigglm.config import AnalysisConfig, parse_config
+from bigglm.exceptions import DesignError
 
 __all__ = ["DemoTruth", "Recovery", "load_brain_mask", "make_dataset", "recovery", "run_demo"]
 
@@ -41,6 +42,8 @@ BLOBS: dict[str, list[tuple[tuple[float, float, float], float, float]]] = {
 }
 #: A voxel counts as truly active where its true effect exceeds this fraction of the peak.
 ACTIVE_FRACTION = 0.25
+#: Shortest demo run (s): room for a faces block and a houses block, whatever the seed.
+MIN_DURATION = 80.0
 Z_THRESHOLD = 3.1
 _SUBJECT, _TASK = "01", "demo"
 
@@ -114,6 +117,16 @@ def _ar1_noise(shape: tuple[int, int], rho: np.ndarray, rng: np.random.Generator
     return noise
 
 
+def _check_length(n_scans: int, tr: float) -> None:
+    """Refuse a run too short for both conditions (DesignError with the minimum)."""
+    shortest = int(np.ceil(MIN_DURATION / tr))
+    if n_scans < shortest:
+        raise DesignError(
+            f"the demo run needs at least {shortest} volumes ({MIN_DURATION:g} s at a TR of "
+            f"{tr:g} s, for a block of each condition), got {n_scans}; ask for more volumes"
+        )
+
+
 def make_dataset(
     folder: str | Path,
     *,
@@ -142,6 +155,11 @@ def make_dataset(
     DemoTruth
         Paths, the mask and the true effect maps.
 
+    Raises
+    ------
+    DesignError
+        If the run is shorter than :data:`MIN_DURATION`.
+
     Examples
     --------
     >>> import tempfile
@@ -151,6 +169,8 @@ def make_dataset(
     """
     from bigglm.design import frame_times, make_design
 
+    _check_length(n_scans, tr)
+    logger.info("demo: writing a synthetic subject to %s", folder)
     rng = np.random.default_rng(seed)
     mask, affine = load_brain_mask()
     func = Path(folder) / f"sub-{_SUBJECT}" / "func"

@@ -5,7 +5,10 @@ Every error message says what was found, what was expected, and how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["BigGLMWarning", "ConfigError", "DesignError", "StoreError"]
+import os
+import stat
+
+__all__ = ["BigGLMWarning", "ConfigError", "DesignError", "StoreError", "not_a_regular_file"]
 
 
 class DesignError(ValueError):
@@ -22,3 +25,30 @@ class ConfigError(ValueError):
 
 class BigGLMWarning(UserWarning):
     """Something suspicious that bigglm handled (for example NaN voxels dropped from a mask)."""
+
+
+def not_a_regular_file(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as an input file, or None when it is a regular file.
+
+    A named pipe or a device exists but is not a file: reading it could block forever,
+    so it gets its own message instead of "no such file".
+
+    Examples
+    --------
+    >>> not_a_regular_file("/nope/bold.nii.gz")
+    'does not exist'
+    >>> not_a_regular_file("/")
+    'is a folder, not a file'
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as err:
+        return f"cannot be opened ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+    return f"is {kind}, not a regular file"

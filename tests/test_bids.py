@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,22 @@ def test_broken_sidecar_names_the_file(tmp_path: Path) -> None:
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not a folder"):
         find_runs(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("value", ["two", [2], True])
+def test_a_repetition_time_that_is_not_a_number_is_a_config_error(
+    tmp_path: Path, value: object
+) -> None:
+    _touch(tmp_path / "sub-01/func/sub-01_task-a_desc-preproc_bold.nii.gz")
+    sidecar = {"RepetitionTime": value}
+    _touch(tmp_path / "sub-01/func/sub-01_task-a_desc-preproc_bold.json", json.dumps(sidecar))
+    with pytest.raises(
+        ConfigError, match=rf"has RepetitionTime {re.escape(repr(value))}; expected a number"
+    ):
+        find_runs(tmp_path)
+
+
+def test_the_no_match_message_names_the_space_filter(tmp_path: Path) -> None:
+    deriv, raw = _layout(tmp_path)
+    with pytest.raises(ConfigError, match=r"matches the filters \{\} in space 'MNI'; "):
+        find_runs(deriv, raw=raw, space="MNI")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +216,215 @@ def test_submit_dry_run_for_pbs_and_sge(tiny_bids: Path, tiny_config: Any, tmp_p
         text = script.read_text()
         assert array_line in text and "--subject" in text
         assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+
+
+# --- the weak cases: one line, exit 2, nothing written ----------------------------------------
+
+
+def _main_one_line(capsys: pytest.CaptureFixture[str], command: str, *args: str) -> str:
+    """Run ``main`` in this process; the one stderr line of its exit-2 error."""
+    capsys.readouterr()
+    status = main([command, *args])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"bigglm {command}: error: ")
+    return lines[0]
+
+
+def _sidecar(dataset: Path, **fields: object) -> None:
+    import json
+
+    path = dataset / "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.json"
+    path.write_text(json.dumps({"RepetitionTime": 2.0, **fields}))
+
+
+def _infinite_confound(dataset: Path) -> None:
+    import pandas as pd
+
+    path = dataset / "derivatives/sub-01/func/sub-01_task-tiny_desc-confounds_timeseries.tsv"
+    table = pd.read_csv(path, sep="\t", na_values=["n/a"])
+    table.loc[5, "trans_x"] = np.inf
+    table.to_csv(path, sep="\t", index=False, na_rep="n/a")
+
+
+def _moved_mask(dataset: Path, tmp_path: Path) -> dict[str, object]:
+    bold = nib.load(dataset / "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.nii.gz")
+    affine = bold.affine.copy()
+    affine[:3, 3] += 30.0  # same shape, another place
+    mask = tmp_path / "moved_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(bold.shape[:3], np.uint8), affine), mask)
+    return {"mask": str(mask)}
+
+
+#: name -> (change to the tiny dataset or config, fragment of the one-line message)
+WEAK_VALIDATE: dict[str, tuple[Any, str]] = {
+    "high_pass 1e308": (lambda d, c, t: c["model"].update(high_pass=1e308), "Nyquist"),
+    "oversampling 1e12": (lambda d, c, t: c["model"].update(oversampling=10**12), "oversampling"),
+    "tr 1e300": (lambda d, c, t: _sidecar(d, RepetitionTime=1e300), "tr=1e+300 s is out of range"),
+    "RepetitionTime two": (lambda d, c, t: _sidecar(d, RepetitionTime="two"), "'two'"),
+    "RepetitionTime [2]": (lambda d, c, t: _sidecar(d, RepetitionTime=[2]), "RepetitionTime [2]"),
+    "negative fir_delays": (
+        lambda d, c, t: c["model"].update(hrf="fir", fir_delays=[-1, 2]),
+        "-1 is negative",
+    ),
+    "min_onset nan": (lambda d, c, t: c["model"].update(min_onset=float("nan")), "min_onset"),
+    "drift_order 100000": (
+        lambda d, c, t: c["model"].update(drift="polynomial", drift_order=100000),
+        "drift_order=100000 needs more than 100000 scans",
+    ),
+    "ar100000": (lambda d, c, t: c["model"].update(noise="ar100000"), "AR(100000) noise"),
+    "more regressors than scans": (
+        lambda d, c, t: c["model"].update(high_pass=0.24),
+        "the design has 62 regressors but only 60 scans",
+    ),
+    "regressors and AR order beyond the scans": (
+        lambda d, c, t: c["model"].update(high_pass=0.2, noise="ar5"),
+        "60 volumes, too few for 53 regressors and AR(5) noise",
+    ),
+    "empty events": (
+        lambda d, c, t: (d / "raw/sub-01/func/sub-01_task-tiny_events.tsv").write_text(""),
+        "is empty",
+    ),
+    "Inf confound": (lambda d, c, t: _infinite_confound(d), "'trans_x' is inf in row 5"),
+    "outputs.folder is a file": (
+        lambda d, c, t: (
+            (t / "results.txt").write_text("") or c["outputs"].update(folder=str(t / "results.txt"))
+        ),
+        "exists and is not a folder",
+    ),
+    "mask with another affine": (
+        lambda d, c, t: c["inputs"].update(_moved_mask(d, t)),
+        "has another affine",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WEAK_VALIDATE))
+def test_validate_catches_the_weak_cases_in_one_line(
+    case: str, tiny_bids: Path, tiny_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    change, fragment = WEAK_VALIDATE[case]
+    cfg = tiny_config(tiny_bids, tmp_path / "out")
+    change(tiny_bids, cfg, tmp_path)
+    config = _yaml(tmp_path / "a.yaml", cfg)
+    started = time.perf_counter()
+    line = _main_one_line(capsys, "validate", str(config))
+    assert fragment in line
+    assert time.perf_counter() - started < 30  # drift_order=100000 used to hang
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--noise", "ar0"], "noise: 'ar0' is not a noise model"),
+        (["--hrf", "spam"], "hrf: 'spam' is not allowed; use one of 'spm'"),
+        (["--high-pass", "-1"], "high_pass=-1.0 Hz must be positive"),
+        (["--high-pass", "0"], "high_pass=0.0 Hz must be positive"),  # dropped the drifts
+    ],
+)
+def test_fit_flags_are_checked_like_the_yaml(
+    flags: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _main_one_line(capsys, "fit", "run.zarr", *flags, "--output", str(tmp_path / "maps"))
+    assert fragment in line and "pydantic" not in line
+    assert not (tmp_path / "maps").exists()
+
+
+def test_demo_with_too_few_scans_gives_the_minimum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _main_one_line(capsys, "demo", "--scans", "5", "--output", str(tmp_path / "demo"))
+    assert "needs at least 40 volumes" in line and "got 5" in line
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_fifo_config_is_one_line_and_does_not_block(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "no such file"
+    os.mkfifo(fifo)
+    line = _main_one_line(capsys, "validate", str(fifo))
+    assert "is a named pipe (FIFO)" in line
+
+
+def test_a_fifo_source_is_not_called_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "no such file"
+    os.mkfifo(fifo)
+    line = _main_one_line(capsys, "convert", str(fifo), "--store", str(tmp_path / "s.zarr"))
+    assert "is a named pipe (FIFO), not a regular file" in line
+
+
+def test_system_errors_are_one_line_with_the_path_and_reason() -> None:
+    from bigglm.cli import USER_ERRORS, _one_line
+
+    with pytest.raises(OSError) as info, open("/dev/full", "w") as full:  # a real ENOSPC
+        full.write("x")
+        full.flush()
+    assert isinstance(info.value, USER_ERRORS)
+    assert _one_line(info.value) == "No space left on device (ENOSPC)"
+    named = OSError(30, "Read-only file system", "/data/results")
+    assert _one_line(named) == "/data/results: Read-only file system (EROFS)"
+
+
+def test_a_read_only_target_is_one_line(
+    functional_nii: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _main_one_line(capsys, "convert", str(functional_nii), "--store", "/proc/x.zarr")
+    assert "/proc/" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "verbosity"),
+    [
+        (["validate", "a.yaml"], 0),
+        (["-q", "validate", "a.yaml"], -1),
+        (["validate", "a.yaml", "-q"], -1),
+        (["validate", "-v", "a.yaml"], 1),
+        (["-v", "run", "a.yaml"], 1),
+        (["fit", "s.zarr", "--output", "o", "--quiet"], -1),
+    ],
+)
+def test_quiet_and_verbose_work_before_and_after_the_command(
+    args: list[str], verbosity: int
+) -> None:
+    from bigglm.cli import _build_parser
+
+    assert _build_parser().parse_args(args).verbosity == verbosity
+
+
+@pytest.mark.cluster
+def test_ctrl_c_during_run_is_one_line_and_exit_130(
+    tiny_bids: Path, tiny_config: Any, tmp_path: Path
+) -> None:
+    import signal
+
+    cfg = tiny_config(tiny_bids, tmp_path / "out", cluster={"profile": "local", "n_workers": 2})
+    cfg["inputs"]["bids"]["subjects"] = ["01"]
+    config = _yaml(tmp_path / "a.yaml", cfg)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bigglm.cli", "run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert run.stderr is not None
+    seen = []
+    for line in run.stderr:
+        seen.append(line)
+        if ": fit ..." in line:  # the fit has started on the workers
+            time.sleep(0.5)
+            os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches the workers too
+            break
+    rest = run.stderr.read()
+    assert run.wait(timeout=120) == 130, "".join(seen) + rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert "Warning" not in rest and "WARNING" not in rest, rest
+    assert rest.strip().splitlines()[-1] == "bigglm run: interrupted"
+    assert not list((tmp_path / "out").rglob("*_statmap.nii.gz"))

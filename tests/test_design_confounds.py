@@ -149,3 +149,16 @@ def test_run_design_from_files_matches_nilearn(tmp_path: Path, confounds_tsv: Pa
 def test_run_design_rejects_unknown_options() -> None:
     with pytest.raises(DesignError, match=r"unknown design option\(s\) \['hrf_model'\]"):
         make_run_design(10, 2.0, hrf_model="spm")
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf"])
+def test_an_infinite_confound_is_a_design_error_naming_column_and_row(
+    tmp_path: Path, value: str
+) -> None:
+    path = tmp_path / "confounds.tsv"
+    path.write_text("trans_x\trot_x\n" + "".join(f"0.{i}\t0.0{i}\n" for i in range(9)))
+    lines = path.read_text().splitlines()
+    lines[4] = f"0.3\t{value}"  # row 3
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DesignError, match=r"column 'rot_x' is -?inf in row 3"):
+        make_run_design(9, 2.0, confounds=path, drift=None)  # was LinAlgError in the fit

@@ -7,6 +7,7 @@ the two sides.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -171,3 +172,25 @@ def test_condition_names_that_collide_with_derivative_columns() -> None:
     )
     with pytest.raises(DesignError, match="'a_derivative'; rename a trial_type"):
         make_design(TIMES, events, hrf="spm + derivative")
+
+
+def test_an_empty_events_file_is_a_design_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "sub-01_task-a_events.tsv"
+    path.write_text("")  # pandas: EmptyDataError
+    with pytest.raises(DesignError, match=r"events file .*sub-01_task-a_events.tsv is empty"):
+        read_events(path)
+
+
+def test_a_fifo_is_not_called_a_missing_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "no such file"
+    os.mkfifo(fifo)
+    with pytest.raises(DesignError, match=r"is a named pipe \(FIFO\), not a regular file"):
+        read_events(fifo)  # and does not block on the read
+
+
+def test_trial_type_with_a_trailing_space_is_warned(tmp_path: Path) -> None:
+    path = tmp_path / "events.tsv"
+    path.write_text("onset\tduration\ttrial_type\n0\t5\tfaces\n20\t5\tfaces \n")
+    with pytest.warns(BigGLMWarning, match=r"trial_type 'faces ' in row 1 .* apart from 'faces'"):
+        events = read_events(path)
+    assert sorted(set(events["trial_type"])) == ["faces", "faces "]  # kept as written

@@ -50,7 +50,7 @@ def cosine_drift(frame_times: NDArray[np.float64], high_pass: float) -> NDArray[
             f"({0.5 / dt:g} Hz): the cosine drift spans every frequency and saturates "
             "the design; lower high_pass"
         )
-    order = min(n - 1, int(np.floor(2 * n * high_pass * dt)))
+    order = int(min(n - 1, np.floor(2 * n * high_pass * dt)))  # no overflow at 1e308 Hz
     k = np.arange(1, order + 1)[None, :]
     i = np.arange(n)[:, None]
     cosines = np.sqrt(2.0 / n) * np.cos((np.pi / n) * (i + 0.5) * k)

@@ -30,8 +30,9 @@ from numpy.typing import NDArray
 
 from bigglm.design._warnings import warn_caller
 from bigglm.design.hrf import KernelFunction, convolve_regressor, hrf_basis
+from bigglm.design.options import check_grid_samples
 from bigglm.design.orthogonal import orthogonalize_in_order
-from bigglm.exceptions import DesignError
+from bigglm.exceptions import DesignError, not_a_regular_file
 
 __all__ = ["condition_regressors", "oversampled_grid", "read_events"]
 
@@ -50,11 +51,17 @@ def read_table(source: str | Path | pd.DataFrame, kind: str) -> tuple[pd.DataFra
     if isinstance(source, pd.DataFrame):
         return source.copy(), f"{kind} table"
     path = Path(source)
-    if not path.is_file():
-        raise DesignError(f"{kind} file {path} does not exist; check the path")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise DesignError(f"{kind} file {path} {problem}; check the path")
     sep = "," if path.suffix.lower() == ".csv" else "\t"
     try:
         table = pd.read_csv(path, sep=sep, na_values=["n/a"], keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise DesignError(
+            f"{kind} file {path} is empty; expected a header row (e.g. 'onset', 'duration', "
+            "'trial_type' for events) and one row per entry"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DesignError(f"cannot read {kind} file {path}: {err}") from err
     return table, str(path)
@@ -147,7 +154,22 @@ def _trial_types(table: pd.DataFrame, label: str) -> NDArray[np.str_] | str:
             f"{label}: column 'trial_type' is empty in row {int(missing[0])}; "
             "give every event a condition name"
         )
-    return np.asarray(table["trial_type"].astype(str).to_numpy(), dtype=np.str_)
+    names = np.asarray(table["trial_type"].astype(str).to_numpy(), dtype=np.str_)
+    _warn_if_padded(names, label)
+    return names
+
+
+def _warn_if_padded(names: NDArray[np.str_], label: str) -> None:
+    """Warn about trial types with leading or trailing spaces: each is a condition apart."""
+    padded = np.flatnonzero(np.char.strip(names) != names)
+    if padded.size:
+        row = int(padded[0])
+        name = str(names[row])
+        warn_caller(
+            f"{label}: trial_type {name!r} in row {row} has leading or trailing spaces, so "
+            f"it is a condition apart from {name.strip()!r} ({padded.size} rows like it); "
+            "remove the spaces in the file if they are the same condition"
+        )
 
 
 def _merge_duplicates(events: pd.DataFrame, label: str) -> pd.DataFrame:
@@ -186,6 +208,12 @@ def oversampled_grid(
     numpy.ndarray
         The grid times (s).
 
+    Raises
+    ------
+    DesignError
+        If the grid would be longer than
+        :data:`bigglm.design.options.MAX_GRID_SAMPLES`.
+
     Examples
     --------
     >>> oversampled_grid(np.array([0.0, 2.0, 4.0]), 2, -2.0)
@@ -196,6 +224,7 @@ def oversampled_grid(
     end = last * (1 + 1.0 / (n - 1))
     per_tr = (n - 1) * 1.0 / (last - first)
     n_samples = per_tr * ((end - first - min_onset) * oversampling) + 1
+    n_samples = check_grid_samples(n_samples, oversampling)
     return np.linspace(first + min_onset, end, int(np.rint(n_samples)))
 
 

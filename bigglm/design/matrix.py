@@ -15,6 +15,14 @@ from bigglm.design.confounds import FillNA, load_confounds, scrubbing_regressors
 from bigglm.design.diagnostics import dependent_columns
 from bigglm.design.drift import drift_regressors
 from bigglm.design.events import HRFModel, condition_regressors, read_events
+from bigglm.design.options import (
+    check_drift_order,
+    check_fir_delays,
+    check_high_pass,
+    check_min_onset,
+    check_oversampling,
+    check_tr,
+)
 from bigglm.exceptions import DesignError
 
 __all__ = ["frame_times", "make_design", "make_run_design"]
@@ -42,15 +50,17 @@ def frame_times(n_scans: int, tr: float, slice_time_ref: float = 0.0) -> NDArray
     Raises
     ------
     DesignError
-        If ``n_scans < 2``, ``tr <= 0`` or ``slice_time_ref`` is outside [0, 1].
+        If ``n_scans < 2``, ``tr`` is not in (0, 100] s (see
+        :func:`bigglm.design.options.check_tr`) or ``slice_time_ref`` is outside [0, 1].
 
     Examples
     --------
     >>> frame_times(4, 2.0, slice_time_ref=0.5)
     array([1., 3., 5., 7.])
     """
-    if n_scans < 2 or not tr > 0:
-        raise DesignError(f"need n_scans >= 2 and tr > 0, got n_scans={n_scans}, tr={tr}")
+    if n_scans < 2:
+        raise DesignError(f"need n_scans >= 2, got n_scans={n_scans}")
+    tr = check_tr(tr)
     if not 0.0 <= slice_time_ref <= 1.0:
         raise DesignError(f"slice_time_ref must be in [0, 1], got {slice_time_ref}")
     start = slice_time_ref * tr
@@ -94,6 +104,14 @@ def _confound_block(confounds: ArrayLike | pd.DataFrame, n_scans: int) -> pd.Dat
         raise DesignError(
             f"confounds column {table.columns[col]!r} is missing a value in row {row}; "
             "fill it (bigglm.design.load_confounds fills fMRIPrep's leading n/a)"
+        )
+    values = table.to_numpy()
+    infinite = ~np.isfinite(values)
+    if infinite.any():
+        row, col = (int(v[0]) for v in np.nonzero(infinite))
+        raise DesignError(
+            f"confounds column {table.columns[col]!r} is {values[row, col]} in row {row}; "
+            "regressors must be finite numbers; fix or drop the column"
         )
     return table.reset_index(drop=True)
 
@@ -158,7 +176,9 @@ def make_design(
     Raises
     ------
     DesignError
-        For bad frame times, events or confounds, or duplicated column names.
+        For bad frame times, events, confounds or options (out of the ranges of
+        :mod:`bigglm.design.options`), duplicated column names, or at least as many
+        columns as frames.
 
     Examples
     --------
@@ -169,6 +189,10 @@ def make_design(
     ['a', 'b', 'drift_1', 'drift_2', 'constant']
     """
     times = _check_frame_times(frame_times)
+    cosine = isinstance(drift, str) and drift.lower() == "cosine"
+    dt = (times[-1] - times[0]) / (times.size - 1)
+    high_pass = check_high_pass(high_pass, float(dt) if cosine else None)
+    drift_order = check_drift_order(drift_order, times.size)
     blocks = []
     if events is not None:
         blocks.append(
@@ -176,9 +200,9 @@ def make_design(
                 read_events(events),
                 times,
                 hrf=hrf,
-                oversampling=oversampling,
-                fir_delays=fir_delays,
-                min_onset=min_onset,
+                oversampling=check_oversampling(oversampling),
+                fir_delays=check_fir_delays(fir_delays, times.size),
+                min_onset=check_min_onset(min_onset),
             ).reset_index(drop=True)
         )
     if confounds is not None:
@@ -196,8 +220,20 @@ def make_design(
             "('constant' and 'drift_*' are reserved)"
         )
     design.index = pd.Index(times)
+    _check_columns_fit(design)
     _warn_if_rank_deficient(design)
     return design.astype(np.float64)
+
+
+def _check_columns_fit(design: pd.DataFrame) -> None:
+    """Refuse a design with at least as many columns as frames: no residual is left."""
+    n_scans, n_columns = design.shape
+    if n_columns >= n_scans:
+        raise DesignError(
+            f"the design has {n_columns} regressors but only {n_scans} scans, so nothing is "
+            "left to estimate the noise; use fewer regressors (a lower high_pass or "
+            "drift_order, fewer confounds or FIR delays)"
+        )
 
 
 def _warn_if_rank_deficient(design: pd.DataFrame) -> None:

@@ -11,7 +11,6 @@ same key).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from operator import getitem
@@ -29,6 +28,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from bigglm.exceptions import DesignError
 from bigglm.glm.finish import STATUS_FLAGS, finish_block
+from bigglm.glm.noise import check_fit_size, noise_order
 from bigglm.glm.result import GLMResult
 from bigglm.glm.stats import DesignTerms, chunk_statistics, combine
 from bigglm.typing import NoiseModel
@@ -93,7 +93,10 @@ def fit(
     >>> result.beta.sel(regressor="task").round(1).values
     array([1.9, 1.3, 2.6])
     """
-    order = _noise_order(noise)
+    try:
+        order = noise_order(noise)
+    except DesignError as err:
+        raise DesignError(f"noise={noise!r} is not understood: {err}") from None
     if split_every < 2:
         raise ValueError(f"split_every must be at least 2, got {split_every}")
     run_list = _as_list(runs, (str, PathLike, xr.Dataset))
@@ -111,16 +114,6 @@ def fit(
         for index, (ds, frame) in enumerate(zip(datasets, frames, strict=True))
     ]
     return GLMResult([b[0] for b in built], [b[1] for b in built], client=client, like=run_list)
-
-
-def _noise_order(noise: str) -> int:
-    """0 for "ols", p for "arp"; DesignError otherwise."""
-    match = re.fullmatch(r"ar([1-9][0-9]*)", noise)
-    if noise == "ols":
-        return 0
-    if match is None:
-        raise DesignError(f"noise={noise!r} is not understood; use 'ols' or 'ar1', 'ar2', ...")
-    return int(match.group(1))
 
 
 def _as_list(value: Any, single: tuple[type, ...]) -> list[Any]:
@@ -203,11 +196,7 @@ def _check(ds: xr.Dataset, frame: pd.DataFrame, order: int, index: int) -> None:
             f"design {index} has {frame.shape[0]} rows but run {index} has {n_scans} "
             "volumes; build the design from the run's frame times"
         )
-    if n_scans <= frame.shape[1] + 2 * order:
-        raise DesignError(
-            f"run {index} has {n_scans} volumes, too few for {frame.shape[1]} regressors "
-            f"and AR({order}) noise"
-        )
+    check_fit_size(n_scans, frame.shape[1], order, f"run {index}")
 
 
 def _time_chunks(bold: xr.DataArray, order: int) -> xr.DataArray:

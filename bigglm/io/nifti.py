@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 from isal import igzip
 
-from bigglm.exceptions import StoreError
+from bigglm.exceptions import StoreError, not_a_regular_file
 
 __all__ = [
     "SourceFile",
@@ -134,8 +134,11 @@ def _load_header(path: Path) -> nib.Nifti1Image:
     """Open ``path`` with nibabel (header only) or raise a StoreError naming it."""
     if path.is_dir():
         raise StoreError(f"{path}: is a folder, not a NIfTI file; give the .nii/.nii.gz inside")
-    if not path.is_file():
+    problem = not_a_regular_file(path)
+    if problem == "does not exist":
         raise StoreError(f"{path}: no such file; check the path")
+    if problem:
+        raise StoreError(f"{path}: {problem}; give a .nii/.nii.gz file")
     if not os.access(path, os.R_OK):
         raise StoreError(f"{path}: file is not readable; check its permissions")
     try:

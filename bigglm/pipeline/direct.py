@@ -159,7 +159,7 @@ def fit_stores(
     bigglm.exceptions.ConfigError: --contrast 'a': write NAME=EXPRESSION, ...
     """
     from bigglm.cluster import client_from_profile
-    from bigglm.config import ClusterConfig, ModelConfig
+    from bigglm.config import ClusterConfig, ModelConfig, parse_section
     from bigglm.design import make_run_design
     from bigglm.glm import fit
     from bigglm.glm.result import contrast_maps
@@ -168,12 +168,8 @@ def fit_stores(
     named = parse_contrast_options(contrasts)
     if residuals not in (None, "raw", "whitened"):
         raise ConfigError(f"--residuals {residuals!r}: use 'raw' or 'whitened'")
-    try:
-        model = ModelConfig.model_validate(
-            {"noise": noise, "hrf": hrf, "drift": None if drift == "none" else drift}
-        )
-    except ValueError as err:
-        raise ConfigError(str(err).splitlines()[-1].strip()) from None
+    options = {"noise": noise, "hrf": hrf, "drift": None if drift == "none" else drift}
+    model = parse_section(ModelConfig, {**options, "high_pass": high_pass})
     runs = [open_run(s) for s in stores]
     event_files = _per_store(events, len(runs), "--events")
     confound_files = _per_store(confounds, len(runs), "--confounds")
@@ -187,7 +183,7 @@ def fit_stores(
             slice_time_ref=slice_time_ref,
             hrf=model.hrf,
             drift=model.drift,
-            high_pass=high_pass,
+            high_pass=model.high_pass,
         )
         for ds, ev, cf in zip(runs, event_files, confound_files, strict=True)
     ]

@@ -20,7 +20,9 @@ import pandas as pd
 
 from bigglm.bids import Run, find_runs, parse_entities
 from bigglm.config import AnalysisConfig, RunInput
-from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError
+from bigglm.design.options import check_tr
+from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, not_a_regular_file
+from bigglm.glm.noise import check_fit_size, noise_order
 
 __all__ = [
     "STATE",
@@ -183,6 +185,7 @@ def plan(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> list[
     ...
     bigglm.exceptions.ConfigError: inputs: /nope/bold.nii.gz does not exist; check the path
     """
+    _check_output_folders(config)
     runs = discover(config, subjects)
     names = [r.name for r in runs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -226,6 +229,20 @@ def _check_confounds(config: AnalysisConfig, runs: list[Run]) -> None:
     )
 
 
+def _check_output_folders(config: AnalysisConfig) -> None:
+    """Refuse an outputs or store folder that is, or is inside, something not a folder."""
+    for key, folder in (
+        ("outputs.folder", config.outputs.folder),
+        ("store.folder", config.store_folder),
+    ):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(
+                f"{key}: {existing} exists and is not a folder; choose another path "
+                "or move the file"
+            )
+
+
 def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
     planned = [_plan_run(config, r) for r in runs]
     first = planned[0]
@@ -237,7 +254,7 @@ def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
                 "resampled to one grid"
             )
     masks = [p.run.mask for p in planned]
-    for m in {m for m in masks if m is not None}:
+    for m in sorted({m for m in masks if m is not None}):
         _check_mask(m, first)
     _check_contrasts(config, planned)
     unit_mask = masks[0] if len(set(masks)) == 1 else None
@@ -246,8 +263,9 @@ def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
 
 def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
     for path in (run.bold, run.events, run.confounds):
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"inputs: {path} does not exist; check the path")
+        problem = None if path is None else not_a_regular_file(path)
+        if problem:
+            raise ConfigError(f"inputs: {path} {problem}; check the path")
     shape, affine, n_scans, header_tr = _bold_header(run.bold)
     tr = run.tr if run.tr is not None else header_tr
     if tr is None:
@@ -255,6 +273,12 @@ def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
             f"inputs: no TR for {run.bold.name} (no sidecar RepetitionTime, header pixdim[4] "
             "is 0); give 'tr' for this run"
         )
+    try:
+        tr = check_tr(tr)
+    except DesignError as err:
+        raise ConfigError(
+            f"inputs: {run.bold.name}: {err}; check the sidecar's RepetitionTime or the run's 'tr'"
+        ) from None
     if header_tr is not None and run.tr is not None and abs(header_tr - run.tr) > 1e-3 * run.tr:
         logger.warning(
             "%s: header TR %.4g s differs from the sidecar/config TR %.4g s; using %.4g s",
@@ -265,6 +289,11 @@ def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
         )
     ref = _slice_time_ref(config, run, tr)
     design = _design(config, run, n_scans, tr, ref)
+    order = noise_order(config.model.noise)
+    try:
+        check_fit_size(n_scans, design.shape[1], order, run.name)
+    except DesignError as err:
+        raise ConfigError(f"model: {err}") from None
     store = config.store_folder / f"{run.name}_bold.zarr"
     return RunPlan(run, float(tr), n_scans, shape, affine, ref, store, design)
 
@@ -318,13 +347,22 @@ def _design(config: AnalysisConfig, run: Run, n_scans: int, tr: float, ref: floa
 
 
 def _check_mask(mask: Path, run: RunPlan) -> None:
-    if not mask.is_file():
-        raise ConfigError(f"inputs: mask {mask} does not exist; check the path")
-    img: Any = nib.load(mask)
+    problem = not_a_regular_file(mask)
+    if problem:
+        raise ConfigError(f"inputs: mask {mask} {problem}; check the path")
+    try:
+        img: Any = nib.load(mask)
+    except Exception as err:  # nibabel raises many kinds for a bad file
+        raise ConfigError(f"inputs: cannot read mask {mask} as NIfTI ({err})") from None
     if tuple(img.shape[:3]) != run.shape:
         raise ConfigError(
             f"inputs: mask {mask.name} has shape {tuple(img.shape)} but {run.run.bold.name} "
             f"has volumes of shape {run.shape}; use a mask on the bold grid"
+        )
+    if not np.allclose(img.affine, run.affine, atol=1e-4):
+        raise ConfigError(
+            f"inputs: mask {mask.name} has another affine than {run.run.bold.name} (another "
+            "position or voxel size on the same shape); use a mask on the bold grid"
         )
 
 
