@@ -170,7 +170,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bigglm.pipeline import run_analysis
     from bigglm.report import format_summary
 
-    outcomes = run_analysis(config, subjects=args.subject, progress=_progress_factory(args))
+    outcomes = run_analysis(
+        config,
+        subjects=args.subject,
+        progress=_progress_factory(args),
+        overwrite=args.overwrite,
+    )
     print(format_summary(outcomes))
     return 0
 
@@ -188,6 +193,12 @@ def _add_run(sub: SubParsers) -> None:
         "--profile",
         choices=["local"],
         help="override the config's cluster profile (array tasks compute locally)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of another analysis in outputs.folder (a rerun of the "
+        "same config resumes without it; files bigglm did not write are never replaced)",
     )
     parser.set_defaults(func=_cmd_run)
 

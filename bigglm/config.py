@@ -32,6 +32,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -354,6 +355,13 @@ class AnalysisConfig(_Section):
     outputs: OutputsConfig
     store: StoreConfig = Field(default_factory=StoreConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    #: The YAML file it was read from (:func:`load_config`); None when built in Python.
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file this configuration was read from, or None."""
+        return self._source
 
     @field_validator("contrasts")
     @classmethod
@@ -576,9 +584,11 @@ def load_config(path: str | Path) -> AnalysisConfig:
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
     try:
-        return parse_config(data if data is not None else {}, base=path.parent.resolve())
+        config = parse_config(data if data is not None else {}, base=path.parent.resolve())
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+    config._source = path.resolve()
+    return config
 
 
 # --- turning pydantic's errors into messages with the fix ------------------------------------

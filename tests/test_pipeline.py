@@ -605,3 +605,56 @@ def test_a_file_bigglm_did_not_write_at_an_output_path_is_refused(
     with pytest.raises(StoreError, match="is a file not written by bigglm; refusing"):
         run_analysis(config, client=local_client)
     assert z_map.read_bytes() == mine
+
+
+def test_outputs_of_another_analysis_are_replaced_only_with_overwrite(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """Two configs, one outputs folder: the second is refused (its maps would replace the
+    first's under the same names) until it is told to take the folder over."""
+    from bigglm.config import load_config
+
+    out = tmp_path / "out"
+    first = _write_yaml(
+        tmp_path / "a.yaml", tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids))
+    )
+    other = tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids), contrasts={"a": "b"})
+    second = _write_yaml(tmp_path / "b.yaml", other)
+    run_analysis(load_config(first), client=local_client)
+    z_map = map_path(load_config(first), "sub-01_task-tiny", "a", "z")
+    before = z_map.read_bytes()
+    run_analysis(load_config(first), client=local_client)  # the same analysis resumes
+    with pytest.raises(
+        StoreError, match=r"holds the outputs of another analysis \(config .*a\.yaml"
+    ):
+        run_analysis(load_config(second), client=local_client)
+    assert z_map.read_bytes() == before
+    done = _cli("run", str(second))
+    _, stderr = done.communicate(timeout=120)
+    assert done.returncode == 2 and len(stderr.strip().splitlines()) == 1
+    assert z_map.read_bytes() == before
+    run_analysis(load_config(second), client=local_client, overwrite=True)
+    assert z_map.read_bytes() != before  # contrast 'a' is now b's map, as asked
+    with pytest.raises(StoreError, match="another analysis"):  # b owns the folder now
+        run_analysis(load_config(first), client=local_client)
+
+
+def test_unit_folders_with_bigglm_outputs_but_no_record_are_another_analysis(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """A folder whose bigglm maps came from elsewhere (copied, `bigglm fit`) has no owner
+    record: its maps are not replaced unasked."""
+    import shutil
+
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    run_analysis(config, client=local_client)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "out" / "sub-01", copy / "sub-01")
+    moved = parse_config(tiny_config(tiny_bids, copy, inputs=_one_subject(tiny_bids)))
+    z_map = map_path(moved, "sub-01_task-tiny", "a", "z")
+    before = z_map.read_bytes()
+    with pytest.raises(StoreError, match="holds outputs of another analysis"):
+        run_analysis(moved, client=local_client)
+    assert z_map.read_bytes() == before
+    run_analysis(moved, client=local_client, overwrite=True)
+    assert (copy / STATE / "analysis.json").is_file()

@@ -1,17 +1,24 @@
-"""One lock file per unit, so two runs never write the same outputs at once."""
+"""Who may write an outputs folder: one analysis owns it, one run writes a unit at a time."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bigglm.exceptions import StoreError
 from bigglm.io.locks import Busy, exclusive
 from bigglm.pipeline.plan import STATE
 
-__all__ = ["lock_units"]
+__all__ = ["analysis_identity", "claim_outputs", "lock_units"]
+
+#: The record, in the state folder, of the analysis that owns an outputs folder.
+OWNER = "analysis.json"
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +79,108 @@ def _lock_file(path: Path, outputs: Path, unit: str) -> Iterator[None]:
             f"{holder.get('since')}); wait for it to finish or use another "
             "outputs.folder"
         ) from None
+
+
+def analysis_identity(config: Any) -> str:
+    """What makes two runs the same analysis: the YAML file it was read from.
+
+    A configuration built in Python (no file) is identified by its ``inputs`` section, so
+    a rerun with other model options or contrasts is the same analysis, and one over
+    other data is another.
+
+    Examples
+    --------
+    >>> from bigglm.config import parse_config
+    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "/b.nii"}]}, "outputs": {"folder": "/o"}})
+    >>> analysis_identity(cfg).startswith("inputs sha256:")
+    True
+    """
+    if getattr(config, "source", None) is not None:
+        return f"config {config.source}"
+    inputs = json.dumps(config.inputs.model_dump(mode="json"), sort_keys=True)
+    return f"inputs sha256:{hashlib.sha256(inputs.encode()).hexdigest()}"
+
+
+def claim_outputs(
+    outputs: str | Path, identity: str, folders: Sequence[Path], *, overwrite: bool
+) -> None:
+    """Make ``outputs`` this analysis's folder, refusing one that holds another's outputs.
+
+    The owner is recorded in ``<outputs>/.bigglm/analysis.json`` on the first run. A later
+    run of the same analysis (same ``identity``) resumes there; a run of another analysis
+    is refused unless ``overwrite``, and then owns the folder. A folder without that
+    record but with the state of an earlier bigglm version is adopted; one without any
+    state whose unit folders (``folders``) already hold bigglm outputs (copied there, or
+    written by ``bigglm fit``) holds another analysis's outputs.
+
+    Parameters
+    ----------
+    outputs : str or Path
+        The analysis output folder.
+    identity : str
+        :func:`analysis_identity` of the configuration.
+    folders : sequence of Path
+        The unit folders this run writes in.
+    overwrite : bool
+        Take the folder over from another analysis (its outputs are replaced as this
+        analysis writes its own; files bigglm did not write are still never replaced).
+
+    Raises
+    ------
+    StoreError
+        If the folder belongs to another analysis and ``overwrite`` is False.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> claim_outputs(out, "config /a.yaml", [], overwrite=False)
+    >>> claim_outputs(out, "config /b.yaml", [], overwrite=False)
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.StoreError: ...holds the outputs of another analysis (config /a.yaml...
+    """
+    outputs = Path(outputs)
+    state = outputs / STATE
+    state.mkdir(parents=True, exist_ok=True)
+    record = state / OWNER
+    with exclusive(state / f"{OWNER}.lock"):
+        owner = _read_owner(record)
+        if owner is None and not overwrite:
+            _refuse_unowned_outputs(outputs, folders)
+        elif owner is not None and owner.get("analysis") != identity and not overwrite:
+            raise StoreError(
+                f"{outputs}: holds the outputs of another analysis ({owner.get('analysis')}, "
+                f"since {owner.get('since')}); choose another outputs folder, or pass "
+                "overwrite=True (--overwrite) to replace its outputs with this analysis's"
+            )
+        if owner is None or owner.get("analysis") != identity:
+            from bigglm.report.provenance import write_json_atomic
+
+            since = datetime.now(UTC).isoformat(timespec="seconds")
+            write_json_atomic(record, {"analysis": identity, "since": since})
+
+
+def _read_owner(record: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _refuse_unowned_outputs(outputs: Path, folders: Sequence[Path]) -> None:
+    """No owner recorded: adopt a folder with an earlier version's state (its step
+    records), refuse one whose unit folders hold bigglm outputs without any state."""
+    from bigglm.io.artefacts import kind_of
+
+    if (outputs / STATE / "steps").is_dir():
+        return
+    for folder in folders:
+        found = [p for p in folder.iterdir() if kind_of(p)] if folder.is_dir() else []
+        if found:
+            raise StoreError(
+                f"{outputs}: {found[0]} holds outputs of another analysis (this folder has "
+                "no record of the analysis that wrote them); choose another outputs folder, "
+                "or pass overwrite=True (--overwrite) to replace them"
+            )

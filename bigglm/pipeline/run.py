@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bigglm.config import AnalysisConfig
-from bigglm.pipeline.lock import lock_units
+from bigglm.pipeline.lock import analysis_identity, claim_outputs, lock_units
 from bigglm.pipeline.plan import STATE, RunPlan, UnitPlan, plan
 from bigglm.pipeline.steps import (
     Checksums,
@@ -43,6 +43,7 @@ def run_analysis(
     subjects: Sequence[str] | None = None,
     client: Any = None,
     progress: ProgressFactory | None = None,
+    overwrite: bool = False,
 ) -> list[UnitOutcome]:
     """Run a first-level analysis end to end, resuming whatever an earlier run finished.
 
@@ -57,6 +58,11 @@ def run_analysis(
     progress : callable, optional
         ``progress(description)`` returns a context manager yielding a ``(done, total)``
         callback (the CLI draws a bar with it).
+    overwrite : bool
+        Take over an outputs folder that holds another analysis's outputs (see
+        :func:`bigglm.pipeline.lock.claim_outputs`). A rerun of the same analysis (the
+        same YAML file; for a configuration built in Python, the same ``inputs``) resumes
+        without it. Files bigglm did not write are never replaced.
 
     Returns
     -------
@@ -68,7 +74,8 @@ def run_analysis(
     ConfigError, DesignError
         From :func:`plan`, before any long work starts.
     StoreError
-        If another run holds the outputs' lock, or a store cannot be written.
+        If another run holds the outputs' lock, the outputs folder belongs to another
+        analysis (and ``overwrite`` is False), or a store cannot be written.
 
     Examples
     --------
@@ -86,6 +93,9 @@ def run_analysis(
     factory: ProgressFactory = progress or (lambda description: nullcontext(_no_progress))
     records = {u.name: StepRecords(outputs, u.name) for u in units}
     sums = Checksums(outputs / STATE / "checksums")
+    claim_outputs(
+        outputs, analysis_identity(config), [u.folder for u in units], overwrite=overwrite
+    )
     with lock_units(outputs, [u.name for u in units]), _client(config, client) as active:
         masks = {u.name: _prepare(u, config) for u in units}
         _convert_up_front(units, masks, config, records, sums, active, factory)
