@@ -8,6 +8,8 @@ the fill value (all NaN) too, so a chunk file that is not there is damage, not N
 - :func:`check_chunks`: raise if a chunk file of an array is missing (a listing of the
   array's folder; no chunk is read); :func:`bigglm.open_run` and
   :func:`bigglm.io.verify_store` call it.
+- :func:`checksummed_encoding`: the same checksum on every variable of a Dataset written
+  by xarray (GLM result stores, :meth:`bigglm.GLMResult.to_zarr`).
 - :class:`ChunkReader`: the ``getitem`` of the dask arrays over a store. A chunk that does
   not decode (checksum mismatch, decompression error) or whose file has gone since the
   store was opened is one :class:`~bigglm.exceptions.StoreError` naming the store and the
@@ -23,19 +25,33 @@ import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from bigglm.exceptions import StoreError
 
-__all__ = ["CHECKSUM", "ChunkReader", "check_chunks", "checksummed", "chunk_key", "damaged"]
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = [
+    "CHECKSUM",
+    "ChunkReader",
+    "check_chunks",
+    "checksummed",
+    "checksummed_encoding",
+    "chunk_key",
+    "damaged",
+]
 
 #: The codec appended to every array's compressors: CRC32C of each encoded chunk.
 CHECKSUM = Crc32cCodec()
+
+#: Compressor of the variables xarray writes when none is set: Zarr 3.1's default.
+_DEFAULT_COMPRESSOR = ZstdCodec(level=0)
 
 #: How to repair a damaged store (the end of every message about one).
 _FIX = "write the store again (bigglm.convert with overwrite=True)"
@@ -51,6 +67,26 @@ def checksummed(array: zarr.Array) -> bool:
     (True, False)
     """
     return any(isinstance(codec, Crc32cCodec) for codec in array.compressors)
+
+
+def checksummed_encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """``to_zarr`` encoding giving every variable its compressor, then :data:`CHECKSUM`.
+
+    A variable keeps the compressors it has (e.g. as read from a store); without any it
+    gets Zarr's default, Zstandard level 0.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> checksummed_encoding(xr.Dataset({"beta": ("voxel", np.zeros(3))}))["beta"]
+    {'compressors': (ZstdCodec(level=0, checksum=False), Crc32cCodec())}
+    """
+    encoding = {}
+    for name, variable in ds.variables.items():
+        given = tuple(variable.encoding.get("compressors") or (_DEFAULT_COMPRESSOR,))
+        kept = tuple(c for c in given if not isinstance(c, Crc32cCodec))
+        encoding[str(name)] = {"compressors": (*kept, CHECKSUM)}
+    return encoding
 
 
 def chunk_key(array: zarr.Array, coords: tuple[int, ...]) -> str:
