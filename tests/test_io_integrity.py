@@ -154,7 +154,9 @@ def test_fit_command_on_a_damaged_store_is_one_line(store: Path, tmp_path: Path)
     # above it: the CLI's progress log, and distributed's own log of the failed task
     errors = [line for line in done.stderr.splitlines() if line.startswith("bigglm fit: error:")]
     assert errors == [done.stderr.strip().splitlines()[-1]], done.stderr
-    assert "chunk bold/c/1/1 is damaged (checksum mismatch)" in errors[0] and str(store) in errors[0]
+    assert (
+        "chunk bold/c/1/1 is damaged (checksum mismatch)" in errors[0] and str(store) in errors[0]
+    )
 
 
 def _old_store(path: Path, data: np.ndarray) -> Path:

@@ -106,8 +106,8 @@ def damaged(store: str, key: str, reason: str) -> StoreError:
 
     Examples
     --------
-    >>> damaged("sub-01.zarr", "bold/c/1/3", "checksum mismatch")
-    StoreError('sub-01.zarr: chunk bold/c/1/3 is damaged (checksum mismatch); write the store again (bigglm.convert with overwrite=True)')
+    >>> print(damaged("sub-01.zarr", "bold/c/1/3", "checksum mismatch"))
+    sub-01.zarr: chunk bold/c/1/3 is damaged (checksum mismatch); write the store again ...
     """
     return StoreError(f"{store}: chunk {key} is damaged ({reason}); {_FIX}")
 
@@ -121,7 +121,7 @@ def _local_folder(array: zarr.Array) -> Path | None:
 
 def _stored_files(folder: Path) -> set[str]:
     """The paths of the files under ``folder``, relative to it, with ``/`` separators."""
-    found = set()
+    found: set[str] = set()
     for top, _, files in os.walk(folder):
         prefix = os.path.relpath(top, folder).replace(os.sep, "/")
         found.update(name if prefix == "." else f"{prefix}/{name}" for name in files)

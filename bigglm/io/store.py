@@ -301,8 +301,8 @@ class StoreWriter:
         A row of whole chunks (``start`` on a chunk boundary, ``n`` the time chunk or the
         rest of the series) is encoded here and each chunk's bytes written to its file,
         exactly as Zarr would write them (same codecs and checksum, NaN padding at the
-        edges, all-NaN chunks written too), without Zarr's per-chunk copies and event loop: about half
-        the CPU of ``bold[...] = rows``. Anything else goes through Zarr.
+        edges, all-NaN chunks written too), without Zarr's per-chunk copies and event
+        loop: about half the CPU of ``bold[...] = rows``. Anything else goes through Zarr.
         """
         if not self._write_chunk_row(start, rows):
             self.bold[start : start + rows.shape[0], :] = rows
@@ -317,13 +317,16 @@ class StoreWriter:
         time_chunk, voxel_chunk = self.bold.chunks
         n = rows.shape[0]
         whole = start % time_chunk == 0 and (n == time_chunk or start + n == n_volumes)
-        if self._encoder is None or not whole or rows.shape[1] != n_voxels or n == 0:
+        encoder = self._encoder
+        if encoder is None or not whole or rows.shape[1] != n_voxels or n == 0:
             return False
         firsts = list(range(0, n_voxels, voxel_chunk))
         workers = min(ENCODE_THREADS, len(firsts))
         while len(self._tiles) < workers:
             self._tiles.append(np.empty((time_chunk, voxel_chunk), dtype=np.float32))
-        jobs = [(self._tiles[w], list(enumerate(firsts))[w::workers]) for w in range(workers)]
+        jobs = [
+            (encoder, self._tiles[w], list(enumerate(firsts))[w::workers]) for w in range(workers)
+        ]
         if workers == 1:
             self._encode_chunks(start // time_chunk, rows, *jobs[0])
             return True
@@ -334,7 +337,12 @@ class StoreWriter:
         return True
 
     def _encode_chunks(
-        self, row: int, rows: np.ndarray, tile: np.ndarray, chunks: list[tuple[int, int]]
+        self,
+        row: int,
+        rows: np.ndarray,
+        encoder: _ChunkEncoder,
+        tile: np.ndarray,
+        chunks: list[tuple[int, int]],
     ) -> None:
         """Encode and write the chunks ``(index, first column)`` of chunk row ``row``."""
         n = rows.shape[0]
@@ -346,7 +354,7 @@ class StoreWriter:
             key = self._bold_dir / self.bold.metadata.encode_chunk_key((row, index))
             key.parent.mkdir(parents=True, exist_ok=True)
             with open(key, "wb") as out:
-                out.write(self._encoder.encode(tile))
+                out.write(encoder.encode(tile))
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
         """Write the metadata, then the completion flag (last)."""
@@ -555,7 +563,7 @@ def verify_store(store: str | os.PathLike[str] | Any, *, full: bool = False) -> 
     ...     verify_store(tmp)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    bigglm.exceptions.StoreError: ...: chunk bold/c/1/0 is missing (1 of the 2 chunks of 'bold' are missing); ...
+    bigglm.exceptions.StoreError: ...: chunk bold/c/1/0 is missing (1 of the 2 chunks ...
     """
     _, name, arrays = _structure(store)
     if not full:
