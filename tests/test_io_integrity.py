@@ -103,6 +103,16 @@ def test_a_deleted_chunk_is_refused_at_open(store: Path) -> None:
         verify_store(store)
 
 
+def test_a_deleted_chunk_in_a_store_given_as_an_object_is_refused(store: Path) -> None:
+    """Not a local directory to list: Zarr's count of stored chunks tells."""
+    from zarr.storage import LocalStore, WrapperStore
+
+    (store / "bold/c/2/0").unlink()
+    wrapped = WrapperStore(LocalStore(store, read_only=True))
+    with pytest.raises(StoreError, match=r"1 of the 9 chunks of 'bold' are missing"):
+        bigglm.open_run(wrapped)
+
+
 def test_a_chunk_deleted_after_opening_fails_the_read(store: Path) -> None:
     ds = bigglm.open_run(store)
     (store / "bold/c/0/1").unlink()
