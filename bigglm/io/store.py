@@ -447,7 +447,8 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     """Open a converted run lazily as an xarray Dataset.
 
     No voxel data are read: ``bold`` is a dask array over the store's chunks (workers read
-    the chunks themselves when the graph runs); ``mask`` is lazy too. The small coordinate
+    the chunks themselves when the graph runs, through
+    :class:`~bigglm.io.integrity.ChunkReader`); ``mask`` is lazy too. The small coordinate
     arrays (``time``, ``i``, ``j``, ``k``) are read.
 
     Parameters
@@ -465,7 +466,9 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     Raises
     ------
     StoreError
-        If the path is not a bigglm store or the store is incomplete.
+        If the path is not a bigglm store, the store is incomplete, or a chunk file is
+        missing (a listing, no chunk read). Reading a chunk that fails its checksum or
+        does not decode raises one too, naming the chunk (in the dask task).
 
     Examples
     --------
