@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import google_crc32c
 import numpy as np
 import xarray as xr
 import zarr
@@ -372,8 +373,6 @@ class _ChunkEncoder:
         data = bytes(self.blosc.encode(tile))
         if not self.checksum:
             return data
-        import google_crc32c
-
         return data + struct.pack("<I", google_crc32c.value(data))
 
 
