@@ -160,10 +160,11 @@ def test_fit_command_on_a_damaged_store_is_one_line(store: Path, tmp_path: Path)
         capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
-    assert "Traceback (most recent call last)" not in done.stderr
-    # above it: the CLI's progress log, and distributed's own log of the failed task
+    assert "bigglm/cli.py" not in done.stderr  # the error is not a traceback of ours
+    # above it: the CLI's progress log, and distributed's own logs of the failed task (and
+    # at times of a worker's heartbeat failing while the local cluster shuts down)
     errors = [line for line in done.stderr.splitlines() if line.startswith("bigglm fit: error:")]
-    assert errors == [done.stderr.strip().splitlines()[-1]], done.stderr
+    assert len(errors) == 1, done.stderr
     assert (
         "chunk bold/c/1/1 is damaged (checksum mismatch)" in errors[0] and str(store) in errors[0]
     )
