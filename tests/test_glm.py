@@ -258,6 +258,30 @@ def test_the_same_run_given_twice_is_refused(tmp_path: Path) -> None:
     bigglm.fit([ds, other], [design, design])  # two distinct in-memory runs are fine
 
 
+def test_result_store_chunks_carry_checksums(tmp_path: Path) -> None:
+    import zarr
+    from zarr.codecs import Crc32cCodec
+
+    design, y = make_data()
+    result = bigglm.fit(xr.Dataset({"bold": (("time", "voxel"), y)}), design, noise="ar1")
+    path = result.to_zarr(tmp_path / "fit.zarr")
+    root = zarr.open_group(path, mode="r")
+    names = list(root.array_keys())
+    assert "beta" in names
+    for name in names:
+        assert isinstance(root[name].compressors[-1], Crc32cCodec), name  # type: ignore[union-attr]
+    # written again from what was read: still one checksum, last
+    again = bigglm.GLMResult.from_zarr(path).to_zarr(tmp_path / "again.zarr")
+    compressors = zarr.open_group(again, mode="r")["beta"].compressors  # type: ignore[union-attr]
+    assert [type(c) for c in compressors].count(Crc32cCodec) == 1
+    beta = next(p for p in sorted((path / "beta").rglob("*")) if p.is_file())
+    data = bytearray(beta.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    beta.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"fit\.zarr: a chunk of the result store is damaged"):
+        bigglm.GLMResult.from_zarr(path)
+
+
 def test_incomplete_result_store_is_refused(tmp_path: Path) -> None:
     xr.Dataset({"beta": ("voxel", np.ones(3))}).to_zarr(tmp_path / "half.zarr", consolidated=False)
     with pytest.raises(StoreError, match="not a complete bigglm result"):

@@ -85,7 +85,8 @@ def test_direct_chunk_writes_equal_zarr_writes(
     """StoreWriter encodes whole chunk rows itself: the chunk files are Zarr's, byte for byte.
 
     Covers chunks overhanging the array in time and in voxels (NaN padding), a chunk all
-    NaN (not stored, as Zarr does), and a write not on chunk boundaries (left to Zarr).
+    NaN (stored, as Zarr does with ``write_empty_chunks``: a missing chunk is damage), and
+    a write not on chunk boundaries (left to Zarr).
     """
     import zarr
 
@@ -102,17 +103,18 @@ def test_direct_chunk_writes_equal_zarr_writes(
         direct.write(start, data[start : start + chunks[0]])
     assert direct._encoder is not None
     plain = zarr.open_group(tmp_path / "plain", mode="w-", zarr_format=3)
-    plain.create_array(
+    zarrs = plain.create_array(  # this array object: the config is not stored with it
         "bold",
         shape=data.shape,
         chunks=chunks,
         dtype="float32",
         compressors=direct.bold.compressors,
         fill_value=np.nan,
+        config={"write_empty_chunks": True},
     )
-    plain["bold"][...] = data
+    zarrs[...] = data
     assert _chunk_files(tmp_path / "direct") == _chunk_files(tmp_path / "plain")
-    assert "bold/c/0/0" not in _chunk_files(tmp_path / "direct")
+    assert "bold/c/0/0" in _chunk_files(tmp_path / "direct")  # the all-NaN chunk
     np.testing.assert_array_equal(direct.bold[...], data)
     # off the chunk grid: Zarr's read-modify-write, same values
     direct.write(1, data[1:3] + 1)

@@ -486,6 +486,25 @@ def test_a_store_converted_beforehand_from_the_same_file_is_reused(
     assert outcome.steps["fit"]["status"] == "ran"
 
 
+def test_a_store_with_a_missing_chunk_is_converted_again(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """The source's checksum still matches, but the store is damaged: not reused."""
+    from bigglm.io import verify_store
+
+    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    run_analysis(config, client=local_client)
+    store = tmp_path / "out" / "stores" / "sub-01_task-tiny_bold.zarr"
+    chunk = next(p for p in sorted((store / "bold" / "c").rglob("*")) if p.is_file())
+    chunk.unlink()
+    with pytest.raises(StoreError, match="is missing"):
+        verify_store(store)
+    (outcome,) = run_analysis(config, client=local_client)
+    assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "ran", outcome.steps
+    assert outcome.steps["fit"]["status"] == "reused"  # made from the same source file
+    verify_store(store, full=True)
+
+
 def test_a_store_with_other_voxels_is_converted_again(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:

@@ -352,6 +352,7 @@ class GLMResult:
         (1, 3)
         """
         from bigglm.io.artefacts import check_replaceable, writing
+        from bigglm.io.integrity import checksummed_encoding
 
         target = Path(path).expanduser().resolve()
         check_replaceable(target, "glm-result", overwrite=overwrite)
@@ -360,7 +361,11 @@ class GLMResult:
             groups = [None] if len(runs) == 1 else [f"run-{i}" for i in range(len(runs))]
             for ds, group in zip(runs, groups, strict=True):
                 ds.to_zarr(
-                    temp, group=group, mode="w" if group is None else "a", consolidated=False
+                    temp,
+                    group=group,
+                    mode="w" if group is None else "a",
+                    consolidated=False,
+                    encoding=checksummed_encoding(ds),
                 )
             _mark_complete(temp, len(runs))
         return target
@@ -402,7 +407,7 @@ class GLMResult:
             raise StoreError(f"{path} is not a complete bigglm result store; fit again")
         n_runs = int(info["n_runs"])
         groups = [None] if n_runs == 1 else [f"run-{i}" for i in range(n_runs)]
-        runs = [xr.open_zarr(path, group=g, consolidated=False).load() for g in groups]
+        runs = [_load(path, group) for group in groups]
         for ds in runs:
             ds.attrs.pop("bigglm_result", None)
         return cls(runs)
@@ -822,6 +827,19 @@ def _design_in_graph() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
         yield
+
+
+def _load(path: str | os.PathLike[str], group: str | None) -> xr.Dataset:
+    """One run of a result store, in memory; a chunk failing its checksum is a StoreError."""
+    try:
+        return xr.open_zarr(path, group=group, consolidated=False).load()
+    except ValueError as err:
+        if "checksum" not in str(err):
+            raise
+        raise StoreError(
+            f"{path}: a chunk of the result store is damaged (checksum mismatch); fit again "
+            "and write the result with overwrite=True"
+        ) from err
 
 
 def _mark_complete(store: Path, n_runs: int) -> None:

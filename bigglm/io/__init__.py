@@ -2,6 +2,7 @@
 
 - :func:`convert` / :func:`convert_many`: NIfTI to store (:mod:`bigglm.io.convert`);
 - :func:`open_run`: a store as a lazy :class:`xarray.Dataset` (:mod:`bigglm.io.store`);
+- :func:`verify_store`: check that a store is whole (every chunk there, checksums).
 - :func:`to_nifti`: per-voxel values back to NIfTI on the run's grid (:mod:`bigglm.io.export`);
 - :func:`compute_epi_mask`: the EPI brain mask used when none is given (:mod:`bigglm.io.mask`).
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from bigglm.io.convert import convert, convert_many
     from bigglm.io.export import to_nifti
     from bigglm.io.mask import compute_epi_mask
-    from bigglm.io.store import open_run
+    from bigglm.io.store import open_run, verify_store
 else:
     from bigglm import _lazy
 
@@ -27,8 +28,8 @@ else:
             "bigglm.io.convert": ["convert", "convert_many"],
             "bigglm.io.export": ["to_nifti"],
             "bigglm.io.mask": ["compute_epi_mask"],
-            "bigglm.io.store": ["open_run"],
+            "bigglm.io.store": ["open_run", "verify_store"],
         },
     )
 
-__all__ = ["compute_epi_mask", "convert", "convert_many", "open_run", "to_nifti"]
+__all__ = ["compute_epi_mask", "convert", "convert_many", "open_run", "to_nifti", "verify_store"]

@@ -9,6 +9,11 @@ Layout (the contract shared with the engine and the workflows):
 - group attributes: ``"bigglm"`` (affine, volume_shape, tr, units, sources,
   parameters, version, created) and ``"complete": true``, written last.
 
+Every array carries Zarr v3's ``crc32c`` codec after its compressor, and every chunk is
+written, all-NaN ones too (:mod:`bigglm.io.integrity`): :func:`open_run` refuses a store
+with a missing chunk file, a chunk that fails its checksum is an error naming it when
+read, and :func:`verify_store` checks a store without fitting it.
+
 A store is built in a hidden staging sibling directory and renamed into place only
 when complete (:func:`bigglm.io.artefacts.writing`, which also decides what may be
 replaced), so an interrupted conversion never leaves anything at the target path, let
@@ -19,21 +24,24 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import google_crc32c
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, ZstdCodec
+from dask.base import tokenize
+from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
-from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import LocalStore
 
 from bigglm.exceptions import StoreError
+from bigglm.io.integrity import CHECKSUM, ChunkReader, check_chunks
 
 __all__ = [
     "BOLD_CODEC",
@@ -42,6 +50,7 @@ __all__ = [
     "StoreWriter",
     "choose_chunks",
     "open_run",
+    "verify_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +89,13 @@ BOLD_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 #: Codec of the small arrays (mask, coordinates, time).
 _SMALL_CODEC = ZstdCodec(level=3)
+
+#: How every array of a store is created: a checksum after the compressor, and every
+#: chunk written, one equal to the fill value too (so that a missing chunk is damage).
+_CHECKED: dict[str, Any] = {"config": {"write_empty_chunks": True}}
+
+#: Arrays every store holds.
+_ARRAYS = ("bold", "mask", "i", "j", "k", "time")
 
 #: Threads encoding the chunks of a row of ``bold`` chunks (:meth:`StoreWriter.write`).
 ENCODE_THREADS = 2
@@ -170,10 +186,11 @@ class StoreWriter:
             shape=(n_volumes, n_voxels),
             chunks=chunks,
             dtype="float32",
-            compressors=BOLD_CODEC,
+            compressors=(BOLD_CODEC, CHECKSUM),
             fill_value=np.nan,
             dimension_names=("time", "voxel"),
             attributes={"units": "arbitrary (scaled source values)"},
+            **_CHECKED,
         )
         self._small("mask", mask.astype(bool), ("x", "y", "z"))
         for name, index in zip("ijk", np.nonzero(mask), strict=True):
@@ -190,9 +207,10 @@ class StoreWriter:
             name,
             data=data,
             chunks=data.shape,
-            compressors=_SMALL_CODEC,
+            compressors=(_SMALL_CODEC, CHECKSUM),
             dimension_names=dims,
             attributes={"units": units} if units else {},
+            **_CHECKED,
         )
 
     def write(self, start: int, rows: np.ndarray) -> None:
@@ -200,9 +218,9 @@ class StoreWriter:
 
         A row of whole chunks (``start`` on a chunk boundary, ``n`` the time chunk or the
         rest of the series) is encoded here and each chunk's bytes written to its file,
-        exactly as Zarr would write them (same codec, NaN padding at the edges, chunks
-        all NaN left out), without Zarr's per-chunk copies and event loop: about half
-        the CPU of ``bold[...] = rows``. Anything else goes through Zarr.
+        exactly as Zarr would write them (same codecs and checksum, NaN padding at the
+        edges, all-NaN chunks written too), without Zarr's per-chunk copies and event
+        loop: about half the CPU of ``bold[...] = rows``. Anything else goes through Zarr.
         """
         if not self._write_chunk_row(start, rows):
             self.bold[start : start + rows.shape[0], :] = rows
@@ -217,13 +235,16 @@ class StoreWriter:
         time_chunk, voxel_chunk = self.bold.chunks
         n = rows.shape[0]
         whole = start % time_chunk == 0 and (n == time_chunk or start + n == n_volumes)
-        if self._encoder is None or not whole or rows.shape[1] != n_voxels or n == 0:
+        encoder = self._encoder
+        if encoder is None or not whole or rows.shape[1] != n_voxels or n == 0:
             return False
         firsts = list(range(0, n_voxels, voxel_chunk))
         workers = min(ENCODE_THREADS, len(firsts))
         while len(self._tiles) < workers:
             self._tiles.append(np.empty((time_chunk, voxel_chunk), dtype=np.float32))
-        jobs = [(self._tiles[w], list(enumerate(firsts))[w::workers]) for w in range(workers)]
+        jobs = [
+            (encoder, self._tiles[w], list(enumerate(firsts))[w::workers]) for w in range(workers)
+        ]
         if workers == 1:
             self._encode_chunks(start // time_chunk, rows, *jobs[0])
             return True
@@ -234,7 +255,12 @@ class StoreWriter:
         return True
 
     def _encode_chunks(
-        self, row: int, rows: np.ndarray, tile: np.ndarray, chunks: list[tuple[int, int]]
+        self,
+        row: int,
+        rows: np.ndarray,
+        encoder: _ChunkEncoder,
+        tile: np.ndarray,
+        chunks: list[tuple[int, int]],
     ) -> None:
         """Encode and write the chunks ``(index, first column)`` of chunk row ``row``."""
         n = rows.shape[0]
@@ -244,12 +270,9 @@ class StoreWriter:
             tile[:n, :width] = rows[:, first : first + width]
             tile[:n, width:] = np.nan
             key = self._bold_dir / self.bold.metadata.encode_chunk_key((row, index))
-            if np.isnan(tile[0, 0]) and np.isnan(tile).all():
-                key.unlink(missing_ok=True)  # Zarr stores no chunk equal to the fill value
-                continue
             key.parent.mkdir(parents=True, exist_ok=True)
             with open(key, "wb") as out:
-                out.write(self._encoder.encode(tile))
+                out.write(encoder.encode(tile))
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
         """Write the metadata, then the completion flag (last)."""
@@ -257,39 +280,56 @@ class StoreWriter:
         self.group.attrs.update({_COMPLETE: True})
 
 
-def _chunk_encoder(array: zarr.Array) -> Any:
-    """A numcodecs Blosc giving the bytes Zarr writes for ``array``'s chunks, if it can.
+class _ChunkEncoder:
+    """Blosc then, optionally, the CRC32C Zarr's ``crc32c`` codec appends (4 bytes, LE)."""
+
+    def __init__(self, blosc: Any, checksum: bool) -> None:
+        self.blosc, self.checksum = blosc, checksum
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        data = bytes(self.blosc.encode(tile))
+        if not self.checksum:
+            return data
+        return data + struct.pack("<I", google_crc32c.value(data))
+
+
+def _chunk_encoder(array: zarr.Array) -> _ChunkEncoder | None:
+    """An encoder giving the bytes Zarr writes for ``array``'s chunks, if it can.
 
     That is when the array lives in a local directory, is little-endian float32 and its
-    codecs are ``bytes`` then ``blosc`` (as :data:`BOLD_CODEC`); otherwise None.
+    codecs are ``bytes``, ``blosc`` and optionally ``crc32c`` (as ``bold``); else None.
     """
     from numcodecs import Blosc
 
-    if not isinstance(array.metadata, ArrayV3Metadata):
-        return None
-    codecs = array.metadata.codecs
+    compressors = array.compressors
+    serializer = array.serializer
     if (
-        not isinstance(array.store, LocalStore)
+        array.metadata.zarr_format != 3
+        or not isinstance(array.store, LocalStore)
         or array.dtype != np.dtype("<f4")
-        or len(codecs) != 2
-        or not isinstance(codecs[0], BytesCodec)
-        or codecs[0].endian not in (Endian.little, None)
-        or not isinstance(codecs[1], BloscCodec)
+        or array.filters
+        or not isinstance(serializer, BytesCodec)
+        or serializer.endian not in (Endian.little, None)
+        or not compressors
+        or not isinstance(compressors[0], BloscCodec)
+        or not all(isinstance(c, Crc32cCodec) for c in compressors[1:2])
+        or len(compressors) > 2
     ):
         return None
-    blosc = codecs[1]
+    blosc = compressors[0]
     shuffle = {
         BloscShuffle.noshuffle: Blosc.NOSHUFFLE,
         BloscShuffle.shuffle: Blosc.SHUFFLE,
         BloscShuffle.bitshuffle: Blosc.BITSHUFFLE,
     }[blosc.shuffle]
-    return Blosc(
+    encoder = Blosc(
         cname=blosc.cname.value,
         clevel=blosc.clevel,
         shuffle=shuffle,
         blocksize=blosc.blocksize,
         typesize=blosc.typesize,
     )
+    return _ChunkEncoder(encoder, checksum=len(compressors) == 2)
 
 
 def _open_group(store: Any) -> tuple[zarr.Group, str]:
@@ -323,7 +363,8 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     """Open a converted run lazily as an xarray Dataset.
 
     No voxel data are read: ``bold`` is a dask array over the store's chunks (workers read
-    the chunks themselves when the graph runs); ``mask`` is lazy too. The small coordinate
+    the chunks themselves when the graph runs, through
+    :class:`~bigglm.io.integrity.ChunkReader`); ``mask`` is lazy too. The small coordinate
     arrays (``time``, ``i``, ``j``, ``k``) are read.
 
     Parameters
@@ -341,7 +382,9 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     Raises
     ------
     StoreError
-        If the path is not a bigglm store or the store is incomplete.
+        If the path is not a bigglm store, the store is incomplete, or a chunk file is
+        missing (a listing, no chunk read). Reading a chunk that fails its checksum or
+        does not decode raises one too, naming the chunk (in the dask task).
 
     Examples
     --------
@@ -355,6 +398,29 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     ...     ds.bold.dims, ds.time.values.tolist(), ds.i.values.tolist()
     (('time', 'voxel'), [0.0, 1.5], [0, 1])
     """
+    group, name, arrays = _structure(store)
+    meta: dict[str, Any] = dict(group.attrs[_ATTRS])  # type: ignore[arg-type]
+    bold = _lazy(arrays["bold"], name)
+    coords = {
+        "time": ("time", _read_all(arrays["time"], name), {"units": "s"}),
+        "voxel": ("voxel", np.arange(bold.shape[1], dtype=np.int64)),
+        **{axis: ("voxel", _read_all(arrays[axis], name)) for axis in "ijk"},
+    }
+    return xr.Dataset(
+        {
+            "bold": (("time", "voxel"), bold),
+            "mask": (("x", "y", "z"), _lazy(arrays["mask"], name)),
+        },
+        coords=coords,
+        attrs={**meta, "store": name},
+    )
+
+
+def _structure(store: Any) -> tuple[zarr.Group, str, dict[str, zarr.Array]]:
+    """Open a store and check its structure: completion flag, arrays, every chunk file.
+
+    Reads no chunk: the chunk files are listed (one walk of each array's folder).
+    """
     group, name = _open_group(store)
     attrs = group.attrs.asdict()
     if attrs.get(_COMPLETE) is not True or _ATTRS not in attrs:
@@ -362,18 +428,71 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
             f"{name}: incomplete store (no completion flag): its conversion was interrupted "
             "or failed; convert the run again with overwrite=True"
         )
-    meta: dict[str, Any] = dict(attrs[_ATTRS])  # type: ignore[arg-type]
-    bold = da.from_zarr(_array(group, "bold", name))
-    coords = {
-        "time": ("time", _array(group, "time", name)[...], {"units": "s"}),
-        "voxel": ("voxel", np.arange(bold.shape[1], dtype=np.int64)),
-        **{axis: ("voxel", _array(group, axis, name)[...]) for axis in "ijk"},
-    }
-    return xr.Dataset(
-        {
-            "bold": (("time", "voxel"), bold),
-            "mask": (("x", "y", "z"), da.from_zarr(_array(group, "mask", name))),
-        },
-        coords=coords,
-        attrs={**meta, "store": name},
+    arrays = {key: _array(group, key, name) for key in _ARRAYS}
+    for array in arrays.values():
+        check_chunks(array, name)
+    return group, name, arrays
+
+
+def _lazy(array: zarr.Array, name: str) -> da.Array:
+    """A dask array over ``array``'s chunks, read by :class:`~bigglm.io.integrity.ChunkReader`."""
+    token = tokenize(name, array.path, array.shape, array.chunks, array.metadata.to_dict())
+    return da.from_array(
+        array, chunks=array.chunks, name=f"bigglm-read-{token}", getitem=ChunkReader(name)
     )
+
+
+def _read_all(array: zarr.Array, name: str) -> np.ndarray:
+    """All of a small array, as :class:`~bigglm.io.integrity.ChunkReader` reads it."""
+    return ChunkReader(name)(array, tuple(slice(None) for _ in array.shape))
+
+
+def verify_store(store: str | os.PathLike[str] | Any, *, full: bool = False) -> None:
+    """Check that a store is whole: structure always, every chunk's checksum if ``full``.
+
+    The structural check is what :func:`open_run` does: the completion flag, the arrays
+    of the layout, and every chunk file present (a listing of each array's folder, no
+    chunk read: milliseconds). ``full=True`` also reads and decodes every chunk, which
+    checks its CRC32C: as long as reading the whole store once.
+
+    Parameters
+    ----------
+    store : path or zarr store
+        A store written by :func:`bigglm.convert`.
+    full : bool
+        Also decode every chunk.
+
+    Raises
+    ------
+    StoreError
+        Naming the store and what is wrong with it: not a store, incomplete, an array
+        missing, or the first missing or damaged chunk.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     writer = StoreWriter(Path(tmp), np.ones((2, 1, 1), bool), n_volumes=2, tr=1.0,
+    ...                          chunks=(1, 2))
+    ...     writer.write(0, np.zeros((1, 2), np.float32))
+    ...     writer.write(1, np.ones((1, 2), np.float32))
+    ...     writer.finish({"tr": 1.0})
+    ...     verify_store(tmp, full=True)
+    ...     (Path(tmp) / "bold" / "c" / "1" / "0").unlink()
+    ...     verify_store(tmp)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.StoreError: ...: chunk bold/c/1/0 is missing (1 of the 2 chunks ...
+    """
+    _, name, arrays = _structure(store)
+    if not full:
+        return
+    read = ChunkReader(name)
+    for array in arrays.values():
+        for coords in np.ndindex(*array.cdata_shape):
+            block = tuple(
+                slice(c * n, min((c + 1) * n, extent))
+                for c, n, extent in zip(coords, array.chunks, array.shape, strict=True)
+            )
+            read(array, block)
+    logger.info("%s: every chunk decodes and matches its checksum", name)
