@@ -56,11 +56,24 @@ def _logging_to_stderr(verbosity: int) -> Iterator[None]:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    closing = _ClosedClientNoise()
+    logging.getLogger("asyncio").addFilter(closing)
     try:
         yield
     finally:
         logger.handlers[:], _, logger.propagate = saved
         logger.setLevel(saved[1])
+        logging.getLogger("asyncio").removeFilter(closing)
+
+
+class _ClosedClientNoise(logging.Filter):
+    """Drop asyncio's "Task exception was never retrieved" for the gathers that a closing
+    Dask client ends with ``AllExit`` (after Ctrl-C, or an error that stops the run): a
+    traceback per pending gather, about nothing the user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return type(error).__name__ != "AllExit"
 
 
 @contextmanager
