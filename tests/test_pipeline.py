@@ -677,3 +677,27 @@ def test_unit_folders_with_bigglm_outputs_but_no_record_are_another_analysis(
     assert z_map.read_bytes() == before
     run_analysis(moved, client=local_client, overwrite=True)
     assert (copy / STATE / "analysis.json").is_file()
+
+
+def test_a_worker_keeps_a_store_made_meanwhile_from_the_same_file_and_mask(
+    tiny_bids: Path, tmp_path: Path
+) -> None:
+    """Two analyses sharing store.folder: the worker that converts second finds, under the
+    store's lock, the store the first made (same file, same mask) and keeps it, so a store
+    the first may be reading is not replaced (it was, whenever a mask was given)."""
+    import hashlib
+
+    from bigglm.io import convert
+    from bigglm.pipeline import steps
+
+    func = tiny_bids / "derivatives" / "sub-01" / "func"
+    bold = func / "sub-01_task-tiny_desc-preproc_bold.nii.gz"
+    mask = func / "sub-01_task-tiny_desc-brain_mask.nii.gz"
+    store = convert(bold, tmp_path / "run.zarr", mask=mask, tr=2.0)
+    made = (store / "zarr.json").stat()
+    sha256 = hashlib.sha256(bold.read_bytes()).hexdigest()
+    steps._timed_convert(bold, store, mask, 2.0, None, sha256)
+    kept = (store / "zarr.json").stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    steps._timed_convert(bold, store, None, 2.0, None, "0" * 64)  # another file: converted
+    assert (store / "zarr.json").stat().st_ino != made.st_ino

@@ -389,20 +389,31 @@ def _timed_convert(
 ) -> float:
     """Convert one run (on a worker) and return how long it took.
 
-    Under the store's lock, a store made meanwhile from the same file (by another
-    analysis sharing ``store.folder``) is kept, as :func:`convert_step` does.
+    Under the store's lock, a store made meanwhile from the same file with the same
+    voxels (by another analysis sharing ``store.folder``) is kept, as
+    :func:`convert_step` does, so a store another analysis is reading is not replaced
+    by an identical one.
     """
     from bigglm.io import convert
 
     start = time.perf_counter()
     with target_lock(store):
-        if mask is not None or not _made_from(store, sha256, tr):
+        if not _store_holds(store, sha256, tr, mask):
             convert(bold, store, mask=mask, tr=tr, overwrite=True, time_chunk=time_chunk)
     return time.perf_counter() - start
 
 
-def _made_from(store: Path, sha256: str, tr: float) -> bool:
-    """A complete store exists, made from a file with this SHA-256 and this TR."""
+def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
+    """A complete store exists, made from a file with the same SHA-256 and the same TR.
+
+    With ``mask``, the store's voxels must also be those of that mask (less the voxels
+    with non-finite values that conversion dropped, as its attributes record).
+    """
+    return _store_holds(rp.store, sums(rp.run.bold), rp.tr, mask)
+
+
+def _store_holds(store: Path, sha256: str, tr: float, mask: Path | None) -> bool:
+    """:func:`_store_matches` for a store, a source digest and a TR (on a worker too)."""
     from bigglm.io import open_run
 
     if not store.exists():
@@ -412,25 +423,7 @@ def _made_from(store: Path, sha256: str, tr: float) -> bool:
     except StoreError:
         return False
     recorded = [s.get("sha256") for s in ds.attrs.get("sources", [])]
-    return recorded == [sha256] and abs(float(ds.attrs.get("tr", 0)) - tr) <= 1e-9
-
-
-def _store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
-    """A complete store exists, made from a file with the same SHA-256 and the same TR.
-
-    With ``mask``, the store's voxels must also be those of that mask (less the voxels
-    with non-finite values that conversion dropped, as its attributes record).
-    """
-    from bigglm.io import open_run
-
-    if not rp.store.exists():
-        return False
-    try:
-        ds = open_run(rp.store)
-    except StoreError:
-        return False
-    recorded = [s.get("sha256") for s in ds.attrs.get("sources", [])]
-    if recorded != [sums(rp.run.bold)] or abs(float(ds.attrs.get("tr", 0)) - rp.tr) > 1e-9:
+    if recorded != [sha256] or abs(float(ds.attrs.get("tr", 0)) - tr) > 1e-9:
         return False
     return mask is None or _has_voxels_of(ds, mask)
 
