@@ -8,7 +8,14 @@ from __future__ import annotations
 import os
 import stat
 
-__all__ = ["BigGLMWarning", "ConfigError", "DesignError", "StoreError", "not_a_regular_file"]
+__all__ = [
+    "BigGLMWarning",
+    "ConfigError",
+    "DesignError",
+    "StoreDamaged",
+    "StoreError",
+    "not_a_regular_file",
+]
 
 
 class DesignError(ValueError):
@@ -17,6 +24,28 @@ class DesignError(ValueError):
 
 class StoreError(OSError):
     """A source file or Zarr store is missing, unreadable, incomplete or inconsistent."""
+
+
+class StoreDamaged(StoreError):
+    """A store bigglm wrote has a missing chunk, or one that fails its checksum.
+
+    ``store`` is the store's path as given in the message; the data can only be had
+    again by converting the source anew.
+
+    Examples
+    --------
+    >>> import pickle
+    >>> err = pickle.loads(pickle.dumps(StoreDamaged("run.zarr: chunk ... is damaged", "run.zarr")))
+    >>> err.store, isinstance(err, StoreError)
+    ('run.zarr', True)
+    """
+
+    def __init__(self, message: str, store: str) -> None:
+        super().__init__(message)
+        self.store = store
+
+    def __reduce__(self) -> tuple[type[StoreDamaged], tuple[str, str]]:
+        return type(self), (str(self), self.store)
 
 
 class ConfigError(ValueError):

@@ -505,6 +505,33 @@ def test_a_store_with_a_missing_chunk_is_converted_again(
     verify_store(store, full=True)
 
 
+def test_a_store_with_a_flipped_byte_is_set_aside_and_converted_on_the_next_run(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """A flipped byte passes every cheap check (the source digest, the chunk files), so
+    the fit that reads it fails; the store is then moved aside, never reused, and the
+    next run converts the run anew and gives the maps of the undamaged data."""
+    out = tmp_path / "out"
+    config = parse_config(tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids)))
+    run_analysis(config, client=local_client)
+    z_map = map_path(config, "sub-01_task-tiny", "a", "z")
+    fresh = np.asarray(nib.load(z_map).dataobj)
+    store = out / "stores" / "sub-01_task-tiny_bold.zarr"
+    chunk = next(p for p in sorted((store / "bold" / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    refit = parse_config(
+        tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids), model={"noise": "ols"})
+    )
+    with pytest.raises(StoreError, match=r"is damaged \(checksum mismatch\); the store was moved"):
+        run_analysis(refit, client=local_client)
+    assert not store.exists() and len(list(store.parent.glob(f".{store.name}.damaged-*"))) == 1
+    (outcome,) = run_analysis(config, client=local_client)
+    assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "ran", outcome.steps
+    np.testing.assert_array_equal(np.asarray(nib.load(z_map).dataobj), fresh)
+
+
 def test_a_store_with_other_voxels_is_converted_again(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:

@@ -32,7 +32,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from bigglm.exceptions import StoreError
+from bigglm.exceptions import StoreDamaged, StoreError
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -101,7 +101,7 @@ def chunk_key(array: zarr.Array, coords: tuple[int, ...]) -> str:
     return f"{array.path}/{array.metadata.encode_chunk_key(coords)}".lstrip("/")
 
 
-def damaged(store: str, key: str, reason: str) -> StoreError:
+def damaged(store: str, key: str, reason: str) -> StoreDamaged:
     """The error for a damaged chunk: store, chunk, what is wrong, how to fix it.
 
     Examples
@@ -109,7 +109,7 @@ def damaged(store: str, key: str, reason: str) -> StoreError:
     >>> print(damaged("sub-01.zarr", "bold/c/1/3", "checksum mismatch"))
     sub-01.zarr: chunk bold/c/1/3 is damaged (checksum mismatch); write the store again ...
     """
-    return StoreError(f"{store}: chunk {key} is damaged ({reason}); {_FIX}")
+    return StoreDamaged(f"{store}: chunk {key} is damaged ({reason}); {_FIX}", store)
 
 
 def _local_folder(array: zarr.Array) -> Path | None:
@@ -152,18 +152,20 @@ def check_chunks(array: zarr.Array, store: str) -> None:
     if folder is None:
         stored, expected = array.nchunks_initialized, array.nchunks
         if stored < expected:
-            raise StoreError(
+            raise StoreDamaged(
                 f"{store}: {expected - stored} of the {expected} chunks of {array.path!r} "
-                f"are missing; {_FIX}"
+                f"are missing; {_FIX}",
+                store,
             )
         return
     files = _stored_files(folder)
     grid = itertools.product(*(range(n) for n in array.cdata_shape))
     missing = [c for c in grid if array.metadata.encode_chunk_key(c) not in files]
     if missing:
-        raise StoreError(
+        raise StoreDamaged(
             f"{store}: chunk {chunk_key(array, missing[0])} is missing ({len(missing)} of "
-            f"the {array.nchunks} chunks of {array.path!r} are missing); {_FIX}"
+            f"the {array.nchunks} chunks of {array.path!r} are missing); {_FIX}",
+            store,
         )
 
 

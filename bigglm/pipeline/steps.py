@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -33,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from bigglm.config import AnalysisConfig
-from bigglm.exceptions import StoreError
+from bigglm.exceptions import StoreDamaged, StoreError
 from bigglm.io.artefacts import kind_of, marker, remove_stale_staging, target_lock, writing
 from bigglm.pipeline.plan import STATE, RunPlan, UnitPlan, map_path
 from bigglm.report import environment, file_record, sha256_file, write_json_atomic
@@ -534,7 +535,11 @@ def fit_step(
     if steps.done("fit", key, [path]):
         return GLMResult.from_zarr(path), key
     _remove_partials(path)
-    with steps.running("fit", key), progress(f"fit {unit.name}") as callback:
+    with (
+        steps.running("fit", key),
+        progress(f"fit {unit.name}") as callback,
+        damaged_stores_set_aside(unit),
+    ):
         runs = [open_run(rp.store) for rp in unit.runs]
         designs = [rp.design for rp in unit.runs]
         result = fit(runs, designs, noise=config.model.noise, client=client)
@@ -542,6 +547,32 @@ def fit_step(
     # Contrasts always come from the stored result, so a resumed run computes them from
     # exactly the same numbers as an uninterrupted one.
     return GLMResult.from_zarr(path), key
+
+
+@contextmanager
+def damaged_stores_set_aside(unit: UnitPlan) -> Iterator[None]:
+    """A store of the unit found damaged while it is read is moved aside (not deleted),
+    so that the next run converts the run anew instead of reusing the store: its digest
+    of the source still matches, and only a full read finds a flipped byte."""
+    try:
+        yield
+    except StoreDamaged as err:
+        raise _set_aside(err, unit) from None
+
+
+def _set_aside(err: StoreDamaged, unit: UnitPlan) -> StoreError:
+    damaged = Path(err.store).resolve()
+    for rp in unit.runs:
+        if rp.store.resolve() == damaged and kind_of(rp.store) == "run-store":
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            aside = rp.store.with_name(f".{rp.store.name}.damaged-{stamp}")
+            os.rename(rp.store, aside)
+            logger.warning("%s: damaged; moved to %s", rp.store, aside)
+            return StoreError(
+                f"{err.args[0].split('; ')[0]}; the store was moved to {aside}, so running "
+                "the analysis again converts the run anew (delete that copy when done)"
+            )
+    return err
 
 
 def maps_step(
@@ -596,7 +627,7 @@ def residuals_step(
     key = step_key("residuals", fit_key, whitened, fmt, [p.name for p in paths])
     if steps.done("residuals", key, paths):
         return
-    with steps.running("residuals", key):
+    with steps.running("residuals", key), damaged_stores_set_aside(unit):
         result.write_residuals(
             unit.folder, prefixes, whitened=whitened, format=fmt, overwrite=True, client=client
         )
