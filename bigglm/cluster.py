@@ -192,15 +192,32 @@ def client_from_profile(profile: ClusterConfig | None = None) -> Iterator[Any]:
         with _connect(profile.address or "") as client:
             yield client
         return
-    with _start_cluster(profile) as cluster, Client(cluster) as client:
+    with (
+        _distributed_level_restored(),
+        _start_cluster(profile) as cluster,
+        Client(cluster) as client,
+    ):
         if profile.profile != "local":
             _wait_for_batch_workers(client, profile)
+        client.register_plugin(_quiet_bigglm_errors())
         logger.info("dask cluster (%s): %s", profile.profile, _describe(client))
         try:
             yield client
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C or an error: the close's cancellations are noise
             _quiet_close(client)
             raise
+
+
+@contextmanager
+def _distributed_level_restored() -> Iterator[None]:
+    """Give ``distributed``'s logger its level back once a cluster bigglm started is
+    closed (:func:`_quiet_close` silences it for the close only)."""
+    log = logging.getLogger("distributed")
+    level = log.level
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @contextmanager
@@ -275,6 +292,34 @@ def _quiet_close(client: Any) -> None:
 
 def _silence_distributed() -> None:
     logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+#: Exceptions whose "Compute Failed" log on a worker repeats what the client raises.
+_OWN_ERRORS = ("StoreDamaged(", "StoreError(", "DesignError(", "ConfigError(")
+
+
+class _OwnErrorsFilter(logging.Filter):
+    """Drop a worker's "Compute Failed" record for a task that raised a bigglm error: the
+    client raises that error with its message, which the CLI prints as one line; the
+    worker's record would add the task's key and a traceback around it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Compute Failed") and any(e in message for e in _OWN_ERRORS))
+
+
+def _quiet_bigglm_errors() -> Any:
+    """A worker plugin installing :class:`_OwnErrorsFilter` on ``distributed.worker``,
+    for the clusters bigglm starts (never a user's cluster joined by address)."""
+    from distributed import WorkerPlugin
+
+    class QuietBigGLMErrors(WorkerPlugin):
+        name = "bigglm-quiet-own-errors"
+
+        def setup(self, worker: Any) -> None:
+            logging.getLogger("distributed.worker").addFilter(_OwnErrorsFilter())
+
+    return QuietBigGLMErrors()
 
 
 def _jobqueue_class(kind: str) -> Any:

@@ -161,10 +161,10 @@ def test_fit_command_on_a_damaged_store_is_one_line(store: Path, tmp_path: Path)
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "bigglm/cli.py" not in done.stderr  # the error is not a traceback of ours
-    # above it: the CLI's progress log, and distributed's own logs of the failed task (and
-    # at times of a worker's heartbeat failing while the local cluster shuts down)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("bigglm fit: error:")]
-    assert len(errors) == 1, done.stderr
+    # above it only the CLI's progress log: not distributed's log of the failed task, nor
+    # of the tasks cancelled while the local cluster shuts down
+    errors = [line for line in done.stderr.splitlines() if " INFO " not in line]
+    assert len(errors) == 1 and errors[0].startswith("bigglm fit: error:"), done.stderr
     assert (
         "chunk bold/c/1/1 is damaged (checksum mismatch)" in errors[0] and str(store) in errors[0]
     )
