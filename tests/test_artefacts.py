@@ -137,6 +137,23 @@ def test_fit_cli_never_deletes_a_user_file_in_glm_zarr(store: Path, tmp_path: Pa
     assert sorted(p.name for p in out.iterdir()) == ["glm.zarr"]
 
 
+def test_fit_cli_never_deletes_a_user_file_inside_a_result_bigglm_wrote(
+    store: Path, tmp_path: Path
+) -> None:
+    """The case the issue reports: OUT/glm.zarr is bigglm's result, NOTES.txt inside it
+    is the user's; --overwrite replaces the result only when nothing else is inside."""
+    out = tmp_path / "OUT"
+    assert _fit_cli(store, out).returncode == 0
+    for where in ("NOTES.txt", "beta/NOTES.txt", "beta/c/notes"):
+        note = out / "glm.zarr" / where
+        note.write_text("my notes")
+        line = _refused(_fit_cli(store, out, "--overwrite"))
+        assert f"also holds what bigglm did not write ({where})" in line
+        assert note.read_text() == "my notes"
+        note.unlink()
+    assert _fit_cli(store, out, "--overwrite").returncode == 0
+
+
 def test_fit_cli_keeps_existing_maps_without_overwrite(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "OUT"
     out.mkdir()

@@ -277,10 +277,77 @@ def check_replaceable(target: str | os.PathLike[str], kind: str, *, overwrite: b
             f"(bigglm replaces only a {kind} it wrote), choose another path or move it "
             "away yourself"
         )
+    foreign = _foreign_entries_now(target) if target.is_dir() else []
+    if foreign:
+        listed = ", ".join(str(p.relative_to(target)) for p in foreign[:3])
+        raise StoreError(
+            f"{target}: is a bigglm {kind} but also holds what bigglm did not write "
+            f"({listed}{', ...' if len(foreign) > 3 else ''}); refusing to replace it, "
+            "move those out first"
+        )
     if not overwrite:
         raise StoreError(
             f"{target}: already exists; pass overwrite=True (--overwrite) to replace it"
         )
+
+
+def _foreign_entries_now(store: Path) -> list[Path]:
+    """:func:`_foreign_entries`, or none if another writer swapped the store meanwhile
+    (it is renamed away whole, never emptied in place): the check that writer's
+    successor makes under the store's lock decides then."""
+    try:
+        before = store.stat().st_ino
+        foreign = _foreign_entries(store)
+        after = store.stat().st_ino
+    except FileNotFoundError:
+        return []
+    return foreign if before == after else []
+
+
+def _foreign_entries(store: Path) -> list[Path]:
+    """What a Zarr v3 store folder holds besides its nodes' ``zarr.json`` files, its
+    groups and its arrays' chunk files (``c/<i>/<j>...``, ``c`` for a 0-d array): things a
+    user put there.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np, zarr
+    >>> folder = Path(tempfile.mkdtemp()) / "s.zarr"
+    >>> zarr.open_group(folder, mode="w").create_array("x", data=np.arange(3))[:].tolist()
+    [0, 1, 2]
+    >>> _foreign_entries(folder)
+    []
+    >>> _ = (folder / "x" / "NOTES.txt").write_text("mine")
+    >>> [p.name for p in _foreign_entries(folder)]
+    ['NOTES.txt']
+    """
+    foreign: list[Path] = []
+    nodes = [store]
+    while nodes:
+        node = nodes.pop()
+        try:
+            kind = json.loads((node / "zarr.json").read_bytes()).get("node_type")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        for entry in sorted(node.iterdir()):
+            if entry.name == "zarr.json" and entry.is_file():
+                continue
+            if kind == "array" and entry.name == "c":  # a file: the chunk of a 0-d array
+                foreign += _not_chunks(entry) if entry.is_dir() else []
+            elif kind == "group" and entry.is_dir() and (entry / "zarr.json").is_file():
+                nodes.append(entry)
+            else:
+                foreign.append(entry)
+    return foreign
+
+
+def _not_chunks(folder: Path) -> list[Path]:
+    """Entries under an array's ``c`` folder that are not chunk files (digit names)."""
+    odd: list[Path] = []
+    for top, dirs, files in os.walk(folder):
+        odd += [Path(top) / n for n in (*dirs, *files) if not n.isdigit()]
+        dirs[:] = [d for d in dirs if d.isdigit()]
+    return odd
 
 
 def _check_sidecar(target: Path, kind: str) -> None:
