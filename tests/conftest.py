@@ -198,3 +198,38 @@ def local_client():
         Client(cluster, set_as_default=False) as client,
     ):
         yield client
+
+
+def _statmaps(folder: Path) -> dict[str, Any]:
+    """Every statistical map under ``folder`` (not in the state folder), by file name."""
+    import numpy as np
+
+    return {
+        p.name: np.asarray(nibabel.load(p).dataobj)
+        for p in sorted(folder.rglob("*_statmap.nii.gz"))
+        if ".bigglm" not in p.parts
+    }
+
+
+def _assert_same_maps(a: Path, b: Path) -> None:
+    """Same files, same NaN voxels, values equal to 1e-12 of each map's largest magnitude.
+
+    Not bitwise: two fits in different processes may differ by a few ulps, because BLAS
+    and numpy's SIMD reductions take alignment-dependent paths (observed: <= 6e-15
+    absolute on maps of magnitude ~10).
+    """
+    import numpy as np
+
+    left, right = _statmaps(a), _statmaps(b)
+    assert sorted(left) == sorted(right) and left
+    for name in left:
+        scale = float(np.nanmax(np.abs(left[name])))
+        np.testing.assert_allclose(
+            left[name], right[name], rtol=1e-12, atol=1e-12 * scale, equal_nan=True, err_msg=name
+        )
+
+
+@pytest.fixture(scope="session")
+def assert_same_maps() -> Callable[[Path, Path], None]:
+    """``assert_same_maps(a, b)``: the statistical maps under two outputs folders agree."""
+    return _assert_same_maps

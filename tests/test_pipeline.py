@@ -32,31 +32,6 @@ from bigglm.pipeline import STATE, lock_units, map_path, plan, run_analysis
 pytestmark = pytest.mark.cluster
 
 
-def _maps(folder: Path) -> dict[str, np.ndarray]:
-    """Every statistical map under ``folder``, by file name."""
-    return {
-        p.name: np.asarray(nib.load(p).dataobj)
-        for p in sorted(folder.rglob("*_statmap.nii.gz"))
-        if STATE not in p.parts
-    }
-
-
-def _assert_same_maps(a: Path, b: Path) -> None:
-    """Same files, same NaN voxels, values equal to 1e-12 of each map's largest magnitude.
-
-    Not bitwise: two fits in different processes may differ by a few ulps, because BLAS
-    and numpy's SIMD reductions take alignment-dependent paths (observed: <= 6e-15
-    absolute on maps of magnitude ~10).
-    """
-    left, right = _maps(a), _maps(b)
-    assert sorted(left) == sorted(right) and left
-    for name in left:
-        scale = float(np.nanmax(np.abs(left[name])))
-        np.testing.assert_allclose(
-            left[name], right[name], rtol=1e-12, atol=1e-12 * scale, equal_nan=True, err_msg=name
-        )
-
-
 def _brute_force_ols(bold: Path, design: pd.DataFrame, mask: np.ndarray, c: np.ndarray) -> Any:
     data = np.asarray(nib.load(bold).dataobj, dtype=np.float64)[mask].T  # (T, V)
     x = design.to_numpy()
@@ -322,7 +297,11 @@ def uninterrupted(
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", ["lock", "convert-sub-01_task-tiny", "fit", "contrast-a"])
 def test_run_killed_at_any_point_resumes_with_identical_outputs(
-    tiny_config: Any, uninterrupted: tuple[Path, Path], tmp_path: Path, kill_after: str
+    assert_same_maps: Any,
+    tiny_config: Any,
+    uninterrupted: tuple[Path, Path],
+    tmp_path: Path,
+    kill_after: str,
 ) -> None:
     tiny_bids, reference = uninterrupted
     cluster = _ONE_WORKER
@@ -338,7 +317,7 @@ def test_run_killed_at_any_point_resumes_with_identical_outputs(
     rerun = _cli("run", str(cfg))
     _, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
-    _assert_same_maps(reference, out)
+    assert_same_maps(reference, out)
     record = json.loads((out / "sub-01" / "sub-01_task-tiny_provenance.json").read_text())
     for step in finished_before:
         assert record["steps"][step]["status"] == "reused", step
@@ -347,7 +326,7 @@ def test_run_killed_at_any_point_resumes_with_identical_outputs(
 
 
 def test_worker_killed_mid_fit_does_not_change_results(
-    tiny_config: Any, tiny_bids: Path, tmp_path: Path
+    assert_same_maps: Any, tiny_config: Any, tiny_bids: Path, tmp_path: Path
 ) -> None:
     from distributed import Client, LocalCluster
     from distributed.diagnostics.plugin import WorkerPlugin
@@ -377,7 +356,7 @@ def test_worker_killed_mid_fit_does_not_change_results(
         lossy = {**cfg, "outputs": {**cfg["outputs"], "folder": str(tmp_path / "lossy")}}
         run_analysis(parse_config(lossy), client=client)
     assert flag.exists(), "no worker was killed"
-    _assert_same_maps(tmp_path / "ref", tmp_path / "lossy")
+    assert_same_maps(tmp_path / "ref", tmp_path / "lossy")
 
 
 # --- the workflows/ recipes ----------------------------------------------------------------

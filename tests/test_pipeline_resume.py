@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bigglm.config import AnalysisConfig, parse_config
-from bigglm.pipeline import STATE, run_analysis
+from bigglm.pipeline import run_analysis
 
 pytestmark = pytest.mark.cluster
 
@@ -27,24 +27,6 @@ _BOLD = "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.nii.gz"
 def _inputs(dataset: Path) -> dict[str, Any]:
     bids = {"derivatives": str(dataset / "derivatives"), "raw": str(dataset / "raw")}
     return {"bids": {**bids, "subjects": ["01"]}, "confounds": ["trans_x"]}
-
-
-def _maps(folder: Path) -> dict[str, np.ndarray]:
-    return {
-        p.name: np.asarray(nib.load(p).dataobj)
-        for p in sorted(folder.rglob("*_statmap.nii.gz"))
-        if STATE not in p.parts
-    }
-
-
-def _assert_same_maps(a: Path, b: Path) -> None:
-    left, right = _maps(a), _maps(b)
-    assert sorted(left) == sorted(right) and left
-    for name in left:
-        scale = float(np.nanmax(np.abs(left[name])))
-        np.testing.assert_allclose(
-            left[name], right[name], rtol=1e-12, atol=1e-12 * scale, equal_nan=True, err_msg=name
-        )
 
 
 def _fresh(config: AnalysisConfig, folder: Path, client: Any) -> None:
@@ -66,7 +48,12 @@ def _edit(path: Path, change: Any) -> None:
     ],
 )
 def test_an_edited_mask_refits_and_gives_the_maps_of_a_fresh_run(
-    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any, change: Any
+    assert_same_maps: Any,
+    tiny_config: Any,
+    tiny_bids: Path,
+    tmp_path: Path,
+    local_client: Any,
+    change: Any,
 ) -> None:
     config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_inputs(tiny_bids)))
     run_analysis(config, client=local_client)
@@ -76,11 +63,11 @@ def test_an_edited_mask_refits_and_gives_the_maps_of_a_fresh_run(
     assert outcome.steps["fit"]["status"] == "ran"
     assert {outcome.steps[f"contrast-{c}"]["status"] for c in config.contrasts} == {"ran"}
     _fresh(config, tmp_path / "fresh", local_client)
-    _assert_same_maps(tmp_path / "out", tmp_path / "fresh")
+    assert_same_maps(tmp_path / "out", tmp_path / "fresh")
 
 
 def test_changed_data_of_the_first_run_regenerates_the_epi_mask(
-    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+    assert_same_maps: Any, tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
     """Runs without masks take the first run's EPI mask; when the first run's data
     change, so does that mask, and every run is converted again on the new voxels."""
@@ -113,11 +100,11 @@ def test_changed_data_of_the_first_run_regenerates_the_epi_mask(
     converted = {k: v["status"] for k, v in after.steps.items() if k.startswith("convert")}
     assert set(converted.values()) == {"ran"} and len(converted) == 2
     _fresh(config, tmp_path / "fresh", local_client)
-    _assert_same_maps(tmp_path / "out", tmp_path / "fresh")
+    assert_same_maps(tmp_path / "out", tmp_path / "fresh")
 
 
 def test_a_changed_contrast_reuses_the_fit_and_recomputes_its_maps(
-    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+    assert_same_maps: Any, tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
     cfg = tiny_config(tiny_bids, tmp_path / "out", inputs=_inputs(tiny_bids))
     run_analysis(parse_config(cfg), client=local_client)
@@ -128,11 +115,11 @@ def test_a_changed_contrast_reuses_the_fit_and_recomputes_its_maps(
     assert outcome.steps["contrast-a_minus_b"]["status"] == "ran"
     assert outcome.steps["contrast-a"]["status"] == "reused"
     _fresh(config, tmp_path / "fresh", local_client)
-    _assert_same_maps(tmp_path / "out", tmp_path / "fresh")
+    assert_same_maps(tmp_path / "out", tmp_path / "fresh")
 
 
 def test_a_store_replaced_with_other_voxels_is_converted_again(
-    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+    assert_same_maps: Any, tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
     """The convert step's record is not enough: the store on disk must still hold the
     configured mask's voxels (here it was remade elsewhere with an EPI mask)."""
@@ -146,7 +133,7 @@ def test_a_store_replaced_with_other_voxels_is_converted_again(
     assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "ran"
     assert outcome.n_voxels == 8 * 8 * 8
     _fresh(config, tmp_path / "fresh", local_client)
-    _assert_same_maps(tmp_path / "out", tmp_path / "fresh")
+    assert_same_maps(tmp_path / "out", tmp_path / "fresh")
 
 
 def test_a_store_without_the_masks_nonfinite_voxels_is_reused(

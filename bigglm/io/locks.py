@@ -117,6 +117,12 @@ def _acquire(path: Path, *, wait: bool) -> int:
 
 def holder_of(path: Path) -> dict[str, Any] | None:
     """Who holds (or last held) a lock file, as it recorded itself; None if unknown."""
+    return read_record(path)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A small JSON object bigglm recorded (a lock's holder, a folder's owner), or None
+    if the file is absent, unreadable or not a JSON object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

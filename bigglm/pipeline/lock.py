@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bigglm.exceptions import StoreError
-from bigglm.io.locks import Busy, exclusive
+from bigglm.io.locks import Busy, exclusive, read_record
 from bigglm.pipeline.plan import STATE
 
 __all__ = ["analysis_identity", "claim_outputs", "lock_units"]
@@ -145,7 +145,7 @@ def claim_outputs(
     state.mkdir(parents=True, exist_ok=True)
     record = state / OWNER
     with exclusive(state / f"{OWNER}.lock"):
-        owner = _read_owner(record)
+        owner = read_record(record)
         if owner is None and not overwrite:
             _refuse_unowned_outputs(outputs, folders)
         elif owner is not None and owner.get("analysis") != identity and not overwrite:
@@ -159,14 +159,6 @@ def claim_outputs(
 
             since = datetime.now(UTC).isoformat(timespec="seconds")
             write_json_atomic(record, {"analysis": identity, "since": since})
-
-
-def _read_owner(record: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _refuse_unowned_outputs(outputs: Path, folders: Sequence[Path]) -> None:
