@@ -6,6 +6,7 @@ catch a bad configuration in seconds, before any long work.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import warnings
@@ -294,8 +295,23 @@ def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
         check_fit_size(n_scans, design.shape[1], order, run.name)
     except DesignError as err:
         raise ConfigError(f"model: {err}") from None
-    store = config.store_folder / f"{run.name}_bold.zarr"
+    store = config.store_folder / store_name(config, run)
     return RunPlan(run, float(tr), n_scans, shape, affine, ref, store, design)
+
+
+def store_name(config: AnalysisConfig, run: Run) -> str:
+    """The name of a run's store in ``store.folder``.
+
+    A mask the config gives (``inputs.mask``, or a run's ``mask``) is part of the name
+    (``<run>_mask-<digest of its path>_bold.zarr``): two analyses sharing a store folder
+    with different masks would otherwise convert the same run, on different voxels, to
+    one path, each replacing the store the other is reading.
+    """
+    given = config.inputs.mask is not None or config.inputs.runs is not None
+    if run.mask is None or not given:
+        return f"{run.name}_bold.zarr"
+    digest = hashlib.sha256(str(Path(run.mask).resolve()).encode()).hexdigest()[:8]
+    return f"{run.name}_mask-{digest}_bold.zarr"
 
 
 def _bold_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray, int, float | None]:
