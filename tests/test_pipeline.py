@@ -532,6 +532,34 @@ def test_a_store_with_a_flipped_byte_is_set_aside_and_converted_on_the_next_run(
     np.testing.assert_array_equal(np.asarray(nib.load(z_map).dataobj), fresh)
 
 
+def test_a_store_replaced_while_the_fit_reads_it_is_not_set_aside(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """Another process replaces the store (other voxels) after the fit opened it: the
+    old store's chunks fail to decode from the new one's files. The new store is not
+    damaged and is not moved aside (it was, and its analysis then failed on it)."""
+    import bigglm
+    from bigglm.exceptions import StoreDamaged
+    from bigglm.pipeline.steps import damaged_stores_set_aside
+
+    out = tmp_path / "out"
+    config = parse_config(tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids)))
+    run_analysis(config, client=local_client)
+    (unit,) = plan(config)
+    store = unit.runs[0].store
+    func = tiny_bids / "derivatives/sub-01/func"
+    mask = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0
+    mask[:, :, 2] = False
+    with pytest.raises(StoreError, match="was replaced by another process") as caught:
+        with damaged_stores_set_aside(unit):
+            bold = bigglm.open_run(store)["bold"]
+            bigglm.convert(unit.runs[0].run.bold, store, mask=mask, overwrite=True)
+            bold.values  # noqa: B018 - the read that fails
+    assert not isinstance(caught.value, StoreDamaged)
+    assert store.exists() and not list(store.parent.glob(f".{store.name}.damaged-*"))
+    assert int(np.asarray(bigglm.open_run(store)["mask"]).sum()) == int(mask.sum())
+
+
 def test_a_store_with_other_voxels_is_converted_again(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
