@@ -22,8 +22,15 @@ import pandas as pd
 from bigglm.bids import Run, find_runs, parse_entities
 from bigglm.config import AnalysisConfig, RunInput
 from bigglm.design.options import check_tr
-from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, not_a_regular_file
+from bigglm.exceptions import (
+    BigGLMWarning,
+    ConfigError,
+    DesignError,
+    StoreError,
+    not_a_regular_file,
+)
 from bigglm.glm.noise import check_fit_size, noise_order
+from bigglm.io.artefacts import check_outside_stores
 
 __all__ = [
     "STATE",
@@ -231,7 +238,8 @@ def _check_confounds(config: AnalysisConfig, runs: list[Run]) -> None:
 
 
 def _check_output_folders(config: AnalysisConfig) -> None:
-    """Refuse an outputs or store folder that is, or is inside, something not a folder."""
+    """Refuse an outputs or store folder that is, or is inside, something not a folder,
+    or a Zarr store (the workflow's files made there became part of the store)."""
     for key, folder in (
         ("outputs.folder", config.outputs.folder),
         ("store.folder", config.store_folder),
@@ -242,6 +250,10 @@ def _check_output_folders(config: AnalysisConfig) -> None:
                 f"{key}: {existing} exists and is not a folder; choose another path "
                 "or move the file"
             )
+        try:
+            check_outside_stores(folder / "x")
+        except StoreError as err:
+            raise ConfigError(f"{key}: {folder} {str(err).split(': ', 1)[1]}") from None
 
 
 def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
