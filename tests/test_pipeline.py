@@ -413,6 +413,14 @@ def test_python_recipe_gives_the_maps_of_bigglm_run(
         np.testing.assert_allclose(theirs, ours, rtol=1e-12, atol=1e-12 * scale, equal_nan=True)
 
 
+def _other_scans(bold: Path) -> None:
+    """Make a copied run's scans differ from the original's: the same scans given as two
+    runs are refused (they would double the degrees of freedom)."""
+    img = nib.load(bold)
+    data = np.asarray(img.dataobj) + np.random.default_rng(1).normal(0, 1, img.shape)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine, img.header), bold)
+
+
 def test_two_runs_with_different_masks_are_fitted_on_their_intersection(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
@@ -425,6 +433,7 @@ def test_two_runs_with_different_masks_are_fitted_on_their_intersection(
         for path in originals:
             name = path.name.replace("task-tiny_", f"task-tiny_run-{run}_")
             shutil.copy(path, path.with_name(name))
+    _other_scans(func / "sub-01_task-tiny_run-2_desc-preproc_bold.nii.gz")
     smaller = func / "sub-01_task-tiny_run-2_desc-brain_mask.nii.gz"
     img = nib.load(smaller)
     data = np.asarray(img.dataobj).copy()
@@ -658,6 +667,7 @@ def test_relative_input_paths_reach_the_workers_resolved(
         (here / f"run{index}_bold.nii.gz").write_bytes(
             (func / "sub-01_task-tiny_desc-preproc_bold.nii.gz").read_bytes()
         )
+    _other_scans(here / "run2_bold.nii.gz")
     monkeypatch.chdir(here)
     cfg = tiny_config(tiny_bids, tmp_path / "out", model={"noise": "ols"})
     cfg["inputs"] = _explicit_runs(tiny_bids, [f"run{i}_bold.nii.gz" for i in (1, 2)])
