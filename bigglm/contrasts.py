@@ -42,7 +42,7 @@ from __future__ import annotations
 import ast
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -348,7 +348,21 @@ def contrast_rows(spec: ContrastSpec, columns: Sequence[str], *, name: str | Non
         )
     if not np.all(np.any(rows, axis=1)):
         raise _named(name, "the contrast is all zeros (a row of zero weights tests nothing)")
+    sizes = np.abs(rows[rows != 0])
+    if sizes.min() < _WEIGHT_RANGE[0] or sizes.max() > _WEIGHT_RANGE[1]:
+        raise _named(
+            name,
+            f"weights {_short(spec)} are outside 1e-10 to 1e10 in size: their effect and "
+            "variance overflow or vanish in the float32 maps (a "
+            "z of 0 or Inf everywhere); scale the weights (a t or F test does not depend "
+            "on their scale)",
+        )
     return rows
+
+
+#: The sizes a non-zero weight may have: ``1e308 * faces`` gave z = 0 everywhere, and
+#: ``1e-320 * faces`` z = Inf, from an effect and variance that no float holds.
+_WEIGHT_RANGE: Final = (1e-10, 1e10)
 
 
 def _parse_rows(spec: Any, names: list[str]) -> Array:

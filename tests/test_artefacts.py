@@ -165,6 +165,46 @@ def test_fit_cli_keeps_existing_maps_without_overwrite(store: Path, tmp_path: Pa
     assert old.read_bytes() == before and not (out / "glm.zarr").exists()
 
 
+@pytest.mark.parametrize("inside", [".", "maps", "bold/maps"])
+def test_fit_cli_never_writes_into_the_input_store(store: Path, inside: str) -> None:
+    """``--output run.zarr`` (or a folder inside it) wrote glm.zarr and the maps into
+    the run store: files bigglm then took for a user's (the store was never replaced
+    again) and a child group Zarr lists."""
+    events = store.parent / "events.tsv"
+    events.write_text("onset\tduration\ttrial_type\n0\t10\ta\n")
+    before = _tree(store)
+    line = _refused(
+        subprocess.run(
+            [
+                *_FIT,
+                str(store),
+                "--events",
+                str(events),
+                *_OPTIONS,
+                "--output",
+                str(store / inside),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    )
+    assert f"is inside the bigglm run-store {store}" in line
+    assert _tree(store) == before  # not even an empty output folder
+
+
+def test_results_and_maps_are_never_written_inside_a_store(result: Any, store: Path) -> None:
+    before = _tree(store)
+    with pytest.raises(StoreError, match="is inside the bigglm run-store"):
+        result.to_zarr(store / "sub", overwrite=True)
+    with pytest.raises(StoreError, match="is inside the bigglm run-store"):
+        result.to_nifti(store / "maps", "a", prefix="sub-01", overwrite=True)
+    with pytest.raises(StoreError, match="is inside the bigglm run-store"):
+        result.write_residuals(store, "sub-01", overwrite=True)
+    assert _tree(store) == before
+
+
 # --- item 2: convert(overwrite=True) ----------------------------------------------------
 
 

@@ -295,6 +295,15 @@ WEAK_VALIDATE: dict[str, tuple[Any, str]] = {
         ),
         "exists and is not a folder",
     ),
+    # bigglm made .bigglm and sub-01 inside the store before refusing to write there
+    "outputs.folder in a store": (
+        lambda d, c, t: c["outputs"].update(folder=str(_a_store(d, t) / "results")),
+        "outputs.folder: {t}/run.zarr/results is inside the bigglm run-store {t}/run.zarr",
+    ),
+    "store.folder is a store": (
+        lambda d, c, t: c.update(store={"folder": str(_a_store(d, t))}),
+        "store.folder: {t}/run.zarr is inside the bigglm run-store {t}/run.zarr",
+    ),
     "mask with another affine": (
         lambda d, c, t: c["inputs"].update(_moved_mask(d, t)),
         "has another affine",
@@ -311,10 +320,24 @@ def test_validate_catches_the_weak_cases_in_one_line(
     change(tiny_bids, cfg, tmp_path)
     config = _yaml(tmp_path / "a.yaml", cfg)
     started = time.perf_counter()
+    before = _files(tmp_path / "run.zarr")
     line = _main_one_line(capsys, "validate", str(config))
-    assert fragment in line
+    assert fragment.format(t=tmp_path) in line
     assert time.perf_counter() - started < 30  # drift_order=100000 used to hang
     assert not (tmp_path / "out").exists()
+    assert _files(tmp_path / "run.zarr") == before
+
+
+def _a_store(dataset: Path, tmp: Path) -> Path:
+    """A run store bigglm wrote, at ``tmp/run.zarr``."""
+    import bigglm
+
+    bold = dataset / "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.nii.gz"
+    return bigglm.convert(bold, tmp / "run.zarr", tr=2.0)
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
 @pytest.mark.parametrize(

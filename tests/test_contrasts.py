@@ -247,6 +247,10 @@ def test_kind_is_exactly_t_or_F(kind: object) -> None:
         ([1.0, np.nan, 0.0], r"not all finite numbers \(NaN, Inf or None found\)"),
         ([1.0, np.inf, 0.0], "not all finite numbers"),
         ([1, None, 0], "not all finite numbers"),
+        # finite, but no float holds their effect and variance (z was 0 or Inf everywhere)
+        ("1e308 * c0", r"weights '1e308 \* c0' are outside 1e-10 to 1e10 in size"),
+        ([1e-320, 0.0, 0.0], "are outside 1e-10 to 1e10 in size"),
+        ({"c0": 1e12, "c1": -1}, "are outside 1e-10 to 1e10 in size"),
         ({"d": [1, None, 0]}, r"contrast 'd': weights \[1, None, 0\] are not all finite"),
         ({"c0": None, "c1": 1}, "the weight of 'c0' is None"),
         ({"c0": np.nan}, "not all finite numbers"),

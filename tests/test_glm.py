@@ -3,6 +3,7 @@ validation, progress, several runs, and the Zarr and NIfTI outputs."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -250,6 +251,14 @@ def test_the_same_run_given_twice_is_refused(tmp_path: Path) -> None:
         "opened": [bigglm.open_run(store), bigglm.open_run(store)],
         "path and opened": [str(store), bigglm.open_run(store)],
         "object": [ds, ds],
+        # the same scans under another path: they were fitted as two runs (z x 1.42)
+        "copy": [store, shutil.copytree(store, tmp_path / "copy.zarr")],
+        "converted again": [
+            store,
+            bigglm.convert(
+                tmp_path / "bold.nii.gz", tmp_path / "again.zarr", mask=np.ones((4, 3, 2), bool)
+            ),
+        ],
     }
     for runs in twice.values():
         with pytest.raises(DesignError, match=r"runs 0 and 1 are the same .*give each run once"):

@@ -392,6 +392,14 @@ def test_python_recipe_gives_the_maps_of_bigglm_run(
         np.testing.assert_allclose(theirs, ours, rtol=1e-12, atol=1e-12 * scale, equal_nan=True)
 
 
+def _other_scans(bold: Path) -> None:
+    """Make a copied run's scans differ from the original's: the same scans given as two
+    runs are refused (they would double the degrees of freedom)."""
+    img = nib.load(bold)
+    data = np.asarray(img.dataobj) + np.random.default_rng(1).normal(0, 1, img.shape)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine, img.header), bold)
+
+
 def test_two_runs_with_different_masks_are_fitted_on_their_intersection(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
@@ -404,6 +412,7 @@ def test_two_runs_with_different_masks_are_fitted_on_their_intersection(
         for path in originals:
             name = path.name.replace("task-tiny_", f"task-tiny_run-{run}_")
             shutil.copy(path, path.with_name(name))
+    _other_scans(func / "sub-01_task-tiny_run-2_desc-preproc_bold.nii.gz")
     smaller = func / "sub-01_task-tiny_run-2_desc-brain_mask.nii.gz"
     img = nib.load(smaller)
     data = np.asarray(img.dataobj).copy()
@@ -511,6 +520,34 @@ def test_a_store_with_a_flipped_byte_is_set_aside_and_converted_on_the_next_run(
     np.testing.assert_array_equal(np.asarray(nib.load(z_map).dataobj), fresh)
 
 
+def test_a_store_replaced_while_the_fit_reads_it_is_not_set_aside(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """Another process replaces the store (other voxels) after the fit opened it: the
+    old store's chunks fail to decode from the new one's files. The new store is not
+    damaged and is not moved aside (it was, and its analysis then failed on it)."""
+    import bigglm
+    from bigglm.exceptions import StoreDamaged
+    from bigglm.pipeline.steps import damaged_stores_set_aside
+
+    out = tmp_path / "out"
+    config = parse_config(tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids)))
+    run_analysis(config, client=local_client)
+    (unit,) = plan(config)
+    store = unit.runs[0].store
+    func = tiny_bids / "derivatives/sub-01/func"
+    mask = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0
+    mask[:, :, 2] = False
+    with pytest.raises(StoreError, match="was replaced by another process") as caught:
+        with damaged_stores_set_aside(unit):
+            bold = bigglm.open_run(store)["bold"]
+            bigglm.convert(unit.runs[0].run.bold, store, mask=mask, overwrite=True)
+            bold.values  # noqa: B018 - the read that fails
+    assert not isinstance(caught.value, StoreDamaged)
+    assert store.exists() and not list(store.parent.glob(f".{store.name}.damaged-*"))
+    assert int(np.asarray(bigglm.open_run(store)["mask"]).sum()) == int(mask.sum())
+
+
 def test_a_store_with_other_voxels_is_converted_again(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
@@ -609,6 +646,7 @@ def test_relative_input_paths_reach_the_workers_resolved(
         (here / f"run{index}_bold.nii.gz").write_bytes(
             (func / "sub-01_task-tiny_desc-preproc_bold.nii.gz").read_bytes()
         )
+    _other_scans(here / "run2_bold.nii.gz")
     monkeypatch.chdir(here)
     cfg = tiny_config(tiny_bids, tmp_path / "out", model={"noise": "ols"})
     cfg["inputs"] = _explicit_runs(tiny_bids, [f"run{i}_bold.nii.gz" for i in (1, 2)])

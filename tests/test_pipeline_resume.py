@@ -155,3 +155,32 @@ def test_a_store_without_the_masks_nonfinite_voxels_is_reused(
     assert first.n_voxels == 8 * 8 * 8 - 1
     (again,) = run_analysis(config, client=local_client)
     assert {s["status"] for s in again.steps.values()} == {"reused"}
+
+
+def test_analyses_sharing_a_store_folder_with_different_masks_keep_their_own_stores(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """Two analyses of one run with different ``inputs.mask``, one ``store.folder``: each
+    has its own store. They had one path, so each analysis replaced the store the other
+    was fitting from (run together: both failed, each setting the other's store aside as
+    'damaged'; run in turn: every run converted again)."""
+    smaller = tmp_path / "smaller_mask.nii.gz"
+    img = nib.load(tiny_bids / _MASK)
+    data = np.asarray(img.dataobj).astype(np.uint8)
+    data[:, :, 2] = 0
+    nib.save(nib.Nifti1Image(data, img.affine), smaller)
+    stores = {"folder": str(tmp_path / "stores"), "time_chunk": 16}
+
+    def config(name: str, mask: Path) -> AnalysisConfig:
+        inputs = {**_inputs(tiny_bids), "mask": str(mask)}
+        return parse_config(tiny_config(tiny_bids, tmp_path / name, inputs=inputs, store=stores))
+
+    first, second = config("a", tiny_bids / _MASK), config("b", smaller)
+    run_analysis(first, client=local_client)
+    (made,) = [p for p in (tmp_path / "stores").iterdir() if p.suffix == ".zarr"]
+    inode = made.stat().st_ino
+    run_analysis(second, client=local_client)
+    assert made.stat().st_ino == inode  # not replaced by the other analysis's store
+    (again,) = run_analysis(first, client=local_client)
+    assert again.steps["convert-sub-01_task-tiny"]["status"] == "reused"
+    assert again.steps["fit"]["status"] == "reused"

@@ -135,12 +135,18 @@ def _open(run: str | PathLike[str] | xr.Dataset) -> xr.Dataset:
 
 
 def _identities(run: Any, ds: xr.Dataset) -> list[tuple[str, str]]:
-    """What makes a run the same as another: its Dataset object, its store's path."""
+    """What makes a run the same as another: its Dataset object, its store's path, the
+    files it was converted from (a copy of a store, or a second conversion of one file,
+    holds the same scans)."""
     found = [("Dataset", f"object at {id(run):#x}")] if isinstance(run, xr.Dataset) else []
     stores = [] if isinstance(run, xr.Dataset) else [run]
     if ds.attrs.get("store"):
         stores.append(ds.attrs["store"])
     found += [("store", str(Path(store).expanduser().resolve())) for store in stores]
+    sources = ds.attrs.get("sources") or []
+    digests = [s.get("sha256") if isinstance(s, dict) else None for s in sources]
+    if digests and all(isinstance(d, str) for d in digests):
+        found.append(("data", f"converted from files of SHA-256 {', '.join(map(str, digests))}"))
     return found
 
 

@@ -478,11 +478,12 @@ class GLMResult:
         like = self._like[0] if self._like else self.runs[0].attrs.get("store")
         if like is None:
             raise StoreError("this result has no voxel grid; fit from a store to write NIfTI")
-        from bigglm.io.artefacts import check_replaceable
+        from bigglm.io.artefacts import check_outside_stores, check_replaceable
 
         kind = con.check_kind(kind)
         named, labels = con.named_contrasts(contrasts), con.file_labels(contrasts)
         out_dir = Path(directory)
+        check_outside_stores(out_dir / "x")  # before the folder is made
         out_dir.mkdir(parents=True, exist_ok=True)
         stats = ("effect", "variance", kind, "p", "z")
         for name in named:
@@ -642,7 +643,7 @@ class GLMResult:
         ('sub-01_task-a_desc-residuals_bold.nii.gz', (2, 2, 1, 12))
         """
         from bigglm.glm.residuals import file_name, write_store
-        from bigglm.io.artefacts import check_replaceable
+        from bigglm.io.artefacts import check_outside_stores, check_replaceable
         from bigglm.io.export import to_nifti
 
         n_runs = len(self._runs)
@@ -653,6 +654,7 @@ class GLMResult:
                 "(e.g. ['sub-01_task-a_run-1', 'sub-01_task-a_run-2'])"
             )
         out_dir = Path(directory)
+        check_outside_stores(out_dir / "x")  # before the folder is made
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = [out_dir / file_name(p, whitened=whitened, format=format) for p in prefixes]
         kind = "residuals-store" if format == "zarr" else "image"

@@ -52,6 +52,7 @@ from bigglm.io.locks import Busy, alive, exclusive, me
 
 __all__ = [
     "KINDS",
+    "check_outside_stores",
     "check_replaceable",
     "kind_of",
     "marker",
@@ -267,6 +268,7 @@ def check_replaceable(target: str | os.PathLike[str], kind: str, *, overwrite: b
     marker(kind)  # a known kind
     if not target.parent.is_dir():
         raise StoreError(f"{target}: folder {target.parent} does not exist; create it first")
+    check_outside_stores(target)
     _check_sidecar(target, kind)
     if not (target.exists() or target.is_symlink()):
         return
@@ -288,6 +290,32 @@ def check_replaceable(target: str | os.PathLike[str], kind: str, *, overwrite: b
     if not overwrite:
         raise StoreError(
             f"{target}: already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+
+
+def check_outside_stores(target: str | os.PathLike[str]) -> None:
+    """Refuse a target inside a Zarr store (``bigglm fit --output run.zarr``): written
+    there, it would become part of the store (a user's file to bigglm, a group to Zarr).
+
+    Examples
+    --------
+    >>> import tempfile, zarr
+    >>> store = Path(tempfile.mkdtemp()) / "run.zarr"
+    >>> _ = zarr.open_group(store, mode="w")
+    >>> (store / "maps").mkdir()
+    >>> check_outside_stores(store / "maps" / "z.nii.gz")
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.StoreError: ...z.nii.gz: is inside the Zarr store .../run.zarr; ...
+    """
+    target = Path(target)
+    stores = [f for f in Path(os.path.abspath(target)).parents if (f / "zarr.json").is_file()]
+    if stores:  # the outermost: the store, not one of its arrays
+        found = _zarr_kind(stores[-1])
+        what = f"bigglm {found}" if found else "Zarr store"
+        raise StoreError(
+            f"{target}: is inside the {what} {stores[-1]}; writing there would make it "
+            "part of that store, choose a folder outside it"
         )
 
 

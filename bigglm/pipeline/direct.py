@@ -11,7 +11,7 @@ import numpy as np
 
 from bigglm.contrasts import default_kind, label
 from bigglm.exceptions import ConfigError, DesignError
-from bigglm.io.artefacts import check_replaceable
+from bigglm.io.artefacts import check_outside_stores, check_replaceable
 from bigglm.typing import ContrastKind
 
 __all__ = ["fit_stores", "parse_contrast_options"]
@@ -189,6 +189,7 @@ def fit_stores(
     ]
     _check_contrasts(named, designs)
     profile = ClusterConfig(profile="address", address=address) if address else ClusterConfig()
+    check_outside_stores(output / "glm.zarr")  # before the folder is made, inside a store
     output.mkdir(parents=True, exist_ok=True)
     prefixes = [Path(store).name.removesuffix(".zarr") for store in stores]
     for path, artefact in _outputs(output, named, prefixes, residuals):

@@ -6,6 +6,7 @@ catch a bad configuration in seconds, before any long work.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import warnings
@@ -21,8 +22,15 @@ import pandas as pd
 from bigglm.bids import Run, find_runs, parse_entities
 from bigglm.config import AnalysisConfig, RunInput
 from bigglm.design.options import check_tr
-from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, not_a_regular_file
+from bigglm.exceptions import (
+    BigGLMWarning,
+    ConfigError,
+    DesignError,
+    StoreError,
+    not_a_regular_file,
+)
 from bigglm.glm.noise import check_fit_size, noise_order
+from bigglm.io.artefacts import check_outside_stores
 
 __all__ = [
     "STATE",
@@ -230,7 +238,8 @@ def _check_confounds(config: AnalysisConfig, runs: list[Run]) -> None:
 
 
 def _check_output_folders(config: AnalysisConfig) -> None:
-    """Refuse an outputs or store folder that is, or is inside, something not a folder."""
+    """Refuse an outputs or store folder that is, or is inside, something not a folder,
+    or a Zarr store (the workflow's files made there became part of the store)."""
     for key, folder in (
         ("outputs.folder", config.outputs.folder),
         ("store.folder", config.store_folder),
@@ -241,6 +250,10 @@ def _check_output_folders(config: AnalysisConfig) -> None:
                 f"{key}: {existing} exists and is not a folder; choose another path "
                 "or move the file"
             )
+        try:
+            check_outside_stores(folder / "x")
+        except StoreError as err:
+            raise ConfigError(f"{key}: {folder} {str(err).split(': ', 1)[1]}") from None
 
 
 def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
@@ -294,8 +307,23 @@ def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
         check_fit_size(n_scans, design.shape[1], order, run.name)
     except DesignError as err:
         raise ConfigError(f"model: {err}") from None
-    store = config.store_folder / f"{run.name}_bold.zarr"
+    store = config.store_folder / store_name(config, run)
     return RunPlan(run, float(tr), n_scans, shape, affine, ref, store, design)
+
+
+def store_name(config: AnalysisConfig, run: Run) -> str:
+    """The name of a run's store in ``store.folder``.
+
+    A mask the config gives (``inputs.mask``, or a run's ``mask``) is part of the name
+    (``<run>_mask-<digest of its path>_bold.zarr``): two analyses sharing a store folder
+    with different masks would otherwise convert the same run, on different voxels, to
+    one path, each replacing the store the other is reading.
+    """
+    given = config.inputs.mask is not None or config.inputs.runs is not None
+    if run.mask is None or not given:
+        return f"{run.name}_bold.zarr"
+    digest = hashlib.sha256(str(Path(run.mask).resolve()).encode()).hexdigest()[:8]
+    return f"{run.name}_mask-{digest}_bold.zarr"
 
 
 def _bold_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray, int, float | None]:

@@ -553,17 +553,40 @@ def fit_step(
 def damaged_stores_set_aside(unit: UnitPlan) -> Iterator[None]:
     """A store of the unit found damaged while it is read is moved aside (not deleted),
     so that the next run converts the run anew instead of reusing the store: its digest
-    of the source still matches, and only a full read finds a flipped byte."""
+    of the source still matches, and only a full read finds a flipped byte. A store
+    another process replaced meanwhile (its folder is not the one read) is left alone:
+    it is that process's new store, and what failed was reading the old one's chunks
+    from it."""
+    read = {rp.store: _folder_id(rp.store) for rp in unit.runs}
     try:
         yield
     except StoreDamaged as err:
-        raise _set_aside(err, unit) from None
+        raise _set_aside(err, unit, read) from None
 
 
-def _set_aside(err: StoreDamaged, unit: UnitPlan) -> StoreError:
+def _folder_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None if it is missing: a rename into place changes it."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _set_aside(
+    err: StoreDamaged, unit: UnitPlan, read: dict[Path, tuple[int, int] | None]
+) -> StoreError:
     damaged = Path(err.store).resolve()
     for rp in unit.runs:
-        if rp.store.resolve() == damaged and kind_of(rp.store) == "run-store":
+        if rp.store.resolve() != damaged:
+            continue
+        if _folder_id(rp.store) != read.get(rp.store):
+            return StoreError(
+                f"{rp.store}: was replaced by another process while this analysis read it "
+                "(another analysis sharing the store folder, or bigglm.convert); "
+                "nothing was set aside, run the analysis again"
+            )
+        if kind_of(rp.store) == "run-store":
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             aside = rp.store.with_name(f".{rp.store.name}.damaged-{stamp}")
             os.rename(rp.store, aside)
