@@ -869,6 +869,8 @@ def _weights_expression(weights: Mapping[Any, Any]) -> str:
     --------
     >>> _weights_expression({"a": 1, "b": -0.5, "c": 0})
     'a - 0.5*b'
+    >>> _weights_expression({"a": 0})  # refused when parsed; named for the message
+    'contrast'
     """
     terms = []
     for column, weight in weights.items():
@@ -877,5 +879,7 @@ def _weights_expression(weights: Mapping[Any, Any]) -> str:
         size = abs(float(weight))
         term = str(column) if size == 1 else f"{size:g}*{column}"
         terms.append(("- " if weight < 0 else "+ ") + term)
-    text = " ".join(terms) or "contrast"
+    if not terms:
+        return "contrast"
+    text = " ".join(terms)
     return text[2:] if text.startswith("+ ") else "-" + text[2:]
