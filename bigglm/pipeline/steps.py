@@ -324,14 +324,13 @@ def pending_conversion(
     mask_sum = sums(mask) if mask is not None else None
     key = step_key("convert", sums(rp.run.bold), mask_sum, rp.tr, config.store.time_chunk)
     step = f"convert-{rp.run.name}"
-    if steps.done(step, key, [rp.store]) and _store_matches(rp, sums, mask):
-        return None
-    if _store_matches(rp, sums, mask):  # made elsewhere (`bigglm convert`) from the same file
+    if not _store_matches(rp, sums, mask):
+        rp.store.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(rp.store.parent, folder=True)  # only dead writers': safe shared
+        return key
+    if not steps.done(step, key, [rp.store]):  # made elsewhere (`bigglm convert`)
         steps.adopt(step, key)
-        return None
-    rp.store.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(rp.store.parent, folder=True)  # only dead writers': safe when shared
-    return key
+    return None
 
 
 @dataclass
