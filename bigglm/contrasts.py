@@ -65,6 +65,7 @@ __all__ = [
     "fixed_effects",
     "is_named",
     "label",
+    "map_file_name",
     "named_contrasts",
     "t_test",
 ]
@@ -647,6 +648,29 @@ def fixed_effects(
     effect[:, ~finite] = np.nan
     covariance[~finite] = np.nan
     return effect, covariance.transpose(1, 2, 0), dof
+
+
+def map_file_name(prefix: str, file_label: str, stat: str) -> str:
+    """The BIDS-derivatives name of a contrast's map (the one builder of that name).
+
+    Parameters
+    ----------
+    prefix : str
+        BIDS entities before ``contrast-`` (``"sub-01_task-faces"``), or ``""``.
+    file_label : str
+        The contrast's label (:func:`label`).
+    stat : str
+        ``effect``, ``variance``, ``t``/``F``/``stat``, ``p`` or ``z``.
+
+    Examples
+    --------
+    >>> map_file_name("sub-01", "facesMinusHouses", "z")
+    'sub-01_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
+    >>> map_file_name("", "a", "effect")
+    'contrast-a_stat-effect_statmap.nii.gz'
+    """
+    entities = f"{prefix}_" if prefix else ""
+    return f"{entities}contrast-{file_label}_stat-{stat}_statmap.nii.gz"
 
 
 def label(name: str) -> str:

@@ -502,7 +502,7 @@ class GLMResult:
 
     @staticmethod
     def _map_path(folder: Path, prefix: str, label: str, stat: str) -> Path:
-        return folder / f"{prefix}_contrast-{label}_stat-{stat}_statmap.nii.gz"
+        return folder / con.map_file_name(prefix, label, stat)
 
     # --- residuals -------------------------------------------------------------
     def residuals(self, run: int | None = None, *, whitened: bool = False) -> xr.DataArray:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bigglm.contrasts import default_kind, label
+from bigglm.contrasts import default_kind, label, map_file_name
 from bigglm.exceptions import ConfigError, DesignError
 from bigglm.io.artefacts import check_outside_stores, check_replaceable
 from bigglm.typing import ContrastKind
@@ -220,7 +220,7 @@ _MAP_STATS = ("effect", "variance", "stat", "z")
 
 
 def _map_path(output: Path, name: str, stat: str) -> Path:
-    return output / f"contrast-{label(name)}_stat-{stat}_statmap.nii.gz"
+    return output / map_file_name("", label(name), stat)
 
 
 def _outputs(

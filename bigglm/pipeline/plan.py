@@ -463,7 +463,7 @@ def map_path(config: AnalysisConfig, unit: str, contrast: str, stat: str) -> Pat
     >>> map_path(cfg, "sub-01_task-x", "faces_minus_houses", "z").name
     'sub-01_task-x_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
     """
-    from bigglm.contrasts import label
+    from bigglm.contrasts import label, map_file_name
 
-    name = f"{unit}_contrast-{label(contrast)}_stat-{stat}_statmap.nii.gz"
+    name = map_file_name(unit, label(contrast), stat)
     return unit_folder(config, unit) / name
