@@ -346,7 +346,7 @@ def _warm_imports(args: argparse.Namespace) -> None:
         # the modules themselves: bigglm's package imports are lazy
         import bigglm.design.matrix
         import bigglm.glm.engine
-        import bigglm.io.convert  # noqa: F401
+        import bigglm.io.conversion  # noqa: F401
 
         if args.workers or args.step == "bigglm_runs_ols":
             import distributed  # noqa: F401

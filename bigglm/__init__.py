@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # the names' homes; at run time each loads on first use
     from bigglm import design
     from bigglm.glm.engine import fit
     from bigglm.glm.result import GLMResult
-    from bigglm.io.convert import convert, convert_many
+    from bigglm.io.conversion import convert, convert_many
     from bigglm.io.export import to_nifti
     from bigglm.io.store import open_run
 else:
@@ -28,7 +28,7 @@ else:
             "bigglm": ["design"],
             "bigglm.glm.engine": ["fit"],
             "bigglm.glm.result": ["GLMResult"],
-            "bigglm.io.convert": ["convert", "convert_many"],
+            "bigglm.io.conversion": ["convert", "convert_many"],
             "bigglm.io.export": ["to_nifti"],
             "bigglm.io.store": ["open_run"],
         },

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -77,25 +76,4 @@ def lazy_exports(
     def __dir__() -> list[str]:
         return sorted({*vars(module), *where})
 
-    shadowed = frozenset(name for name, origin in where.items() if origin == f"{package}.{name}")
-    if shadowed:
-        module.__class__ = _names_over_submodules(shadowed)
     return __getattr__, __dir__
-
-
-def _names_over_submodules(names: frozenset[str]) -> type[types.ModuleType]:
-    """A package type on which ``names`` stay the exported objects, not same-named submodules.
-
-    After loading ``bigglm.io.convert`` the import system sets the module as attribute
-    ``convert`` of ``bigglm.io``; eager ``from bigglm.io.convert import convert`` in the
-    package then replaced it with the function. Here that assignment is dropped, so
-    ``bigglm.io.convert`` is the function whichever was imported first.
-    """
-
-    class Package(types.ModuleType):
-        def __setattr__(self, name: str, value: Any) -> None:
-            if name in names and isinstance(value, types.ModuleType):
-                return
-            super().__setattr__(name, value)
-
-    return Package

@@ -4,7 +4,7 @@ A configuration has six sections::
 
     inputs:    # a BIDS derivatives folder (with filters) or an explicit list of runs
     model:     # hrf, drift, high_pass, noise, slice_time_ref, ...
-    contrasts: # name: "expression" (t) or name: [rows...] (F); see bigglm.contrasts
+    contrasts: # name: "expression" (t) or name: [rows...] (F); see bigglm.glm.contrasts
     outputs:   # folder, which maps, residuals (off by default)
     store:     # where the Zarr stores go, chunking
     cluster:   # local (default), address, slurm, pbs or sge
@@ -366,7 +366,7 @@ class AnalysisConfig(_Section):
     @field_validator("contrasts")
     @classmethod
     def _contrast_names(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
-        from bigglm.contrasts import check_names
+        from bigglm.glm.contrasts import check_names
 
         for name, expression in value.items():
             if not _NAME.match(name):

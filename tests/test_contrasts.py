@@ -12,8 +12,8 @@ import xarray as xr
 from scipy import integrate, stats
 
 import bigglm
-from bigglm import contrasts as con
 from bigglm.exceptions import DesignError
+from bigglm.glm import contrasts as con
 
 
 @pytest.fixture(autouse=True)

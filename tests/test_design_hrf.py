@@ -13,7 +13,7 @@ import pytest
 from nilearn.glm.first_level import hemodynamic_models as nl
 
 from bigglm.design import convolution_matrix, from_time_function, hrf
-from bigglm.design.hrf import _gamma_pdf, convolve_regressor, hrf_basis
+from bigglm.design.hemodynamic import _gamma_pdf, convolve_regressor, hrf_basis
 from bigglm.exceptions import DesignError
 
 NILEARN_KERNELS = {

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from nilearn.glm.first_level import make_first_level_design_matrix
+from seed_hrfs import SEED_GAMMA, SEED_POWER
 
 from bigglm.design import frame_times, make_design
-from bigglm.design.examples import SEED_GAMMA, SEED_POWER
 from bigglm.exceptions import BigGLMWarning
 
 HRF_MODELS = [

@@ -12,6 +12,7 @@ import numpy.linalg as npl
 import numpy.testing as npt
 import pandas as pd
 import pytest
+from seed_hrfs import SEED_GAMMA, SEED_POWER, seed_gamma_hrf, seed_power_hrf
 
 from bigglm.design import (
     contrast_scale,
@@ -20,7 +21,6 @@ from bigglm.design import (
     make_design,
     orthogonalize,
 )
-from bigglm.design.examples import SEED_GAMMA, SEED_POWER, seed_gamma_hrf, seed_power_hrf
 
 
 @pytest.fixture(scope="module")

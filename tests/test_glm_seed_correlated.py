@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from seed_hrfs import seed_gamma_hrf
 
 import bigglm
-from bigglm.design.examples import seed_gamma_hrf
 
 
 @pytest.fixture(autouse=True)

@@ -129,9 +129,8 @@ def test_import_bigglm_loads_no_heavy_library() -> None:
 def test_public_names_are_their_eager_imports(submodules_first: bool) -> None:
     """Each name in ``__all__`` is the object its ``TYPE_CHECKING`` import names.
 
-    ``modules-first`` imports the defining modules before looking the names up: importing
-    ``bigglm.io.convert`` must not make ``bigglm.io.convert`` the module instead of the
-    function (nor ``bigglm.design.hrf``), just as with eager imports.
+    ``modules-first`` imports the defining modules before looking the names up, which
+    must not change what the names are, just as with eager imports.
     """
     homes = {package: _typed_names(package) for package in PACKAGES}
     report = _fresh(
@@ -164,6 +163,21 @@ def test_public_names_are_their_eager_imports(submodules_first: bool) -> None:
     )
     clean = {"wrong": [], "untyped": [], "extra": []}
     assert report["result"] == dict.fromkeys(PACKAGES, clean)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_public_function_shares_a_submodule_name(package: str) -> None:
+    """``bigglm.io.conversion`` is a module and ``bigglm.io.convert`` a function, never both.
+
+    When a package exports a function named like one of its modules, importing the module
+    rebinds the package attribute, and ``import bigglm.io.convert as m`` gives the function.
+    """
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    submodules = {info.name for info in pkgutil.iter_modules(pkg.__path__)}
+    functions = [n for n in pkg.__all__ if not inspect.ismodule(getattr(pkg, n))]
+    assert sorted(submodules & set(functions)) == []
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -223,7 +223,7 @@ def test_memory_does_not_grow_with_series_length(
     import importlib
     import tracemalloc
 
-    convert_module = importlib.import_module("bigglm.io.convert")  # the module, not the function
+    convert_module = importlib.import_module("bigglm.io.conversion")  # the module, not the function
     monkeypatch.setattr(convert_module, "READ_BLOCK_BYTES", 256 * 1024)
     peaks = {}
     for n_volumes in (100, 400):

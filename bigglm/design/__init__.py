@@ -3,7 +3,7 @@
 The design is computed once per run (a small ``time x regressor`` DataFrame) and shared
 by every voxel. Given the same arguments, :func:`make_design` gives the same columns as
 nilearn's ``make_first_level_design_matrix``. The names load their modules (and pandas)
-on first use (:mod:`bigglm._lazy`); ``bigglm.design.hrf`` is the function, not the module.
+on first use (:mod:`bigglm._lazy`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
         variance_inflation_factors,
     )
     from bigglm.design.events import read_events
-    from bigglm.design.hrf import convolution_matrix, from_time_function, hrf
+    from bigglm.design.hemodynamic import convolution_matrix, from_time_function, hrf
     from bigglm.design.matrix import frame_times, make_design, make_run_design
     from bigglm.design.orthogonal import orthogonalize
 else:
@@ -42,7 +42,7 @@ else:
                 "variance_inflation_factors",
             ],
             "bigglm.design.events": ["read_events"],
-            "bigglm.design.hrf": ["convolution_matrix", "from_time_function", "hrf"],
+            "bigglm.design.hemodynamic": ["convolution_matrix", "from_time_function", "hrf"],
             "bigglm.design.matrix": ["frame_times", "make_design", "make_run_design"],
             "bigglm.design.orthogonal": ["orthogonalize"],
         },

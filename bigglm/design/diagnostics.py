@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike, NDArray
 
-from bigglm.contrasts import contrast_rows
 from bigglm.exceptions import DesignError
+from bigglm.glm.contrasts import contrast_rows
 
 __all__ = [
     "check_estimable",
@@ -36,17 +36,6 @@ def _as_matrix(X: DesignLike) -> tuple[NDArray[np.float64], list[str]]:
     if values.ndim != 2:
         raise DesignError(f"a design must be 2-D (time x regressor), got shape {values.shape}")
     return values, [f"x{j}" for j in range(values.shape[1])]
-
-
-def _contrast_rows(
-    contrast: ArrayLike | Mapping[str, float], names: Sequence[str]
-) -> NDArray[np.float64]:
-    """A contrast as a (q, p) matrix, by the package's one parser.
-
-    :func:`bigglm.contrasts.contrast_rows`: a vector or matrix with one weight per
-    column, a weights dict ``{column: weight}`` (one contrast), an expression.
-    """
-    return contrast_rows(contrast, names)
 
 
 def contrast_scale(X: DesignLike, contrast: ArrayLike | Mapping[str, float]) -> float:
@@ -72,7 +61,7 @@ def contrast_scale(X: DesignLike, contrast: ArrayLike | Mapping[str, float]) -> 
     ------
     DesignError
         If the contrast does not have one weight per column, has several rows, or is
-        refused by :func:`bigglm.contrasts.contrast_rows` (unknown columns, NaN weights).
+        refused by :func:`bigglm.glm.contrasts.contrast_rows` (unknown columns, NaN weights).
 
     Examples
     --------
@@ -84,7 +73,7 @@ def contrast_scale(X: DesignLike, contrast: ArrayLike | Mapping[str, float]) -> 
     True
     """
     matrix, names = _as_matrix(X)
-    rows = _contrast_rows(contrast, names)
+    rows = contrast_rows(contrast, names)
     if rows.shape[0] != 1:
         raise DesignError(f"contrast_scale takes one contrast row, got {rows.shape[0]}")
     c = rows[0]
@@ -285,6 +274,8 @@ def check_estimable(
     X: DesignLike,
     C: ArrayLike | Mapping[str, float],
     names: Sequence[str] | None = None,
+    *,
+    name: str | None = None,
 ) -> None:
     """Raise if a contrast is not estimable under the design.
 
@@ -301,6 +292,8 @@ def check_estimable(
         contrast, as everywhere in bigglm), or an expression.
     names : sequence of str, optional
         Column names for the message (default: the DataFrame's columns, or ``x0 ..``).
+    name : str, optional
+        The contrast's name, to start the message with.
 
     Raises
     ------
@@ -322,7 +315,7 @@ def check_estimable(
     labels = list(default_names if names is None else names)
     if len(labels) != matrix.shape[1]:
         raise DesignError(f"got {len(labels)} names for a design of {matrix.shape[1]} columns")
-    rows = _contrast_rows(C, labels)
+    rows = contrast_rows(C, labels, name=name)
     null = _null_space(matrix)
     if null.size == 0:
         return
@@ -335,7 +328,8 @@ def check_estimable(
             condition = _relation(null[:, k], labels, "w[{}]")
             involved = ", ".join(repr(n) for g in _involved(null[:, bad], labels) for n in g)
             raise DesignError(
-                f"contrast row {i} is not estimable: columns {involved} are linearly "
+                ("" if name is None else f"contrast {name!r}: ")
+                + f"contrast row {i} is not estimable: columns {involved} are linearly "
                 f"dependent in the design ({relation} = 0), so a contrast's weights w "
                 f"must satisfy {condition} = 0 "
                 f"and this one gives {row @ _unit_relation(null[:, k]):.3g}; drop one "

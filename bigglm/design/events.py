@@ -29,7 +29,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from bigglm.design._warnings import warn_caller
-from bigglm.design.hrf import KernelFunction, convolve_regressor, hrf_basis
+from bigglm.design.hemodynamic import KernelFunction, convolve_regressor, hrf_basis
 from bigglm.design.options import check_grid_samples
 from bigglm.design.orthogonal import orthogonalize_in_order
 from bigglm.exceptions import DesignError, not_a_regular_file
@@ -325,7 +325,7 @@ def condition_regressors(
     frame_times : numpy.ndarray
         Increasing acquisition times (s).
     hrf : str, callable, sequence of callables or None, default="glover"
-        HRF model, see :func:`bigglm.design.hrf.hrf_basis`.
+        HRF model, see :func:`bigglm.design.hemodynamic.hrf_basis`.
     oversampling : int, default=50
         Samples per TR of the convolution grid.
     fir_delays : sequence of int, optional

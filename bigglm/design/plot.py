@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from bigglm.design.diagnostics import correlation_matrix
 from bigglm.design.events import HRFModel
-from bigglm.design.hrf import hrf_basis
+from bigglm.design.hemodynamic import hrf_basis
 
 __all__ = ["plot_correlation", "plot_design", "plot_hrf"]
 

@@ -27,8 +27,8 @@ import xarray as xr
 from dask.callbacks import Callback
 from dask.delayed import Delayed
 
-from bigglm import contrasts as con
 from bigglm.exceptions import DesignError, StoreError
+from bigglm.glm import contrasts as con
 from bigglm.glm.finish import STATUS_FLAGS, ar_contrast_variance
 from bigglm.glm.stats import DesignTerms
 from bigglm.typing import ContrastKind, ProgressCallback, ResidualFormat
@@ -237,7 +237,7 @@ class GLMResult:
             weight vector (one weight per column), a weights dict ``{column: weight}``
             (``{"faces": 1, "houses": -1}`` is faces - houses), or for F a list of
             expressions or a (q, P) matrix. Several: a dict ``{name: one contrast}``.
-            See :mod:`bigglm.contrasts` for what is refused.
+            See :mod:`bigglm.glm.contrasts` for what is refused.
         kind : {"t", "F"}
             Exactly ``"t"`` or ``"F"``.
         precision_weighted : bool
@@ -428,7 +428,7 @@ class GLMResult:
         stat in effect, variance, t or F, p and z (for F, effect and variance are 4D: one
         volume per contrast row, the variance being that row's); ``<label>`` is the dict key
         (or the expression; for a weights dict the expression it stands for) in camelCase,
-        by :func:`bigglm.contrasts.label`, e.g. ``facesMinusHouses``. Names whose labels
+        by :func:`bigglm.glm.contrasts.label`, e.g. ``facesMinusHouses``. Names whose labels
         collide, and names holding ``/``, ``\\`` or ``..``, are refused before anything is
         written. Each file is
         written atomically by :func:`bigglm.to_nifti`, on the grid of the first run
@@ -733,9 +733,7 @@ def _contrast_weights(
 ) -> np.ndarray:
     """The (q, P) contrast matrix for a run's design, checked to be estimable."""
     columns = [str(c) for c in ds["regressor"].values]
-    weights = con.contrast_matrix(spec, columns, kind, name=name)
-    con.check_estimable(weights, ds["design"].values, columns, name)
-    return weights
+    return con.estimable_contrast(spec, ds["design"].values, columns, kind=kind, name=name)
 
 
 def _run_effect(

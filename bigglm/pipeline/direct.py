@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from bigglm.contrasts import default_kind, label, map_file_name
 from bigglm.exceptions import ConfigError, DesignError
+from bigglm.glm.contrasts import default_kind, label, map_file_name
 from bigglm.io.artefacts import check_outside_stores, check_replaceable
 from bigglm.typing import ContrastKind
 
@@ -35,7 +35,7 @@ def parse_contrast_options(options: Sequence[str]) -> dict[str, str | list[str]]
     ------
     ConfigError
         For an item without ``=`` or with an empty name or expression, a name given
-        twice, or names refused by :func:`bigglm.contrasts.check_names` (a path
+        twice, or names refused by :func:`bigglm.glm.contrasts.check_names` (a path
         separator or ``..``, two names with the same file label).
 
     Examples
@@ -47,7 +47,7 @@ def parse_contrast_options(options: Sequence[str]) -> dict[str, str | list[str]]
     ...
     bigglm.exceptions.ConfigError: --contrast 'd=houses': the name 'd' is given twice; ...
     """
-    from bigglm.contrasts import check_names
+    from bigglm.glm.contrasts import check_names
 
     out: dict[str, str | list[str]] = {}
     for option in options:
@@ -74,13 +74,12 @@ def parse_contrast_options(options: Sequence[str]) -> dict[str, str | list[str]]
 
 def _check_contrasts(named: dict[str, str | list[str]], designs: Sequence[Any]) -> None:
     """Parse each contrast against each design before the fit (cheap; the fit is not)."""
-    from bigglm import contrasts as con
+    from bigglm.glm import contrasts as con
 
     for name, spec in named.items():
         for design in designs:
             columns = [str(c) for c in design.columns]
-            weights = con.contrast_matrix(spec, columns, con.default_kind(spec), name=name)
-            con.check_estimable(weights, design.to_numpy(np.float64), columns, name)
+            con.estimable_contrast(spec, design.to_numpy(np.float64), columns, name=name)
 
 
 def _per_store(values: Sequence[Path] | None, n: int, option: str) -> list[Path | None]:

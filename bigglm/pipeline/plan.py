@@ -398,14 +398,13 @@ def _check_contrasts(config: AnalysisConfig, runs: list[RunPlan]) -> None:
     """Parse every contrast against every run's design, as the fit will, and check it is
     estimable there: unknown columns, F rows that are linearly dependent and contrasts the
     design cannot estimate are reported now, not after the conversion."""
-    from bigglm import contrasts as con
+    from bigglm.glm import contrasts as con
 
     for name, spec in config.contrasts.items():
         for r in runs:
             columns = [str(c) for c in r.design.columns]
             try:
-                weights = con.contrast_matrix(spec, columns, con.default_kind(spec))
-                con.check_estimable(weights, r.design.to_numpy(np.float64), columns, name)
+                con.estimable_contrast(spec, r.design.to_numpy(np.float64), columns)
             except DesignError as err:
                 rows = [spec] if isinstance(spec, str) else spec
                 raise ConfigError(
@@ -463,7 +462,7 @@ def map_path(config: AnalysisConfig, unit: str, contrast: str, stat: str) -> Pat
     >>> map_path(cfg, "sub-01_task-x", "faces_minus_houses", "z").name
     'sub-01_task-x_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
     """
-    from bigglm.contrasts import label, map_file_name
+    from bigglm.glm.contrasts import label, map_file_name
 
     name = map_file_name(unit, label(contrast), stat)
     return unit_folder(config, unit) / name

@@ -605,7 +605,7 @@ def maps_step(
     steps: StepRecords,
     outcome: UnitOutcome,
 ) -> None:
-    from bigglm.contrasts import default_kind
+    from bigglm.glm.contrasts import default_kind
     from bigglm.glm.result import contrast_maps
     from bigglm.io import to_nifti
 

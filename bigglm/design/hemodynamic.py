@@ -185,7 +185,7 @@ def _callable_basis(
         except TypeError as err:
             raise DesignError(
                 f"HRF callable {name!r} failed when called as f(tr, oversampling): {err}; "
-                "wrap a function of time with bigglm.design.hrf.from_time_function"
+                "wrap a function of time with bigglm.design.from_time_function"
             ) from err
         if kernel.ndim != 1 or kernel.size == 0 or not np.all(np.isfinite(kernel)):
             raise DesignError(

@@ -52,13 +52,13 @@ from bigglm.typing import ContrastKind
 
 __all__ = [
     "ContrastSpec",
-    "check_estimable",
     "check_kind",
     "check_names",
     "contrast_matrix",
     "contrast_rows",
     "default_kind",
     "effect_and_covariance",
+    "estimable_contrast",
     "expression_to_vector",
     "f_test",
     "file_labels",
@@ -434,20 +434,33 @@ def _named(name: str | None, message: str) -> DesignError:
     return DesignError(f"contrast {name!r}: {message}")
 
 
-def check_estimable(contrast: Array, design: Array, columns: Sequence[str], name: str) -> None:
-    """Raise DesignError unless every row of the contrast is estimable under the design.
+def estimable_contrast(
+    spec: ContrastSpec,
+    design: Array,
+    columns: Sequence[str],
+    *,
+    kind: ContrastKind | None = None,
+    name: str | None = None,
+) -> Array:
+    """The (q, P) matrix of a contrast, checked to be estimable under ``design``.
 
-    The check itself is :func:`bigglm.design.diagnostics.check_estimable` (a contrast is
-    estimable when it is orthogonal to the design's null space); this adds the
-    contrast's name to its message, which names the linearly dependent columns.
+    What every fit, plan and CLI check does with a user's contrast: :func:`contrast_matrix`
+    (``kind`` defaults to :func:`default_kind`), then
+    :func:`bigglm.design.check_estimable` (a contrast is estimable when it is orthogonal
+    to the design's null space; the message names the linearly dependent columns).
 
     Parameters
     ----------
-    contrast : numpy.ndarray, shape (q, P)
+    spec : one contrast (see the module docstring)
     design : numpy.ndarray, shape (T, P)
     columns : sequence of str
-    name : str
-        The contrast's name, for the message.
+    kind : {"t", "F"}, optional
+    name : str, optional
+        The contrast's name, for messages.
+
+    Returns
+    -------
+    numpy.ndarray, shape (q, P)
 
     Raises
     ------
@@ -456,18 +469,19 @@ def check_estimable(contrast: Array, design: Array, columns: Sequence[str], name
     Examples
     --------
     >>> x = np.column_stack([np.tile([1.0, 0.0], 4), np.tile([0.0, 1.0], 4), np.ones(8)])
-    >>> check_estimable(np.array([[1.0, -1.0, 0.0]]), x, ["a", "b", "c"], "a - b")
-    >>> check_estimable(np.array([[1.0, 0.0, 0.0]]), x, ["a", "b", "c"], "a")
+    >>> estimable_contrast("a - b", x, ["a", "b", "c"])
+    array([[ 1., -1.,  0.]])
+    >>> estimable_contrast({"a": 1}, x, ["a", "b", "c"], name="a")
     Traceback (most recent call last):
     ...
     bigglm.exceptions.DesignError: contrast 'a': contrast row 0 is not estimable: ...
     """
     from bigglm.design import diagnostics
 
-    try:
-        diagnostics.check_estimable(design, contrast, names=list(columns))
-    except DesignError as err:
-        raise DesignError(f"contrast {name!r}: {err}") from None
+    kind = default_kind(spec) if kind is None else kind
+    weights = contrast_matrix(spec, columns, kind, name=name)
+    diagnostics.check_estimable(design, weights, names=list(columns), name=name)
+    return weights
 
 
 def effect_and_covariance(

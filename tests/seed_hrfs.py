@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import gamma
 
-from bigglm.design.hrf import from_time_function
+from bigglm.design.hemodynamic import from_time_function
 
 __all__ = ["SEED_GAMMA", "SEED_POWER", "seed_gamma_hrf", "seed_power_hrf"]
 
