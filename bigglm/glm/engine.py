@@ -24,10 +24,10 @@ import pandas as pd
 import xarray as xr
 from dask.base import tokenize
 from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from bigglm.exceptions import DesignError
 from bigglm.glm.finish import STATUS_FLAGS, finish_block
+from bigglm.glm.graphs import with_inputs
 from bigglm.glm.noise import check_fit_size, noise_order
 from bigglm.glm.result import GLMResult
 from bigglm.glm.stats import DesignTerms, chunk_statistics, combine
@@ -261,14 +261,12 @@ def _run_graph(
 ) -> tuple[xr.Dataset, list[tuple[slice, Delayed]]]:
     """The lazy result Dataset of one run, and its per-voxel-block finish tasks.
 
-    The graph is written out as one layer of tasks (building it with ``dask.delayed``
-    tokenises every call, which took longer than a small fit)."""
+    The graph is written out task by task (:mod:`bigglm.glm.graphs`)."""
     _check(ds, frame, order, index)
     terms = DesignTerms.build(frame.to_numpy(), order)
     bold = _voxel_chunks(_time_chunks(ds["bold"], order), frame.shape[1], order)
     array: da.Array = bold.data
     token = tokenize(array.name, frame.to_numpy(), order, split_every)
-    fit_layer = f"bigglm-fit-{token}"
     terms_key = f"DesignTerms-{token}"
     layer: dict[Any, Any] = {terms_key: terms}
     starts = np.concatenate([[0], np.cumsum(array.chunks[0])[:-1]]).astype(int)
@@ -292,14 +290,13 @@ def _run_graph(
         total = _tree(layer, leaves, split_every, f"combine-{token}", j)
         finish_keys.append((f"finish_block-{token}", j))
         layer[finish_keys[-1]] = (finish_block, total, offset, terms_key)
-    # dask's protocol stub disagrees with its own Array on __dask_scheduler__
-    graph = HighLevelGraph.from_collections(fit_layer, layer, dependencies=[array])  # type: ignore[list-item]
+    graph = with_inputs(layer, array)
     finishes = []
     lo = 0
     for key, width in zip(finish_keys, array.chunks[1], strict=True):
-        finishes.append((slice(lo, lo + width), Delayed(key, graph, layer=fit_layer)))
+        finishes.append((slice(lo, lo + width), Delayed(key, graph)))
         lo += width
-    dataset = _lazy_dataset(ds, frame, terms, graph, fit_layer, finish_keys, array.chunks[1], noise)
+    dataset = _lazy_dataset(ds, frame, terms, graph, token, finish_keys, array.chunks[1], noise)
     return dataset, finishes
 
 
@@ -326,24 +323,21 @@ def _lazy_dataset(
     ds: xr.Dataset,
     frame: pd.DataFrame,
     terms: DesignTerms,
-    graph: HighLevelGraph,
-    fit_layer: str,
+    graph: dict[Any, Any],
+    token: str,
     finish_keys: list[Any],
     widths: tuple[int, ...],
     noise: str,
 ) -> xr.Dataset:
     """Views of the finish tasks' outputs as one lazy Dataset."""
     n_reg, order = frame.shape[1], terms.order
-    token = fit_layer.rsplit("-", 1)[1]
 
     def stacked(name: str, rows: tuple[int, ...], dtype: Any) -> da.Array:
         array_name = f"{name}-{token}"
         lead = (0,) * len(rows)
-        layer = {(array_name, *lead, j): (getitem, key, name) for j, key in enumerate(finish_keys)}
-        layers = {**graph.layers, array_name: MaterializedLayer(layer)}
-        deps = {**graph.dependencies, array_name: {fit_layer}}
+        views = {(array_name, *lead, j): (getitem, key, name) for j, key in enumerate(finish_keys)}
         chunks = (*((r,) for r in rows), widths)
-        return da.Array(HighLevelGraph(layers, deps), array_name, chunks, dtype=dtype)
+        return da.Array({**graph, **views}, array_name, chunks, dtype=dtype)
 
     variables: dict[str, Any] = {
         "beta": (("regressor", "voxel"), stacked("beta", (n_reg,), np.float64)),

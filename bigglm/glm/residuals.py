@@ -42,12 +42,12 @@ import numpy as np
 import xarray as xr
 from dask.base import get_scheduler, tokenize
 from dask.graph_manipulation import clone
-from dask.highlevelgraph import HighLevelGraph
 from numpy.typing import NDArray
 
 from bigglm._allocator import tune as tune_allocator
 from bigglm.exceptions import StoreError
 from bigglm.glm import ar
+from bigglm.glm.graphs import with_inputs
 from bigglm.glm.linalg import serial_matmul
 from bigglm.io.artefacts import check_replaceable, writing
 from bigglm.io.store import StoreWriter, open_run
@@ -138,8 +138,7 @@ def residual_array(
                 start,
             )
     inputs = [bold, beta_blocks] + ([above, phi_blocks] if phi_blocks is not None else [])
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=inputs)
-    return da.Array(graph, name, bold.chunks, dtype=np.float32)
+    return da.Array(with_inputs(layer, *inputs), name, bold.chunks, dtype=np.float32)
 
 
 def per_voxel_block(values: Array | da.Array, widths: tuple[int, ...]) -> da.Array:

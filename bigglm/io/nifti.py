@@ -59,9 +59,6 @@ MAX_HEADER_TR = 100.0
 #: Size of one raw read from disk (bytes): each is hashed while the next is read.
 _READ_SIZE = 4 * 1024 * 1024
 
-#: Compressed bytes read at a time by the gzip decompressor.
-_GZIP_INPUT_SIZE = 1024 * 1024
-
 
 @dataclass(frozen=True)
 class SourceFile:
@@ -496,16 +493,13 @@ class _HashingReader:
 
 
 def _gzip_reader(fileobj: Any) -> Any:
-    """A sequential gzip decompressor over ``fileobj``, reading straight into the caller's buffer.
+    """A sequential gzip decompressor over ``fileobj`` (ISA-L, through its public ``IGzipFile``).
 
-    ISA-L's C reader (what :class:`isal.igzip.IGzipFile` wraps in a
-    :class:`io.BufferedReader`) decompresses directly into the buffer given to
-    ``readinto``, without the buffered layer's extra copy (~10 % faster).
+    Read in slices of :data:`_READ_SIZE`, its buffered layer passes most of each slice
+    straight to the decompressor (within a few per cent of ISA-L's unbuffered C reader,
+    measured on a 120 MB series).
     """
-    reader = getattr(igzip, "_IGzipReader", None)
-    if reader is None:  # pragma: no cover - older or newer isal
-        return igzip.IGzipFile(fileobj=fileobj, mode="rb")
-    return reader(fileobj, _GZIP_INPUT_SIZE)
+    return igzip.IGzipFile(fileobj=fileobj, mode="rb")
 
 
 class VolumeStream:
