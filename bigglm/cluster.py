@@ -8,6 +8,10 @@ a :class:`~bigglm.config.ClusterConfig` describes and closes what it started on 
 - ``slurm``, ``pbs``, ``sge``: worker processes that are batch jobs, through
   dask-jobqueue. Workers get ``--lifetime`` below the walltime (with a stagger, so they do
   not all leave at once) and restart, so a long fit outlives any single job.
+
+The worker processes of the clusters it starts (not of an ``address`` scheduler) begin with
+the glibc malloc thresholds of :mod:`bigglm.worker_memory` and run its pressure valve,
+unless the profile's ``tune_malloc`` is false.
 """
 
 from __future__ import annotations
@@ -123,7 +127,9 @@ def jobqueue_options(profile: ClusterConfig) -> dict[str, Any]:
     -------
     dict
         cores, processes, memory, walltime, queue, account, job_extra_directives,
-        worker_extra_args (with ``--lifetime``), python and the optional folders.
+        worker_extra_args (with ``--lifetime``), python, the optional folders and, with
+        ``tune_malloc``, a ``job_script_prologue`` that exports the malloc thresholds
+        (after the lines dask-jobqueue's own configuration gives).
 
     Examples
     --------
@@ -155,17 +161,51 @@ def jobqueue_options(profile: ClusterConfig) -> dict[str, Any]:
         "interface": profile.interface,
     }
     options.update({key: value for key, value in optional.items() if value is not None})
+    exports = _job_script_exports(profile)
+    if exports:
+        options["job_script_prologue"] = _configured_prologue(profile.profile) + exports
     return options
 
 
+def _malloc_environ(profile: ClusterConfig) -> dict[str, str]:
+    """The malloc variables for the worker processes of ``profile`` (none if opted out)."""
+    from bigglm.worker_memory import worker_environ
+
+    return worker_environ() if profile.tune_malloc else {}
+
+
+def _job_script_exports(profile: ClusterConfig) -> list[str]:
+    from bigglm.worker_memory import job_script_exports
+
+    return job_script_exports(_malloc_environ(profile))
+
+
+def _configured_prologue(kind: str) -> list[str]:
+    """The job-script prologue dask-jobqueue's configuration gives (its old name included),
+    which an explicit ``job_script_prologue`` would replace."""
+    import dask
+
+    for key in ("job-script-prologue", "env-extra"):
+        lines = dask.config.get(f"jobqueue.{kind}.{key}", default=None)
+        if lines:
+            return list(lines)
+    return []
+
+
 @contextmanager
-def client_from_profile(profile: ClusterConfig | None = None) -> Iterator[Any]:
+def client_from_profile(
+    profile: ClusterConfig | None = None, *, tune_malloc: bool | None = None
+) -> Iterator[Any]:
     """Start or join the Dask cluster a profile describes; yield a connected client.
 
     Parameters
     ----------
     profile : ClusterConfig, optional
         The ``cluster`` section of a configuration; ``None`` means ``local``.
+    tune_malloc : bool, optional
+        Overrides the profile's ``tune_malloc``: whether the worker processes of a
+        cluster started here run with bigglm's malloc thresholds and pressure valve
+        (:mod:`bigglm.worker_memory`). A scheduler joined by ``address`` is never changed.
 
     Yields
     ------
@@ -188,10 +228,13 @@ def client_from_profile(profile: ClusterConfig | None = None) -> Iterator[Any]:
     from distributed import Client
 
     profile = profile or ClusterConfig()
+    if tune_malloc is not None:
+        profile = profile.model_copy(update={"tune_malloc": tune_malloc})
     if profile.profile == "address":
         with _connect(profile.address or "") as client:
             yield client
         return
+    tuned = bool(_malloc_environ(profile))
     with (
         _distributed_level_restored(),
         _start_cluster(profile) as cluster,
@@ -200,6 +243,10 @@ def client_from_profile(profile: ClusterConfig | None = None) -> Iterator[Any]:
         if profile.profile != "local":
             _wait_for_batch_workers(client, profile)
         client.register_plugin(_quiet_bigglm_errors())
+        if tuned:
+            from bigglm.worker_memory import MallocValve
+
+            client.register_plugin(MallocValve())
         logger.info("dask cluster (%s): %s", profile.profile, _describe(client))
         try:
             yield client
@@ -241,7 +288,10 @@ def _start_cluster(profile: ClusterConfig) -> Iterator[Any]:
     if profile.profile == "local":
         from distributed import LocalCluster
 
-        with _interrupts_held():  # the worker processes inherit SIGINT blocked
+        from bigglm.worker_memory import spawn_environ
+
+        # the worker processes inherit SIGINT blocked, and start with the malloc thresholds
+        with _interrupts_held(), spawn_environ(_malloc_environ(profile)):
             cluster = LocalCluster(**local_options(profile))
         with cluster:
             yield cluster

@@ -291,7 +291,13 @@ class SubmitConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    """A Dask cluster profile: ``local``, ``address``, or a batch system via dask-jobqueue."""
+    """A Dask cluster profile: ``local``, ``address``, or a batch system via dask-jobqueue.
+
+    ``tune_malloc`` (local and batch profiles, default true): the worker processes bigglm
+    starts begin with glibc malloc thresholds at 32 MiB and run a valve that hands free
+    memory back near their memory limit (:mod:`bigglm.worker_memory`); false leaves
+    distributed's settings.
+    """
 
     profile: ClusterKind = "local"
     # local
@@ -314,6 +320,14 @@ class ClusterConfig(_Section):
     interface: str | None = None
     python: str | None = None
     submit: SubmitConfig = Field(default_factory=SubmitConfig)
+    # local and batch: the clusters bigglm starts
+    tune_malloc: bool = Field(
+        default=True,
+        description=(
+            "Start bigglm's worker processes with glibc malloc thresholds at 32 MiB and a "
+            "valve that hands free memory back near their limit; false keeps distributed's."
+        ),
+    )
 
     @field_validator("memory", "memory_limit")
     @classmethod
@@ -335,6 +349,11 @@ class ClusterConfig(_Section):
             )
         if self.address and self.profile != "address":
             raise ValueError(f"'address' is only used with profile 'address', not {self.profile!r}")
+        if self.profile == "address" and "tune_malloc" in self.model_fields_set:
+            raise ValueError(
+                "tune_malloc only applies to clusters bigglm starts (local, slurm, pbs, sge); "
+                "a scheduler joined by 'address' keeps its workers' settings; remove it"
+            )
         batch = {"jobs", "cores", "processes", "memory", "walltime", "queue", "account"}
         batch |= {"job_extra_directives", "interface", "python"}
         misplaced = sorted(batch & self.model_fields_set) if self.profile == "local" else []

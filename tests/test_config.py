@@ -25,9 +25,15 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert config.model.hrf == "glover"
     assert config.model.high_pass == 0.01
     assert config.cluster.profile == "local"
+    assert config.cluster.tune_malloc is True
     assert config.inputs.runs is not None
     assert config.inputs.runs[0].bold == Path("/data/bold.nii.gz")
     assert config.store_folder == Path("/data/out/stores")
+
+
+def test_malloc_tuning_can_be_turned_off() -> None:
+    config = parse_config({**MINIMAL, "cluster": {"profile": "slurm", "tune_malloc": False}})
+    assert config.cluster.tune_malloc is False
 
 
 def test_noise_error_names_the_field_and_the_fix() -> None:
@@ -84,6 +90,10 @@ def test_several_errors_are_all_reported_on_one_line() -> None:
         ({"inputs": {"bids": {"derivatives": "d", "subjects": [1]}}}, "quote subject labels"),
         ({"cluster": {"profile": "local", "cores": 4}}, "cores only apply to batch profiles"),
         ({"cluster": {"profile": "address"}}, "profile 'address' needs 'address'"),
+        (
+            {"cluster": {"profile": "address", "address": "tcp://h:8786", "tune_malloc": False}},
+            "tune_malloc only applies to clusters bigglm starts",
+        ),
         ({"cluster": {"profile": "slurm", "walltime": "1h"}}, "cluster.walltime: '1h'"),
         ({"cluster": {"profile": "slurm", "memory": "lots"}}, "cluster.memory: 'lots'"),
         ({"contrasts": {"a-b": "a - b"}}, "contrast name 'a-b' is used in file names"),

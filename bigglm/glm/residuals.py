@@ -44,7 +44,6 @@ from dask.base import get_scheduler, tokenize
 from dask.graph_manipulation import clone
 from numpy.typing import NDArray
 
-from bigglm._allocator import tune as tune_allocator
 from bigglm.exceptions import StoreError
 from bigglm.glm import ar
 from bigglm.glm.graphs import with_inputs
@@ -192,7 +191,6 @@ def _residual_block(
     Computed in float64 over slabs of voxels, so the task holds little more than its
     chunk and its output.
     """
-    tune_allocator()
     out = np.empty(y.shape, dtype=np.float32)
     n_rows = design.shape[0]
     step = max(1, _SLAB_BYTES // (8 * n_rows))

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from bigglm._allocator import tune as tune_allocator
 from bigglm.glm.ar import Ar1Basis
 from bigglm.glm.linalg import serial_matmul
 
@@ -267,7 +266,6 @@ def chunk_statistics(
     >>> part.lag_sums[:, 0]  # sum y^2, sum y_t y_(t-1)
     array([14.,  8.])
     """
-    tune_allocator()
     data = np.asarray(block)
     if not np.issubdtype(data.dtype, np.floating):
         data = data.astype(np.float64)

@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import zarr
 
-from bigglm._allocator import tune as tune_allocator
 from bigglm.exceptions import BigGLMWarning, StoreError
 from bigglm.io.artefacts import check_replaceable, writing
 from bigglm.io.mask import compute_epi_mask
@@ -152,7 +151,6 @@ def convert(
     ...     bigglm.open_run(path).bold.shape
     (20, 1071)
     """
-    tune_allocator()
     series = inspect_sources(sources, tr=tr)
     target = Path(store).expanduser().resolve()
     check_replaceable(target, "run-store", overwrite=overwrite)
