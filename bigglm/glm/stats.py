@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bigglm._allocator import tune as tune_allocator
-from bigglm.glm.ar import Ar1Basis
+from bigglm.glm.ar1 import Ar1Basis
 from bigglm.glm.linalg import serial_matmul
 
 __all__ = ["DesignTerms", "Partial", "chunk_statistics", "combine"]
