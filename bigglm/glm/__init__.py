@@ -1,11 +1,13 @@
 """The one-pass blockwise GLM engine: :func:`fit` and :class:`GLMResult`.
 
 Modules: :mod:`~bigglm.glm.stats` (per-chunk sufficient statistics),
-:mod:`~bigglm.glm.ar` (Yule–Walker and exact AR(p) whitening), :mod:`~bigglm.glm.finish`
-(per voxel block), :mod:`~bigglm.glm.engine` (the Dask graph),
-:mod:`~bigglm.glm.result` (the result and its outputs), :mod:`~bigglm.glm.linalg`
-(matrix products that keep BLAS off extra threads). :func:`fit` and :class:`GLMResult`
-load them (and Dask, xarray) on first use.
+:mod:`~bigglm.glm.ar` (Yule–Walker estimation and exact AR(p) whitening),
+:mod:`~bigglm.glm.ar1` (the AR(1) fast path), :mod:`~bigglm.glm.finish` (per voxel
+block), :mod:`~bigglm.glm.engine` (the Dask graph), :mod:`~bigglm.glm.result` (the result:
+its views and contrasts), :mod:`~bigglm.glm.orchestration` (computing the graph),
+:mod:`~bigglm.glm.persistence` (result stores, maps and residual files),
+:mod:`~bigglm.glm.linalg` (batched products and solves across voxels). :func:`fit` and
+:class:`GLMResult` load them (and Dask, xarray) on first use.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bigglm.glm import ar
-from bigglm.glm.linalg import serial_matmul
+from bigglm.glm.ar1 import Ar1Basis, ar1_inverse_form, ar1_solve_rotated
+from bigglm.glm.linalg import cholesky_solve, serial_matmul, solve_psd
 from bigglm.glm.stats import DesignTerms, Partial
 
 __all__ = ["STATUS_FLAGS", "ar_contrast_variance", "finish_block"]
@@ -102,8 +103,8 @@ def _residual_lag_sums(lag_sums: Array, cross: Array, beta: Array, terms: Design
     return np.stack(out)
 
 
-def _ar1_rotated(total: Partial, terms: DesignTerms, basis: ar.Ar1Basis) -> Array:
-    """``K'X'Y`` and ``K'((L + F)X)'Y`` stacked, (2r, v), K of :class:`~bigglm.glm.ar.Ar1Basis`.
+def _ar1_rotated(total: Partial, terms: DesignTerms, basis: Ar1Basis) -> Array:
+    """``K'X'Y`` and ``K'((L + F)X)'Y`` stacked, (2r, v), K of :class:`~bigglm.glm.ar1.Ar1Basis`.
 
     In these coordinates AR(1) needs no P x P product per voxel: ``K'X'XK = I`` and
     ``K'X'(L + F)XK = diag(lam)``, and ``K'`` of the design's first and last rows are
@@ -117,7 +118,7 @@ def _ar1_rotated(total: Partial, terms: DesignTerms, basis: ar.Ar1Basis) -> Arra
     return terms.lag_cross(total, combination=combination)
 
 
-def _ar1_residual_lag_sums(total: Partial, rotated: Array, basis: ar.Ar1Basis) -> Array:
+def _ar1_residual_lag_sums(total: Partial, rotated: Array, basis: Ar1Basis) -> Array:
     """:func:`_residual_lag_sums` for AR(1) in the basis's coordinates (OLS ``beta = K c0``)."""
     c0, c1 = np.split(rotated, 2)
     fitted = np.einsum("iv,iv->v", c0, c0)
@@ -126,12 +127,12 @@ def _ar1_residual_lag_sums(total: Partial, rotated: Array, basis: ar.Ar1Basis) -
 
 
 def _ar1_gls(
-    total: Partial, rotated: Array, phi: Array, terms: DesignTerms, basis: ar.Ar1Basis
+    total: Partial, rotated: Array, phi: Array, terms: DesignTerms, basis: Ar1Basis
 ) -> tuple[Array, Array]:
     """AR(1) GLS betas and whitened residual sums of squares in the basis's coordinates.
 
     ``K'X'QY = (1 + r^2) c0 - r c1 - r^2 (w_first y_1 + w_last y_T)`` is solved by
-    :func:`~bigglm.glm.ar.ar1_solve_rotated` (``beta = K`` times the solution); voxels
+    :func:`~bigglm.glm.ar1.ar1_solve_rotated` (``beta = K`` times the solution); voxels
     whose rank-2 correction is too close to singular take the general path.
     """
     r = phi[0]
@@ -142,7 +143,7 @@ def _ar1_gls(
     band = ar.band_coefficients(phi)
     top, bottom = ar.corner_correction(phi)
     yqy = ar.whitened_energy(band, top, bottom, total.lag_sums, total.head, total.tail)
-    inner, ok = ar.ar1_solve_rotated(basis, r, s)
+    inner, ok = ar1_solve_rotated(basis, r, s)
     beta = serial_matmul(basis.transform, inner)
     rss = yqy - np.einsum("iv,iv->v", inner, s)
     todo = np.flatnonzero(~ok)
@@ -179,7 +180,7 @@ def _general_solve(terms: DesignTerms, phi: Array, rhs: Array) -> Array:
     """``(X'QX)^+ rhs`` per voxel from each voxel's whitened Gram, voxel axis last.
 
     Full-rank designs: a Cholesky solve vectorised over the voxels; the pseudo-inverse
-    (:func:`~bigglm.glm.ar.solve_psd`) for rank-deficient designs and for any voxel
+    (:func:`~bigglm.glm.linalg.solve_psd`) for rank-deficient designs and for any voxel
     whose Gram is not numerically positive definite.
 
     Parameters
@@ -201,9 +202,7 @@ def _general_solve(terms: DesignTerms, phi: Array, rhs: Array) -> Array:
         for lo in range(0, rhs.shape[-1], _SOLVE_SLAB):  # (P, P, slab) stays in cache
             sl = slice(lo, lo + _SOLVE_SLAB)
             pieces = (band[:, sl], top[sl], bottom[sl], terms.lag_gram, x[:p], x[-p:])
-            out[:, :, sl], ok[sl] = ar.cholesky_solve(
-                ar.whitened_gram_stack(*pieces), rhs[:, :, sl]
-            )
+            out[:, :, sl], ok[sl] = cholesky_solve(ar.whitened_gram_stack(*pieces), rhs[:, :, sl])
         todo = np.flatnonzero(~ok)
     else:
         out = np.empty(rhs.shape)
@@ -213,7 +212,7 @@ def _general_solve(terms: DesignTerms, phi: Array, rhs: Array) -> Array:
             band[:, todo], top[todo], bottom[todo], terms.lag_gram, x[:p], x[-p:]
         )
         rows = np.ascontiguousarray(rhs[:, :, todo].transpose(2, 0, 1))
-        out[:, :, todo] = ar.solve_psd(gram, rows, terms.rank).transpose(1, 2, 0)
+        out[:, :, todo] = solve_psd(gram, rows, terms.rank).transpose(1, 2, 0)
     return out
 
 
@@ -256,7 +255,7 @@ def ar_contrast_variance(terms: DesignTerms, phi: Array, contrast: Array) -> Arr
     bad = ~np.all(np.isfinite(phi), axis=0)
     clean = np.where(bad, 0.0, phi)
     if terms.ar1 is not None:
-        out, ok = ar.ar1_inverse_form(terms.ar1, clean[0], contrast)
+        out, ok = ar1_inverse_form(terms.ar1, clean[0], contrast)
         todo = np.flatnonzero(~ok)
     else:
         out = np.empty((contrast.shape[0], contrast.shape[0], phi.shape[1]))

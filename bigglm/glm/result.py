@@ -6,6 +6,11 @@ design ``design(time, regressor)`` and provenance attributes. Those are all that
 contrasts need: ``(X'X)^+`` follows from the design and, for AR(p) noise, each voxel's
 ``(X~'X~)^+`` follows from the design and the voxel's AR coefficients, so any number of
 contrasts are computed without touching the data again.
+
+This module holds the views of a result and its contrasts. How the lazy fit is computed
+is :mod:`bigglm.glm.orchestration`; how results, maps and residuals are written and read
+back is :mod:`bigglm.glm.persistence`. :class:`GLMResult`'s methods are the public entry
+points to both.
 """
 
 from __future__ import annotations
@@ -13,35 +18,30 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from itertools import pairwise
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import dask
 import numpy as np
 import xarray as xr
-from dask.callbacks import Callback
 from dask.delayed import Delayed
 
 from bigglm.exceptions import DesignError, StoreError
 from bigglm.glm import contrasts as con
+from bigglm.glm import persistence
 from bigglm.glm.finish import STATUS_FLAGS, ar_contrast_variance
+from bigglm.glm.orchestration import compute_blocks, on_scheduler, over_voxel_slices
 from bigglm.glm.stats import DesignTerms
 from bigglm.typing import ContrastKind, ProgressCallback, ResidualFormat
 
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["GLMResult"]
+__all__ = ["GLMResult", "contrast_maps"]
 
 logger = logging.getLogger(__name__)
 
 _BATCH_BYTES = 64 * 2**20
-_T = TypeVar("_T")
 _FITTED = ("beta", "sigma2", "status", "ar")
 
 
@@ -165,7 +165,7 @@ class GLMResult:
         tasks = [fin for run in self._finishes for _, fin in run]
         logger.info("fitting %d voxel blocks of %d run(s)", len(tasks), len(self._runs))
         started = time.perf_counter()
-        values = iter(self._run_tasks(tasks, progress))
+        values = iter(compute_blocks(tasks, self._client, progress))
         logger.info("fit done in %.1f s", time.perf_counter() - started)
         runs = [
             self._assemble(ds, [next(values) for _ in blocks])
@@ -173,34 +173,6 @@ class GLMResult:
         ]
         self._computed = GLMResult(runs, client=self._client, like=self._like)
         return self._computed
-
-    def _run_tasks(self, tasks: list[Delayed], progress: ProgressCallback | None) -> list[Any]:
-        """Compute the finish tasks on the client, or on Dask's default scheduler."""
-        total = len(tasks)
-        if self._client is not None:
-            from distributed import as_completed
-
-            # Each block's result is fetched as soon as it is done and released on the
-            # worker, so workers never hold the whole result (beta alone is P x V float64).
-            with _design_in_graph():
-                futures = self._client.compute(tasks)
-            slots: dict[str, list[int]] = {}
-            for i, future in enumerate(futures):
-                slots.setdefault(future.key, []).append(i)
-            values: list[Any] = [None] * total
-            done = 0
-            stream = as_completed(futures, loop=self._client.loop, with_results=True)
-            del futures
-            for future, value in stream:
-                for i in slots.pop(future.key, []):
-                    values[i] = value
-                    done += 1
-                future.release()
-                if progress is not None:
-                    progress(done, total)
-            return values
-        with _FinishCounter(progress, total), _design_in_graph():
-            return list(dask.compute(*tasks))
 
     @staticmethod
     def _assemble(lazy: xr.Dataset, blocks: list[dict[str, np.ndarray]]) -> xr.Dataset:
@@ -310,7 +282,7 @@ class GLMResult:
                 return effect, covariance, con.t_test(effect[0], covariance[0, 0], dof)
             return effect, covariance, con.f_test(effect, covariance, dof)
 
-        parts = _over_voxel_slices(piece, runs[0].sizes["voxel"])
+        parts = over_voxel_slices(piece, runs[0].sizes["voxel"])
         effect = np.concatenate([p[0] for p in parts], axis=-1)
         covariance = np.concatenate([p[1] for p in parts], axis=-1)
         tested = {key: np.concatenate([p[2][key] for p in parts]) for key in ("stat", "p", "z")}
@@ -351,24 +323,9 @@ class GLMResult:
         >>> GLMResult.from_zarr(out).beta.shape
         (1, 3)
         """
-        from bigglm.io.artefacts import check_replaceable, writing
-        from bigglm.io.integrity import checksummed_encoding
-
-        target = Path(path).expanduser().resolve()
-        check_replaceable(target, "glm-result", overwrite=overwrite)
-        runs = self.compute().runs
-        with writing(target, "glm-result", overwrite=overwrite, directory=True) as temp:
-            groups = [None] if len(runs) == 1 else [f"run-{i}" for i in range(len(runs))]
-            for ds, group in zip(runs, groups, strict=True):
-                ds.to_zarr(
-                    temp,
-                    group=group,
-                    mode="w" if group is None else "a",
-                    consolidated=False,
-                    encoding=checksummed_encoding(ds),
-                )
-            _mark_complete(temp, len(runs))
-        return target
+        return persistence.write_result_store(
+            path, lambda: self.compute().runs, overwrite=overwrite
+        )
 
     @classmethod
     def from_zarr(cls, path: str | os.PathLike[str]) -> GLMResult:
@@ -396,21 +353,7 @@ class GLMResult:
         >>> GLMResult.from_zarr(path).runs[0].attrs["noise"]
         'ols'
         """
-        import zarr
-
-        try:
-            root = zarr.open_group(str(path), mode="r")
-        except FileNotFoundError as err:
-            raise StoreError(f"{path} is not a bigglm result store") from err
-        info = root.attrs.get("bigglm_result")
-        if not isinstance(info, dict) or not info.get("complete"):
-            raise StoreError(f"{path} is not a complete bigglm result store; fit again")
-        n_runs = int(info["n_runs"])
-        groups = [None] if n_runs == 1 else [f"run-{i}" for i in range(n_runs)]
-        runs = [_load(path, group) for group in groups]
-        for ds in runs:
-            ds.attrs.pop("bigglm_result", None)
-        return cls(runs)
+        return cls(persistence.read_result_store(path))
 
     def to_nifti(
         self,
@@ -473,36 +416,18 @@ class GLMResult:
         >>> files[-1].name
         'sub-01_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
         """
-        import bigglm
-
         like = self._like[0] if self._like else self.runs[0].attrs.get("store")
         if like is None:
             raise StoreError("this result has no voxel grid; fit from a store to write NIfTI")
-        from bigglm.io.artefacts import check_outside_stores, check_replaceable
-
         kind = con.check_kind(kind)
-        named, labels = con.named_contrasts(contrasts), con.file_labels(contrasts)
-        out_dir = Path(directory)
-        check_outside_stores(out_dir / "x")  # before the folder is made
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stats = ("effect", "variance", kind, "p", "z")
-        for name in named:
-            for stat in stats:
-                path = self._map_path(out_dir, prefix, labels[name], stat)
-                check_replaceable(path, "image", overwrite=overwrite)
-        written = []
-        for name, spec in named.items():
-            maps = self.contrast(spec, kind=kind, precision_weighted=precision_weighted)
-            for stat, values in contrast_maps(maps).items():
-                stat = kind if stat == "stat" else stat
-                path = self._map_path(out_dir, prefix, labels[name], stat)
-                bigglm.to_nifti(values, like, path, overwrite=overwrite)
-                written.append(path)
-        return written
 
-    @staticmethod
-    def _map_path(folder: Path, prefix: str, label: str, stat: str) -> Path:
-        return folder / con.map_file_name(prefix, label, stat)
+        def maps_of(spec: con.ContrastSpec) -> dict[str, xr.DataArray]:
+            maps = self.contrast(spec, kind=kind, precision_weighted=precision_weighted)
+            return contrast_maps(maps)
+
+        return persistence.write_contrast_maps(
+            directory, contrasts, maps_of, like=like, prefix=prefix, kind=kind, overwrite=overwrite
+        )
 
     # --- residuals -------------------------------------------------------------
     def residuals(self, run: int | None = None, *, whitened: bool = False) -> xr.DataArray:
@@ -642,40 +567,17 @@ class GLMResult:
         >>> path.name, nib.load(path).shape
         ('sub-01_task-a_desc-residuals_bold.nii.gz', (2, 2, 1, 12))
         """
-        from bigglm.glm.residuals import file_name, write_store
-        from bigglm.io.artefacts import check_outside_stores, check_replaceable
-        from bigglm.io.export import to_nifti
-
         n_runs = len(self._runs)
-        prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
-        if len(prefixes) != n_runs:
-            raise DesignError(
-                f"got {len(prefixes)} prefixes for {n_runs} runs; give one per run "
-                "(e.g. ['sub-01_task-a_run-1', 'sub-01_task-a_run-2'])"
-            )
-        out_dir = Path(directory)
-        check_outside_stores(out_dir / "x")  # before the folder is made
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = [out_dir / file_name(p, whitened=whitened, format=format) for p in prefixes]
-        kind = "residuals-store" if format == "zarr" else "image"
-        for path in paths:
-            check_replaceable(path, kind, overwrite=overwrite)
+        paths = persistence.residual_paths(
+            directory, prefix, n_runs, whitened=whitened, format=format, overwrite=overwrite
+        )
         sources = [self._source(index) for index in range(n_runs)]
-        for index, like in enumerate(sources):  # every run checked before any is written
-            if "mask" not in like or "affine" not in like.attrs:
-                raise StoreError(
-                    f"run {index} has no voxel grid (mask, affine); fit from a store "
-                    "to write residuals"
-                )
-        active = client if client is not None else self._client
-        with dask.config.set(scheduler=active) if active is not None else nullcontext():
+        persistence.check_voxel_grids(sources)  # every run checked before any is written
+        with on_scheduler(client if client is not None else self._client):
             for index, (path, like) in enumerate(zip(paths, sources, strict=True)):
                 values = self.residuals(index, whitened=whitened)
                 logger.info("writing %s (a second pass over run %d)", path, index)
-                if format == "zarr":
-                    write_store(values, like, path, overwrite=overwrite)
-                else:
-                    to_nifti(values, like, path, overwrite=overwrite)
+                persistence.write_residual(values, like, path, format=format, overwrite=overwrite)
         return paths
 
     def _run_index(self, run: int | None) -> int:
@@ -756,27 +658,6 @@ def _run_effect(
     )
 
 
-#: Fewest voxels per slice worth a thread of their own.
-_MIN_SLICE = 16_384
-
-
-def _over_voxel_slices(func: Callable[[slice], _T], n_vox: int) -> list[_T]:
-    """``func`` of consecutive voxel slices, in order, computed on a thread pool.
-
-    Examples
-    --------
-    >>> _over_voxel_slices(lambda sl: (sl.start, sl.stop), 10)
-    [(0, 10)]
-    """
-    n_slices = max(1, min(os.cpu_count() or 1, n_vox // _MIN_SLICE))
-    edges = np.linspace(0, n_vox, n_slices + 1).astype(int)
-    slices = [slice(int(lo), int(hi)) for lo, hi in pairwise(edges)]
-    if n_slices == 1:
-        return [func(slices[0])]
-    with ThreadPoolExecutor(n_slices) as pool:
-        return list(pool.map(func, slices))
-
-
 def _contrast_dataset(
     name: str,
     kind: ContrastKind,
@@ -802,49 +683,3 @@ def _contrast_dataset(
     coords = {"row": np.arange(effect.shape[0]), "row2": np.arange(effect.shape[0])}
     attrs = {"name": name, "kind": kind, "weights": weights.tolist()}
     return xr.Dataset(data, coords=coords if kind == "F" else None, attrs=attrs)
-
-
-class _FinishCounter(Callback):
-    """Report finished voxel blocks to a progress callback (local schedulers)."""
-
-    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
-        super().__init__()
-        self._progress, self._total, self._done = progress, total, 0
-
-    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        name = key[0] if isinstance(key, tuple) else key
-        if self._progress is not None and str(name).startswith("finish_block"):
-            self._done += 1
-            self._progress(self._done, self._total)
-
-
-@contextmanager
-def _design_in_graph() -> Iterator[None]:
-    """Silence distributed's warning about a large graph when the graph is large because of
-    the design: its terms are one task of the graph (the fit's graph holds them once, and
-    the workers fetch them once), which is what that warning advises, not what it warns
-    of. A wide design over a long run is tens of MB (39 MB for 257 columns x 6,400 scans)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
-        yield
-
-
-def _load(path: str | os.PathLike[str], group: str | None) -> xr.Dataset:
-    """One run of a result store, in memory; a chunk failing its checksum is a StoreError."""
-    try:
-        return xr.open_zarr(path, group=group, consolidated=False).load()
-    except ValueError as err:
-        if "checksum" not in str(err):
-            raise
-        raise StoreError(
-            f"{path}: a chunk of the result store is damaged (checksum mismatch); fit again "
-            "and write the result with overwrite=True"
-        ) from err
-
-
-def _mark_complete(store: Path, n_runs: int) -> None:
-    """Write the completion flag last."""
-    import zarr
-
-    root = zarr.open_group(str(store), mode="a")
-    root.attrs["bigglm_result"] = {"n_runs": n_runs, "complete": True}

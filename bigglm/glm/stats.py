@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from bigglm.glm.ar import Ar1Basis
+from bigglm.glm.ar1 import Ar1Basis
 from bigglm.glm.linalg import serial_matmul
 
 __all__ = ["DesignTerms", "Partial", "chunk_statistics", "combine"]
@@ -62,7 +62,7 @@ class DesignTerms:
         data; the others are probes, mapped by the identity.
     ar1 : Ar1Basis or None
         For AR(1) noise, the basis in which every voxel's whitened Gram is a diagonal
-        plus a rank-2 term (:class:`~bigglm.glm.ar.Ar1Basis`); None otherwise.
+        plus a rank-2 term (:class:`~bigglm.glm.ar1.Ar1Basis`); None otherwise.
 
     Examples
     --------
