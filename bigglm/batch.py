@@ -86,7 +86,7 @@ def scheduler_of(config: AnalysisConfig, given: str | None = None) -> Scheduler:
     if kind not in ("slurm", "pbs", "sge"):
         raise ConfigError(
             f"cluster.profile is {config.cluster.profile!r}, not a batch system; set it to "
-            "'slurm', 'pbs' or 'sge', or pass --scheduler"
+            "'slurm', 'pbs' or 'sge', or pass scheduler=..."
         )
     return kind  # type: ignore[return-value]
 
@@ -243,6 +243,7 @@ def submit(
     ...
     bigglm.exceptions.ConfigError: inputs: /nope.nii.gz does not exist; check the path
     """
+    from bigglm.io.artefacts import replace_atomically
     from bigglm.pipeline import STATE, plan
 
     kind = scheduler_of(config, scheduler)
@@ -253,7 +254,7 @@ def submit(
     (config.outputs.folder / "logs").mkdir(exist_ok=True)
     subjects = sorted({u.subject for u in units})
     subjects_file = jobs / "subjects.txt"
-    subjects_file.write_text("".join(f"{s}\n" for s in subjects))
+    replace_atomically(subjects_file, "".join(f"{s}\n" for s in subjects))
     tasks = len(subjects) if chosen == "array" else 1
     text = job_script(
         Path(config_path).resolve(),
@@ -264,8 +265,7 @@ def submit(
         n_tasks=tasks,
     )
     script = jobs / f"{chosen}.{kind}.sh"
-    script.write_text(text)
-    script.chmod(0o755)
+    replace_atomically(script, text).chmod(0o755)
     job_id = "" if dry_run else _submit_script(kind, script)
     return Submission(job_id, script, chosen, tasks)
 
@@ -275,7 +275,7 @@ def _submit_script(kind: Scheduler, script: Path) -> str:
     if shutil.which(command[0]) is None:
         raise ConfigError(
             f"{command[0]} is not on PATH: submit from a {kind.upper()} login node, "
-            f"or check --scheduler (the script is at {script})"
+            f"or check scheduler=... (the script is at {script})"
         )
     done = subprocess.run(
         command, capture_output=True, text=True, check=False, cwd=script.parent, env=os.environ

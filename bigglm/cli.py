@@ -31,15 +31,52 @@ logger = logging.getLogger("bigglm")
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DesignError, OSError)
 
 
-def _one_line(err: BaseException) -> str:
-    """The message of a user error; an ``OSError`` from the system as ``path: reason``."""
+#: The library's words for an option, per sub-command, and the flag that gives it there.
+#: Names (no ``=``) are translated where a message starts with them (``contrasts 'a': ...``),
+#: options with a value (``overwrite=True``) wherever they stand.
+_FLAGS: dict[str, dict[str, str]] = {
+    "convert": {"overwrite=True": "--overwrite"},
+    "run": {"overwrite=True": "--overwrite", "subjects": "--subject"},
+    "validate": {"subjects": "--subject"},
+    "submit": {"scheduler=...": "--scheduler"},
+    "fit": {
+        "overwrite=True": "--overwrite",
+        "contrasts": "--contrast",
+        "events": "--events",
+        "confounds": "--confounds",
+        "residuals": "--residuals",
+    },
+}
+
+
+def _one_line(err: BaseException, command: str = "") -> str:
+    """The message of a user error in the command's words (its flags for the library's
+    options); an ``OSError`` from the system as ``path: reason``."""
     if isinstance(err, OSError) and not isinstance(err, StoreError) and err.strerror:
         import errno
 
         where = f"{err.filename}: " if err.filename is not None else ""
         code = errno.errorcode.get(err.errno or 0)
         return f"{where}{err.strerror}" + (f" ({code})" if code else "")
-    return " ".join(str(err).split()) or type(err).__name__
+    return _in_flags(" ".join(str(err).split()) or type(err).__name__, command)
+
+
+def _in_flags(message: str, command: str) -> str:
+    """``message`` with the library's option names replaced by ``command``'s flags.
+
+    Examples
+    --------
+    >>> _in_flags("x.zarr: already exists; pass overwrite=True to replace it", "convert")
+    'x.zarr: already exists; pass --overwrite to replace it'
+    >>> _in_flags("contrasts 'a': write NAME=EXPRESSION", "fit")
+    "--contrast 'a': write NAME=EXPRESSION"
+    """
+    for words, flag in _FLAGS.get(command, {}).items():
+        if "=" in words:
+            message = message.replace(words, flag)
+        elif message.startswith(words) and message[len(words) : len(words) + 1] in " :=":
+            message = flag + message[len(words) :]
+    return message
 
 
 @contextmanager
@@ -438,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except USER_ERRORS as err:
             if args.verbosity > 0:
                 logger.exception("failed")
-            print(f"bigglm {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            print(f"bigglm {args.command}: error: {_one_line(err, args.command)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             _quiet_shutdown()

@@ -23,7 +23,22 @@ class DesignError(ValueError):
 
 
 class StoreError(OSError):
-    """A source file or Zarr store is missing, unreadable, incomplete or inconsistent."""
+    """A source file or Zarr store is missing, unreadable, incomplete or inconsistent.
+
+    An ``OSError``, as the system's own errors about files are: code that handles a
+    file that cannot be read (``except OSError``) handles bigglm's too, and the CLI
+    shows both as one line (its :data:`bigglm.cli.USER_ERRORS`; a StoreError by its
+    message, the system's by path and reason).
+
+    The other side of it: an ``except OSError`` meant for the system's errors also
+    catches a StoreError (or :class:`StoreDamaged`), which must not be swallowed or
+    reworded. bigglm's handlers take care of it: the NIfTI read loop
+    (:mod:`bigglm.io.nifti`) re-raises a StoreError before it turns an ``OSError`` into
+    "read error", and :class:`bigglm.io.integrity.ChunkReader` passes every ``OSError``
+    on unchanged. Every other ``except OSError`` in bigglm wraps one call of the
+    standard library (reading a small file, ``stat``), from which no StoreError can
+    come; a new handler around bigglm code must re-raise StoreError first.
+    """
 
 
 class StoreDamaged(StoreError):

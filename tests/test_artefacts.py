@@ -437,3 +437,28 @@ def test_a_design_table_is_bigglms_only_while_its_sidecar_says_so(tmp_path: Path
         with writing(theirs, "design-table", overwrite=True) as stage:
             stage.write_text("a\n5\n")
     assert theirs.with_suffix(".json").read_text() == '{"Description": "mine"}'
+
+
+def test_replace_atomically_syncs_and_leaves_the_old_file_when_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bigglm's state files: flushed to disk before the rename; a failed write leaves the
+    old file as it was and no temporary file beside it."""
+    from bigglm.io import artefacts
+
+    state = tmp_path / "state.json"
+    artefacts.replace_atomically(state, "old")
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(artefacts.os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    assert artefacts.replace_atomically(state, b"new").read_bytes() == b"new"
+    assert synced
+
+    def disk_full(source: object, target: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artefacts.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        artefacts.replace_atomically(state, "newer")
+    assert state.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]

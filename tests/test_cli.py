@@ -205,6 +205,25 @@ def test_submit_without_a_batch_profile_is_one_line(
     assert "not a batch system; set it to 'slurm', 'pbs' or 'sge', or pass --scheduler" in line
 
 
+def test_a_library_error_names_the_option_and_the_cli_its_flag(
+    tiny_bids: Path, tiny_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bigglm.pipeline speaks of ``subjects`` (its keyword); ``bigglm validate`` of
+    ``--subject`` (its flag), translating the message where it catches it."""
+    from bigglm.config import parse_config
+    from bigglm.exceptions import ConfigError
+    from bigglm.pipeline import plan
+
+    config = tiny_config(tiny_bids, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"^subjects 99: no run of these subjects") as info:
+        plan(parse_config(config), ["99"])
+    assert "--" not in str(info.value)
+    line = _main_one_line(
+        capsys, "validate", str(_yaml(tmp_path / "a.yaml", config)), "--subject", "99"
+    )
+    assert "error: --subject 99: no run of these subjects; check the labels" in line
+
+
 def test_submit_dry_run_for_pbs_and_sge(tiny_bids: Path, tiny_config: Any, tmp_path: Path) -> None:
     config = _yaml(tmp_path / "a.yaml", tiny_config(tiny_bids, tmp_path / "out"))
     for scheduler, array_line in (("pbs", "#PBS -J 0-1"), ("sge", "#$ -t 1-2")):

@@ -65,6 +65,23 @@ def test_truncated_gz_leaves_nothing(write_nifti, series, tmp_path: Path, with_m
     _refuses(cut, tmp_path, "cut.nii.gz: .*truncated", mask=mask)
 
 
+def test_a_store_error_while_reading_is_not_rewrapped(
+    write_nifti, series, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """StoreError is an OSError: the read loop's ``except OSError`` (for the system's read
+    errors) passes bigglm's own StoreError on as it is, not as "read error (...)"."""
+    import bigglm.io.nifti as nifti
+
+    path = write_nifti(series, "whole.nii")
+
+    def ended_early(stream: object, view: memoryview, source: nifti.SourceFile) -> None:
+        raise StoreError(f"{source.path}: truncated: the data ended 4 bytes early; re-copy")
+
+    monkeypatch.setattr(nifti, "_read_exact", ended_early)
+    err = _refuses(path, tmp_path, r"whole.nii: truncated: the data ended 4 bytes early; re-copy$")
+    assert "read error" not in str(err)
+
+
 def test_corrupt_gz_crc(write_nifti, series, tmp_path: Path) -> None:
     whole = write_nifti(series, "whole.nii")
     raw = bytearray(gzip.compress(whole.read_bytes()))
@@ -211,7 +228,7 @@ def test_cli_converts_and_refuses_to_overwrite(
     assert ds.bold.data.chunks[0] == (1, 1)
     assert ds.attrs["tr"] == 2.0
     assert main(args) == 2
-    assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--tr", "2.5"]) == 0
     assert bigglm.open_run(store).attrs["tr"] == 2.5
 

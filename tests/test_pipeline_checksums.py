@@ -17,7 +17,7 @@ import pytest
 
 from bigglm.config import parse_config
 from bigglm.pipeline import STATE, run_analysis
-from bigglm.pipeline.steps import Checksums
+from bigglm.pipeline.records import Checksums
 
 HOUR_NS = 3600 * 10**9
 

@@ -29,6 +29,11 @@ left by a killed writer is removed (:func:`remove_stale_staging`) only once its 
 is dead, and nothing without such a record is ever removed. Moves into place hold the
 target's lock (:func:`bigglm.io.locks.exclusive`), so two writers of one target never
 interleave their renames.
+
+bigglm's own small state files (step records, checksums, owner records, the analysis
+owner, job scripts; not outputs, so unmarked) are written by :func:`replace_atomically`:
+a temporary file in the same folder, flushed to disk, renamed over the target. These two
+are the only ways bigglm writes a file.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ __all__ = [
     "kind_of",
     "marker",
     "remove_stale_staging",
+    "replace_atomically",
     "target_lock",
     "writing",
 ]
@@ -288,9 +294,7 @@ def check_replaceable(target: str | os.PathLike[str], kind: str, *, overwrite: b
             "move those out first"
         )
     if not overwrite:
-        raise StoreError(
-            f"{target}: already exists; pass overwrite=True (--overwrite) to replace it"
-        )
+        raise StoreError(f"{target}: already exists; pass overwrite=True to replace it")
 
 
 def check_outside_stores(target: str | os.PathLike[str]) -> None:
@@ -497,9 +501,9 @@ def _owner_record(target: Path, token: str) -> Path:
 
 def _record_owner(owner: Path, kind: str, paths: list[str]) -> None:
     """Write the owner record of staging ``paths`` (names beside it), atomically."""
-    temp = owner.with_name(owner.name + ".tmp")
-    temp.write_text(json.dumps({"bigglm_staging": {"kind": kind, "paths": paths, **me()}}))
-    os.replace(temp, owner)
+    replace_atomically(
+        owner, json.dumps({"bigglm_staging": {"kind": kind, "paths": paths, **me()}})
+    )
 
 
 def _mark(stage: Path, target: Path, kind: str) -> None:
@@ -548,10 +552,59 @@ def _write_sidecar(stage: Path, target: Path, kind: str) -> None:
         "while its SHA-256 is one of these",
         MARKER_KEY: {"kind": kind, "sha256": digests},
     }
-    sidecar = _sidecar(target)
-    temp = stage.with_name(stage.name + ".json")  # named after the staging: cleaned with it
-    temp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(temp, sidecar)
+    # the temporary file is named after the staging path, so it is cleaned up with it
+    text = json.dumps(record, indent=2) + "\n"
+    replace_atomically(_sidecar(target), text, prefix=f"{stage.name}.json.")
+
+
+def replace_atomically(
+    path: str | os.PathLike[str], data: bytes | str, *, prefix: str = ""
+) -> Path:
+    """Replace the file ``path`` by ``data`` at once: readers see the old or the new file.
+
+    For bigglm's own state files, which carry no marker (outputs go through
+    :func:`writing`). The data goes to a temporary file in ``path``'s folder, is flushed
+    to disk (``fsync``), then renamed over ``path``; on any failure the temporary file
+    is removed and ``path`` is untouched.
+
+    Parameters
+    ----------
+    path : path
+        The file to write; its folder must exist.
+    data : bytes or str
+        The new content (text as UTF-8).
+    prefix : str
+        The temporary file's name starts with this (default ``.<name>.``), for a writer
+        whose clean-up finds its temporary files by name.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> state = Path(tempfile.mkdtemp()) / "state.json"
+    >>> replace_atomically(state, '{"a": 1}').read_text()
+    '{"a": 1}'
+    >>> sorted(p.name for p in state.parent.iterdir())
+    ['state.json']
+    """
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    temp = path.with_name(f"{prefix or f'.{path.name}.'}{uuid.uuid4().hex[:12]}.tmp")
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(raw)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _remove(path: Path) -> None:

@@ -45,7 +45,7 @@ def parse_contrast_options(options: Sequence[str]) -> dict[str, str | list[str]]
     >>> parse_contrast_options(["d=faces", "d=houses"])
     Traceback (most recent call last):
     ...
-    bigglm.exceptions.ConfigError: --contrast 'd=houses': the name 'd' is given twice; ...
+    bigglm.exceptions.ConfigError: contrasts 'd=houses': the name 'd' is given twice; ...
     """
     from bigglm.glm.contrasts import check_names
 
@@ -56,19 +56,19 @@ def parse_contrast_options(options: Sequence[str]) -> dict[str, str | list[str]]
         rows = [row.strip() for row in expression.split(";") if row.strip()]
         if not sep or not name or not rows:
             raise ConfigError(
-                f"--contrast {option!r}: write NAME=EXPRESSION, e.g. "
-                "--contrast 'faces_minus_houses=faces - houses'"
+                f"contrasts {option!r}: write NAME=EXPRESSION, e.g. "
+                "'faces_minus_houses=faces - houses'"
             )
         if name in out:
             raise ConfigError(
-                f"--contrast {option!r}: the name {name!r} is given twice; give each "
+                f"contrasts {option!r}: the name {name!r} is given twice; give each "
                 "contrast its own name"
             )
         out[name] = rows[0] if len(rows) == 1 else rows
     try:
         check_names(out)
     except DesignError as err:
-        raise ConfigError(f"--contrast: {err}") from None
+        raise ConfigError(f"contrasts: {err}") from None
     return out
 
 
@@ -155,7 +155,7 @@ def fit_stores(
     >>> fit_stores([Path("/nope.zarr")], Path("/tmp/o"), contrasts=["a"])
     Traceback (most recent call last):
     ...
-    bigglm.exceptions.ConfigError: --contrast 'a': write NAME=EXPRESSION, ...
+    bigglm.exceptions.ConfigError: contrasts 'a': write NAME=EXPRESSION, ...
     """
     from bigglm.cluster import client_from_profile
     from bigglm.config import ClusterConfig, ModelConfig, parse_section
@@ -166,12 +166,12 @@ def fit_stores(
 
     named = parse_contrast_options(contrasts)
     if residuals not in (None, "raw", "whitened"):
-        raise ConfigError(f"--residuals {residuals!r}: use 'raw' or 'whitened'")
+        raise ConfigError(f"residuals={residuals!r}: use 'raw' or 'whitened'")
     options = {"noise": noise, "hrf": hrf, "drift": None if drift == "none" else drift}
     model = parse_section(ModelConfig, {**options, "high_pass": high_pass})
     runs = [open_run(s) for s in stores]
-    event_files = _per_store(events, len(runs), "--events")
-    confound_files = _per_store(confounds, len(runs), "--confounds")
+    event_files = _per_store(events, len(runs), "events")
+    confound_files = _per_store(confounds, len(runs), "confounds")
     designs = [
         make_run_design(
             ds.sizes["time"],

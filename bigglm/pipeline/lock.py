@@ -152,7 +152,7 @@ def claim_outputs(
             raise StoreError(
                 f"{outputs}: holds the outputs of another analysis ({owner.get('analysis')}, "
                 f"since {owner.get('since')}); choose another outputs folder, or pass "
-                "overwrite=True (--overwrite) to replace its outputs with this analysis's"
+                "overwrite=True to replace its outputs with this analysis's"
             )
         if owner is None or owner.get("analysis") != identity:
             from bigglm.report.provenance import write_json_atomic
@@ -174,5 +174,5 @@ def _refuse_unowned_outputs(outputs: Path, folders: Sequence[Path]) -> None:
             raise StoreError(
                 f"{outputs}: {found[0]} holds outputs of another analysis (this folder has "
                 "no record of the analysis that wrote them); choose another outputs folder, "
-                "or pass overwrite=True (--overwrite) to replace them"
+                "or pass overwrite=True to replace them"
             )

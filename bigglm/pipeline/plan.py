@@ -87,7 +87,7 @@ def discover(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> l
     config : AnalysisConfig
         A validated configuration.
     subjects : sequence of str, optional
-        Keep only these subject labels (``bigglm run --subject``; array jobs).
+        Keep only these subject labels (the array jobs of :func:`bigglm.batch.submit`).
 
     Returns
     -------
@@ -127,7 +127,8 @@ def discover(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> l
         wanted = {s.removeprefix("sub-") for s in subjects}
         runs = [r for r in runs if r.subject in wanted]
         if not runs:
-            raise ConfigError(f"--subject {', '.join(sorted(wanted))}: no run of these subjects")
+            labels = ", ".join(sorted(wanted))
+            raise ConfigError(f"subjects {labels}: no run of these subjects; check the labels")
     return runs
 
 

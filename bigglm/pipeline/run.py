@@ -12,11 +12,11 @@ from typing import Any
 from bigglm.config import AnalysisConfig
 from bigglm.pipeline.lock import analysis_identity, claim_outputs, lock_units
 from bigglm.pipeline.plan import STATE, RunPlan, UnitPlan, plan
+from bigglm.pipeline.records import Checksums, StepRecords
 from bigglm.pipeline.steps import (
-    Checksums,
     Conversion,
     ProgressFactory,
-    StepRecords,
+    StepContext,
     UnitOutcome,
     convert_on_client,
     convert_step,
@@ -90,40 +90,35 @@ def run_analysis(
     units = plan(config, subjects)
     outputs = config.outputs.folder
     outputs.mkdir(parents=True, exist_ok=True)
-    factory: ProgressFactory = progress or (lambda description: nullcontext(_no_progress))
-    records = {u.name: StepRecords(outputs, u.name) for u in units}
-    sums = Checksums(outputs / STATE / "checksums")
     claim_outputs(
         outputs, analysis_identity(config), [u.folder for u in units], overwrite=overwrite
     )
     with lock_units(outputs, [u.name for u in units]), _client(config, client) as active:
-        masks = {u.name: _prepare(u, config) for u in units}
-        _convert_up_front(units, masks, config, records, sums, active, factory)
-        return [
-            _run_unit(u, masks[u.name], config, records[u.name], sums, active, factory)
-            for u in units
-        ]
+        ctx = StepContext(
+            config=config,
+            client=active,
+            progress=progress or (lambda description: nullcontext(_no_progress)),
+            checksums=Checksums(outputs / STATE / "checksums"),
+            records={u.name: StepRecords(outputs, u.name) for u in units},
+        )
+        masks = {u.name: _prepare(ctx, u) for u in units}
+        _convert_up_front(ctx, units, masks)
+        return [_run_unit(ctx, u, masks[u.name]) for u in units]
 
 
-def _prepare(unit: UnitPlan, config: AnalysisConfig) -> Path | None:
+def _prepare(ctx: StepContext, unit: UnitPlan) -> Path | None:
     """Make the unit's folder, delete what a killed run left (we hold the unit's lock),
     and return its mask as known before any conversion: configured, or the intersection
     of its runs' brain masks; None when the first run's EPI mask will be used."""
     unit.folder.mkdir(parents=True, exist_ok=True)
     remove_leftovers(unit)
     if unit.mask is None and any(rp.run.mask is not None for rp in unit.runs):
-        return intersection_mask(unit, config)
+        return intersection_mask(ctx, unit)
     return unit.mask
 
 
 def _convert_up_front(
-    units: list[UnitPlan],
-    masks: dict[str, Path | None],
-    config: AnalysisConfig,
-    records: dict[str, StepRecords],
-    sums: Checksums,
-    client: Any,
-    progress: ProgressFactory,
+    ctx: StepContext, units: list[UnitPlan], masks: dict[str, Path | None]
 ) -> None:
     """Convert the runs of every unit in parallel on the client's workers.
 
@@ -134,40 +129,35 @@ def _convert_up_front(
     in this process as before (one conversion alone is as fast there, with finer
     progress).
     """
-    sums.prefetch([rp.run.bold for u in units for rp in u.runs], client)
+    ctx.checksums.prefetch([rp.run.bold for u in units for rp in u.runs], ctx.client)
     first: list[Conversion] = []
     later: list[UnitPlan] = []
     for unit in units:
         mask = masks[unit.name]
         runs = unit.runs if mask is not None or len(unit.runs) == 1 else unit.runs[:1]
-        first += _pending(unit, runs, mask, records, sums, config)
+        first += _pending(ctx, unit, runs, mask)
         if len(runs) < len(unit.runs):
             later.append(unit)
     if len(first) > 1 or (first and later):  # later runs wait for their unit's first
-        convert_on_client(first, config, client, progress)
+        convert_on_client(ctx, first)
     second: list[Conversion] = []
     for unit in later:
         if not unit.runs[0].store.exists():
             continue  # its first run was the only conversion: the unit converts in order
-        second += _pending(unit, unit.runs[1:], epi_mask(unit, config), records, sums, config)
+        second += _pending(ctx, unit, unit.runs[1:], epi_mask(ctx, unit))
     if len(second) > 1:
-        convert_on_client(second, config, client, progress)
+        convert_on_client(ctx, second)
 
 
 def _pending(
-    unit: UnitPlan,
-    runs: Sequence[RunPlan],
-    mask: Path | None,
-    records: dict[str, StepRecords],
-    sums: Checksums,
-    config: AnalysisConfig,
+    ctx: StepContext, unit: UnitPlan, runs: Sequence[RunPlan], mask: Path | None
 ) -> list[Conversion]:
     """The runs among ``runs`` whose stores must be made."""
     jobs = []
     for rp in runs:
-        key = pending_conversion(rp, mask, records[unit.name], sums, config)
+        key = pending_conversion(ctx, unit, rp, mask)
         if key is not None:
-            jobs.append(Conversion(rp, mask, records[unit.name], key, sums(rp.run.bold)))
+            jobs.append(Conversion(rp, mask, unit.name, key, ctx.checksums(rp.run.bold)))
     return jobs
 
 
@@ -186,30 +176,22 @@ def _client(config: AnalysisConfig, client: Any) -> Iterator[Any]:
         yield started
 
 
-def _run_unit(
-    unit: UnitPlan,
-    mask: Path | None,
-    config: AnalysisConfig,
-    steps: StepRecords,
-    sums: Checksums,
-    client: Any,
-    progress: ProgressFactory,
-) -> UnitOutcome:
+def _run_unit(ctx: StepContext, unit: UnitPlan, mask: Path | None) -> UnitOutcome:
     from bigglm.io import open_run
 
     started = datetime.now(UTC).isoformat()
     outcome = UnitOutcome(unit.name, len(unit.runs), sum(rp.n_scans for rp in unit.runs))
     for index, rp in enumerate(unit.runs):
-        convert_step(unit, rp, mask, steps, sums, config, progress)
+        convert_step(ctx, unit, rp, mask)
         if mask is None and index == 0 and len(unit.runs) > 1:
-            mask = epi_mask(unit, config)
-    design_step(unit, steps)
-    result, fit_key = fit_step(unit, config, steps, client, progress)
+            mask = epi_mask(ctx, unit)
+    design_step(ctx, unit)
+    result, fit_key = fit_step(ctx, unit)
     outcome.n_voxels = int(open_run(unit.runs[0].store).sizes["voxel"])
-    maps_step(unit, config, result, fit_key, steps, outcome)
-    residuals_step(unit, config, result, fit_key, steps, outcome, client)
-    outcome.steps = dict(steps.timings)
-    outcome.provenance = provenance_step(unit, config, outcome, sums, started)
-    if config.outputs.report:
-        outcome.report = report_step(unit, config, outcome)
+    maps_step(ctx, unit, result, fit_key, outcome)
+    residuals_step(ctx, unit, result, fit_key, outcome)
+    outcome.steps = dict(ctx.steps(unit).timings)
+    outcome.provenance = provenance_step(ctx, unit, outcome, started)
+    if ctx.config.outputs.report:
+        outcome.report = report_step(ctx, unit, outcome)
     return outcome

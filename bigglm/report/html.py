@@ -178,11 +178,6 @@ def write_html_report(
         f"<h2>Design matrices</h2>{''.join(images)}<h2>Contrasts</h2>{''.join(maps)}"
         "</body></html>\n"
     )
-    return _write_text_atomic(Path(path), page)
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    """Write the page atomically; only a report bigglm wrote is replaced."""
-    with writing(path, "report", overwrite=True) as stage:
-        stage.write_text(text)
-    return path
+    with writing(path, "report", overwrite=True) as stage:  # only a report bigglm wrote
+        stage.write_text(page)
+    return Path(path)

@@ -1,17 +1,15 @@
 """The provenance record of an analysis: configuration, versions, input checksums, timings.
 
-Written as JSON next to the maps, atomically (a temporary file in the same folder, then a
-rename), so a reader never sees half a record.
+Written as JSON next to the maps, atomically (through :mod:`bigglm.io.artefacts`: a
+temporary file in the same folder, then a rename), so a reader never sees half a record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import sys
-import tempfile
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -126,7 +124,8 @@ def write_json_atomic(
         An output (the provenance record): marked as bigglm's (a top-level
         ``"bigglm_artefact": "provenance"``) and written by
         :func:`bigglm.io.artefacts.writing`, so only a record bigglm wrote is replaced.
-        Otherwise a file of the pipeline's own state (under ``<outputs>/.bigglm/``).
+        Otherwise a file of the pipeline's own state (under ``<outputs>/.bigglm/``),
+        written by :func:`bigglm.io.artefacts.replace_atomically`.
 
     Returns
     -------
@@ -140,23 +139,15 @@ def write_json_atomic(
     >>> json.loads(write_json_atomic(p, {"a": 1}).read_text())
     {'a': 1}
     """
-    path = Path(path)
-    if artefact:
-        from bigglm.io.artefacts import MARKER_KEY, writing
+    from bigglm.io.artefacts import MARKER_KEY, replace_atomically, writing
 
-        marked = {**record, MARKER_KEY: "provenance"}
-        with writing(path, "provenance", overwrite=True) as stage:
-            stage.write_text(json.dumps(marked, indent=2, sort_keys=True, default=str) + "\n")
-        return path
-    text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    path = Path(path)
+    if not artefact:
+        return replace_atomically(path, _json_text(record))
+    with writing(path, "provenance", overwrite=True) as stage:
+        stage.write_text(_json_text({**record, MARKER_KEY: "provenance"}))
     return path
+
+
+def _json_text(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
