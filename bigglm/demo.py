@@ -360,7 +360,7 @@ def run_demo(
 
     Examples
     --------
-    A whole run starts a local cluster and takes about 10 s (``tests/test_demo.py``
+    A whole run starts a local cluster and takes seconds (``tests/test_demo.py``
     runs it):
 
     >>> import tempfile

@@ -22,10 +22,7 @@ groups of chunks (:func:`bigglm.to_nifti`); a Zarr store is written chunk by chu
 the workers (:func:`write_store`), in the layout of a converted run, so
 :func:`bigglm.open_run` opens it.
 
-Measured (2 cores, a 3.2 GB store of 1000 volumes x 800,000 voxels in 128 x 32768
-chunks, a LocalCluster of two single-threaded workers limited to 400 MiB): AR(1) whitened
-residuals written as a store in 32 s (worker peak RSS 242 MiB), as a ``.nii.gz`` in 55 s
-(worker peak 282 MiB; the client peaked at 800 MiB, holding one 410 MB row of chunks).
+What this costs in time and memory is measured in README.md ("Fitting and contrasts").
 """
 
 from __future__ import annotations

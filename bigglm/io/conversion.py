@@ -9,20 +9,18 @@ How one run is converted:
 3. With no mask, the EPI mask needs the mean volume, i.e. the whole series, before the
    first in-mask value is known: the source is then read twice, a first pass for the
    mean (and the checksums), a second as in step 2, whose checksums must match the
-   first (else the file changed meanwhile: error). Two reads were measured against
-   spilling the decoded series to a temporary file during the first pass (one read of
-   the source, plus a write and a read of the uncompressed series): on a 722 MB
-   ``.nii.gz`` both cost the same CPU (2.7-2.9 s), but the spill's wall time varied
-   with disk write-back (3.0-5.4 s against 2.9-3.3 s), and on a cluster it would put
-   the whole uncompressed series through the shared filesystem once more. An
-   uncompressed source's second read is normally served from the page cache. Give a
-   mask (e.g. fMRIPrep's ``desc-brain_mask``) for a single pass.
+   first (else the file changed meanwhile: error). Two reads were preferred to spilling
+   the decoded series to a temporary file during the first pass: both cost the same
+   CPU, but the spill's wall time depends on disk write-back, and on a cluster it would
+   put the whole uncompressed series through the shared filesystem once more (README.md,
+   "Converting NIfTI to a store", has the measurement). An uncompressed source's second
+   read is normally served from the page cache. Give a mask (e.g. fMRIPrep's
+   ``desc-brain_mask``) for a single pass.
 
 Voxels that are NaN or Inf at any time point are dropped from the mask, with a
 :class:`~bigglm.exceptions.BigGLMWarning` giving their number. Memory is bounded by
 three read blocks (about 32 MiB of decoded data each) plus two rows of ``bold`` chunks,
-whatever the series length (a 1.76 GB series with 128-volume rows peaks at 0.57 GB RSS,
-the interpreter and libraries included).
+whatever the series length.
 """
 
 from __future__ import annotations

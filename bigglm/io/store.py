@@ -61,30 +61,10 @@ DEFAULT_TIME_CHUNK = 128
 #: Uncompressed size aimed at for one ``bold`` chunk (16 MiB: 128 volumes x 32768 voxels).
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
-#: Codec of ``bold``: Blosc with LZ4 after bit-shuffling, chosen by read speed.
-#:
-#: Measured on 128 x 32768 float32 chunks (a 64 MiB array of BOLD-like data: per-voxel
-#: baselines 500-15000, drift, 1 % noise), zarr 3.1 / numcodecs 0.16, 2 shared cores,
-#: warm page cache (the best of 3 reads; ratio, then decode+read MB/s, on an idle and on
-#: a loaded machine):
-#:
-#: ====================  =============  ==================  =============  ==============
-#: codec                 ratio (float)  read MB/s (float)   ratio (int16)  read MB/s (i16)
-#: ====================  =============  ==================  =============  ==============
-#: none                  1.00           4016 / 2263         1.00           1121 / 3171
-#: zstd level 1          1.12           1096 / 742          1.47           1488 / 896
-#: zstd level 3          1.12           1157 / 640          1.64           1120 / 600
-#: blosc lz4 shuffle     1.14           2608 / 1746         1.59           2846 / 1885
-#: blosc lz4 bitshuffle  1.27           2088 / 1259         2.10           2415 / 1564
-#: blosc zstd1 shuffle   1.18           1523 / 923          1.82           1228 / 670
-#: ====================  =============  ==================  =============  ==============
-#:
-#: ("float" is resampled float32 data, "int16" float32 holding integer scanner values.)
-#: zstd decodes 2-3x slower than LZ4 for little gain on noisy floats. Of the two LZ4
-#: variants, plain shuffle decodes ~20 % faster from memory, but bit-shuffle stores
-#: 11-32 % less; a fit reads at min(decode speed, disk speed x ratio), and decode is
-#: above 1.2 GB/s either way, so for any disk or network filesystem slower than that
-#: (i.e. all of them on HPC) bit-shuffle gives the faster read.
+#: Codec of ``bold``: Blosc with LZ4 after bit-shuffling, chosen by read speed: a fit
+#: reads at min(decode speed, disk speed x ratio), and bit-shuffle stores more compactly
+#: than plain shuffle while decoding fast enough for any disk or network filesystem
+#: (README.md, "Store layout and damage detection", has the measurement).
 BOLD_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 #: Codec of the small arrays (mask, coordinates, time).

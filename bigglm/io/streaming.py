@@ -11,11 +11,8 @@ Four stages overlap so that a conversion costs little more than reading its sour
 - :func:`write_rows`: each full row is compressed (two Blosc threads) and written by a
   writer thread while the next one is gathered.
 
-Measured on a 1.76 GB float32 series (400 volumes, 235,375 in-mask voxels, two cores,
-warm page cache), in-process: from the ``.nii``, 1.4 s wall and 2.3 s CPU against 1.3 s
-for nibabel's bare read of the whole array, the hash (1.1 s of CPU) being the longest
-stage; from the ``.nii.gz``, 1.85 s wall against 1.8 s for ISA-L's bare decompression,
-which is the longest stage.
+The stages overlap, so a conversion takes about as long as its longest stage: the hash
+for a ``.nii``, the decompression for a ``.nii.gz`` (README.md, "Benchmarks").
 
 At any moment at most three read blocks, two rows and two chunks being encoded exist,
 whatever the series length.
