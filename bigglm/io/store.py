@@ -36,8 +36,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from dask.base import tokenize
-from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ZstdCodec
-from zarr.codecs.bytes import Endian
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from bigglm.exceptions import StoreError
@@ -289,7 +288,7 @@ def _chunk_encoder(array: zarr.Array) -> _ChunkEncoder | None:
         or array.dtype != np.dtype("<f4")
         or array.filters
         or not isinstance(serializer, BytesCodec)
-        or serializer.endian not in (Endian.little, None)
+        or _option(serializer.endian) not in ("little", None)
         or not compressors
         or not isinstance(compressors[0], BloscCodec)
         or not all(isinstance(c, Crc32cCodec) for c in compressors[1:2])
@@ -298,18 +297,24 @@ def _chunk_encoder(array: zarr.Array) -> _ChunkEncoder | None:
         return None
     blosc = compressors[0]
     shuffle = {
-        BloscShuffle.noshuffle: Blosc.NOSHUFFLE,
-        BloscShuffle.shuffle: Blosc.SHUFFLE,
-        BloscShuffle.bitshuffle: Blosc.BITSHUFFLE,
-    }[blosc.shuffle]
+        "noshuffle": Blosc.NOSHUFFLE,
+        "shuffle": Blosc.SHUFFLE,
+        "bitshuffle": Blosc.BITSHUFFLE,
+    }[_option(blosc.shuffle)]
     encoder = Blosc(
-        cname=blosc.cname.value,
+        cname=_option(blosc.cname),
         clevel=blosc.clevel,
         shuffle=shuffle,
         blocksize=blosc.blocksize,
         typesize=blosc.typesize,
     )
     return _ChunkEncoder(encoder, checksum=len(compressors) == 2)
+
+
+def _option(value: Any) -> Any:
+    """A codec option as its JSON string: zarr 3.1 gives enums (``Endian.little``), later
+    releases the strings themselves (``"little"``)."""
+    return getattr(value, "value", value)
 
 
 def _open_group(store: Any) -> tuple[zarr.Group, str]:
