@@ -298,10 +298,16 @@ def nilearn_model(run: dict[str, Any], noise: str) -> Any:
     return model.fit(run["bold"], design_matrices=run["design"])
 
 
+def _nilearn_residuals(model: Any) -> Any:
+    """A fitted FirstLevelModel's residual images (``residuals_`` from nilearn 0.14 on,
+    ``residuals`` before)."""
+    return model.residuals_ if hasattr(model, "residuals_") else model.residuals
+
+
 @pytest.mark.filterwarnings("ignore:.*Generation of a mask has been requested")
 def test_ols_residuals_match_nilearn(nifti_run: dict[str, Any]) -> None:
     model = nilearn_model(nifti_run, "ols")
-    expected = np.asarray(model.residuals_[0].get_fdata())[nifti_run["mask"]].T
+    expected = np.asarray(_nilearn_residuals(model)[0].get_fdata())[nifti_run["mask"]].T
     got = bigglm.fit(nifti_run["store"], nifti_run["design"]).residuals().values
     assert_close(got, expected, rtol=1e-5)
 
@@ -331,7 +337,7 @@ def test_ar1_residuals_against_nilearn(nifti_run: dict[str, Any]) -> None:
         beta_nl[:, labels == label] = fitted.theta
         white_nl[:, labels == label] = fitted.whitened_residuals
     # 1. nilearn's residuals: Y - (W X) b with its binned rho and unscaled first row
-    nilearn_resid = np.asarray(model.residuals_[0].get_fdata())[mask].T
+    nilearn_resid = np.asarray(_nilearn_residuals(model)[0].get_fdata())[mask].T
     mixed = np.empty_like(y)
     for v in range(y.shape[1]):
         w = np.eye(len(x)) - rho[v] * np.eye(len(x), k=-1)
