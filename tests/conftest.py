@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,20 @@ def _tiny_config(dataset: Path, outputs: Path, **sections: object) -> dict[str, 
 def tiny_config() -> Callable[..., dict[str, Any]]:
     """``tiny_config(dataset, outputs, **sections)``: an analysis of write_tiny_bids data."""
     return _tiny_config
+
+
+@pytest.fixture
+def threads_scheduler() -> Iterator[None]:
+    """Compute with threads in this process, even if an earlier test left a distributed
+    client registered as Dask's default (fit(client=None) would otherwise use it).
+
+    Modules whose tests compute without a client use it for every test:
+    ``pytestmark = pytest.mark.usefixtures("threads_scheduler")``.
+    """
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,15 @@ def _yaml(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def _one_subject_yaml(tiny_config: Any, dataset: Path, tmp_path: Path, *, n_workers: int) -> Path:
+    """``tmp_path/a.yaml``: subject 01 alone on a local cluster, writing to ``tmp_path/out``."""
+    cfg = tiny_config(
+        dataset, tmp_path / "out", cluster={"profile": "local", "n_workers": n_workers}
+    )
+    cfg["inputs"]["bids"]["subjects"] = ["01"]
+    return _yaml(tmp_path / "a.yaml", cfg)
+
+
 def test_help_lists_the_workflow_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -92,9 +101,7 @@ def test_validate_reports_runs_and_contrasts(
 def test_run_prints_a_summary_and_resumes(
     tiny_bids: Path, tiny_config: Any, tmp_path: Path
 ) -> None:
-    cfg = tiny_config(tiny_bids, tmp_path / "out", cluster={"profile": "local", "n_workers": 1})
-    cfg["inputs"]["bids"]["subjects"] = ["01"]
-    config = _yaml(tmp_path / "a.yaml", cfg)
+    config = _one_subject_yaml(tiny_config, tiny_bids, tmp_path, n_workers=1)
     first = _bigglm("-q", "run", str(config))
     assert first.returncode == 0, first.stderr
     assert "sub-01_task-tiny: 1 run, 60 volumes, 512 voxels" in first.stdout
@@ -446,9 +453,7 @@ def test_ctrl_c_during_run_is_one_line_and_exit_130(
 ) -> None:
     import signal
 
-    cfg = tiny_config(tiny_bids, tmp_path / "out", cluster={"profile": "local", "n_workers": 2})
-    cfg["inputs"]["bids"]["subjects"] = ["01"]
-    config = _yaml(tmp_path / "a.yaml", cfg)
+    config = _one_subject_yaml(tiny_config, tiny_bids, tmp_path, n_workers=2)
     run = subprocess.Popen(
         [sys.executable, "-m", "bigglm.cli", "run", str(config)],
         stdout=subprocess.PIPE,

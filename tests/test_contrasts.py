@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,13 +12,7 @@ import bigglm
 from bigglm.exceptions import DesignError
 from bigglm.glm import contrasts as con
 
-
-@pytest.fixture(autouse=True)
-def _in_process_scheduler() -> Iterator[None]:
-    """Compute with threads in this process, even if an earlier test left a distributed
-    client registered as Dask's default (fit(client=None) would otherwise use it)."""
-    with dask.config.set(scheduler="threads"):
-        yield
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 COLUMNS = ["faces", "houses", "trans_x", "constant"]

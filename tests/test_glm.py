@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import dask
@@ -22,13 +21,7 @@ from hypothesis import strategies as st
 import bigglm
 from bigglm.exceptions import DesignError, StoreError
 
-
-@pytest.fixture(autouse=True)
-def _in_process_scheduler() -> Iterator[None]:
-    """Compute with threads in this process, even if an earlier test left a distributed
-    client registered as Dask's default (fit(client=None) would otherwise use it)."""
-    with dask.config.set(scheduler="threads"):
-        yield
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 def make_data(n_scans: int = 60, n_vox: int = 30, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:

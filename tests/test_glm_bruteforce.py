@@ -9,70 +9,20 @@ only (observed ~1e-11 on data with a mean of 1,000).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
-import dask
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.linalg
 import scipy.signal
-import xarray as xr
+from ar_simulation import as_run, simulate, yule_walker
 from statsmodels.tsa.arima_process import arma_acovf
 
 import bigglm
 
-
-@pytest.fixture(autouse=True)
-def _in_process_scheduler() -> Iterator[None]:
-    """Compute with threads in this process, even if an earlier test left a distributed
-    client registered as Dask's default (fit(client=None) would otherwise use it)."""
-    with dask.config.set(scheduler="threads"):
-        yield
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 RTOL = 1e-6
-
-
-def simulate(
-    n_scans: int = 96,
-    n_vox: int = 24,
-    phi: tuple[float, ...] = (0.4,),
-    mean: float = 1000.0,
-    sd: float = 1.0,
-    seed: int = 0,
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """A 4-column design (two conditions, a drift, the constant) and AR(p) data."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n_scans)
-    design = pd.DataFrame(
-        {
-            "faces": (t // 8 % 2 == 0).astype(float),
-            "houses": (t // 12 % 2 == 0).astype(float),
-            "drift": np.cos(np.pi * (t + 0.5) / n_scans),
-            "constant": 1.0,
-        }
-    )
-    beta = rng.normal(size=(4, n_vox)) * [[2.0], [1.0], [3.0], [0.0]]
-    noise = scipy.signal.lfilter(
-        [1.0], np.r_[1.0, -np.array(phi)], rng.normal(size=(n_scans, n_vox)), axis=0
-    )
-    y = mean + design.to_numpy() @ beta + sd * noise
-    return design, y.astype(np.float32)
-
-
-def as_run(y: np.ndarray, chunks: tuple[int, int] = (32, 10)) -> xr.Dataset:
-    """An in-memory Dataset shaped like bigglm.open_run's output."""
-    return xr.Dataset({"bold": (("time", "voxel"), y)}).chunk(
-        {"time": chunks[0], "voxel": chunks[1]}
-    )
-
-
-def yule_walker(e: np.ndarray, order: int) -> np.ndarray:
-    """Yule–Walker with 1/(T-k) autocovariances, as nilearn and statsmodels ('adjusted')."""
-    n = len(e)
-    r = np.array([e[k:] @ e[: n - k] / (n - k) for k in range(order + 1)])
-    return np.linalg.solve(scipy.linalg.toeplitz(r[:order]), r[1:])
 
 
 def brute_force(x: np.ndarray, y: np.ndarray, order: int) -> dict[str, np.ndarray]:

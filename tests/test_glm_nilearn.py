@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import dask
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -25,18 +23,13 @@ from nilearn.glm.first_level import FirstLevelModel
 
 import bigglm
 
-
-@pytest.fixture(autouse=True)
-def _in_process_scheduler() -> Iterator[None]:
-    """Compute with threads in this process, even if an earlier test left a distributed
-    client registered as Dask's default (fit(client=None) would otherwise use it)."""
-    with dask.config.set(scheduler="threads"):
-        yield
-
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*Generation of a mask has been requested", "ignore:The same contrast will be used"
-)
+pytestmark = [
+    pytest.mark.usefixtures("threads_scheduler"),
+    pytest.mark.filterwarnings(
+        "ignore:.*Generation of a mask has been requested",
+        "ignore:The same contrast will be used",
+    ),
+]
 
 SHAPE = (6, 5, 4)
 TR = 2.0

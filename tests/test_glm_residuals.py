@@ -17,11 +17,9 @@ issue #2964): we show that, and test what can be compared honestly (see the test
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import dask.array as da
 import nibabel as nib
 import numpy as np
@@ -30,6 +28,7 @@ import pytest
 import scipy.linalg
 import scipy.signal
 import xarray as xr
+from ar_simulation import as_run, simulate, yule_walker
 from dask.core import get_deps
 from statsmodels.tsa.arima_process import arma_acovf
 
@@ -39,55 +38,12 @@ from bigglm.exceptions import ConfigError, DesignError, StoreError
 from bigglm.glm import GLMResult
 from bigglm.glm.ar import whiten
 
-
-@pytest.fixture(autouse=True)
-def _in_process_scheduler() -> Iterator[None]:
-    """Compute with threads in this process, even if an earlier test left a distributed
-    client registered as Dask's default."""
-    with dask.config.set(scheduler="threads"):
-        yield
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 RTOL = 1e-6
 SHAPE = (6, 5, 4)
 TR = 2.0
-
-
-def simulate(
-    n_scans: int = 96,
-    n_vox: int = 24,
-    phi: tuple[float, ...] = (0.4,),
-    mean: float = 1000.0,
-    seed: int = 0,
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Two conditions, a drift and the constant; AR(p) noise around a large mean."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n_scans)
-    design = pd.DataFrame(
-        {
-            "faces": (t // 8 % 2 == 0).astype(float),
-            "houses": (t // 12 % 2 == 0).astype(float),
-            "drift": np.cos(np.pi * (t + 0.5) / n_scans),
-            "constant": 1.0,
-        }
-    )
-    beta = rng.normal(size=(4, n_vox)) * [[2.0], [1.0], [3.0], [0.0]]
-    noise = scipy.signal.lfilter(
-        [1.0], np.r_[1.0, -np.array(phi)], rng.normal(size=(n_scans, n_vox)), axis=0
-    )
-    return design, (mean + design.to_numpy() @ beta + noise).astype(np.float32)
-
-
-def as_run(y: np.ndarray, chunks: tuple[int, int] = (32, 10)) -> xr.Dataset:
-    return xr.Dataset({"bold": (("time", "voxel"), y)}).chunk(
-        {"time": chunks[0], "voxel": chunks[1]}
-    )
-
-
-def yule_walker(e: np.ndarray, order: int) -> np.ndarray:
-    n = len(e)
-    r = np.array([e[k:] @ e[: n - k] / (n - k) for k in range(order + 1)])
-    return np.linalg.solve(scipy.linalg.toeplitz(r[:order]), r[1:])
 
 
 def brute_force_residuals(x: np.ndarray, y: np.ndarray, order: int) -> dict[str, np.ndarray]:

@@ -9,9 +9,6 @@ design factors with 4-5 (half a unit of the last printed digit).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,13 +17,7 @@ from seed_hrfs import seed_gamma_hrf
 
 import bigglm
 
-
-@pytest.fixture(autouse=True)
-def _in_process_scheduler() -> Iterator[None]:
-    """Compute with threads in this process, even if an earlier test left a distributed
-    client registered as Dask's default (fit(client=None) would otherwise use it)."""
-    with dask.config.set(scheduler="threads"):
-        yield
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 @pytest.fixture(scope="module")

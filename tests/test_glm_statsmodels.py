@@ -8,9 +8,6 @@ two-sided p is ``2 min(p, 1 - p)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,13 +16,7 @@ import xarray as xr
 
 import bigglm
 
-
-@pytest.fixture(autouse=True)
-def _in_process_scheduler() -> Iterator[None]:
-    """Compute with threads in this process, even if an earlier test left a distributed
-    client registered as Dask's default (fit(client=None) would otherwise use it)."""
-    with dask.config.set(scheduler="threads"):
-        yield
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from bigglm.config import parse_config
+from bigglm.config import AnalysisConfig, parse_config
 from bigglm.exceptions import ConfigError, StoreError
 from bigglm.pipeline import STATE, lock_units, map_path, plan, run_analysis
 
@@ -83,7 +83,7 @@ def test_ols_maps_match_nilearn_design_and_brute_force(
 def test_rerun_reuses_every_step_and_changes_nothing(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     first = run_analysis(config, client=local_client)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.nii.gz")}
     second = run_analysis(config, client=local_client)
@@ -96,7 +96,7 @@ def test_rerun_reuses_every_step_and_changes_nothing(
 def test_changed_source_is_converted_again(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     run_analysis(config, client=local_client)
     bold = tiny_bids / "derivatives/sub-01/func/sub-01_task-tiny_desc-preproc_bold.nii.gz"
     img = nib.load(bold)
@@ -122,7 +122,7 @@ def test_provenance_records_config_versions_checksums_and_timings(
 ) -> None:
     import hashlib
 
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     (outcome,) = run_analysis(config, client=local_client)
     assert outcome.provenance is not None
     record = json.loads(outcome.provenance.read_text())
@@ -136,6 +136,26 @@ def test_provenance_records_config_versions_checksums_and_timings(
     page = outcome.report.read_text()
     assert all(f"<h3>{name}</h3>" in page for name in ("a", "a_minus_b", "any"))
     assert page.count("data:image/png;base64,") == 4
+
+
+def _one_subject_config(
+    tiny_config: Any, dataset: Path, outputs: Path, **sections: Any
+) -> AnalysisConfig:
+    """The parsed tiny_config analysis of subject 01 alone, writing to ``outputs``."""
+    return parse_config(tiny_config(dataset, outputs, inputs=_one_subject(dataset), **sections))
+
+
+def _convert_beforehand(dataset: Path, stores: Path, *, with_mask: bool) -> None:
+    """Convert subject 01's series into ``stores`` as the workflow would name it."""
+    import bigglm
+
+    func = dataset / "derivatives/sub-01/func"
+    stores.mkdir(parents=True)
+    bigglm.convert(
+        func / "sub-01_task-tiny_desc-preproc_bold.nii.gz",
+        stores / "sub-01_task-tiny_bold.zarr",
+        mask=func / "sub-01_task-tiny_desc-brain_mask.nii.gz" if with_mask else None,
+    )
 
 
 def _one_subject(dataset: Path) -> dict[str, Any]:
@@ -241,7 +261,7 @@ def test_lock_of_a_dead_process_is_taken_over(
     locks.mkdir(parents=True)
     stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "created": 0.0, "since": "then"}
     (locks / "sub-01_task-tiny.lock").write_text(json.dumps(stale))
-    config = parse_config(tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, out)
     (outcome,) = run_analysis(config, client=local_client)
     assert outcome.maps and all(p.exists() for p in outcome.maps)
     assert not (locks / "sub-01_task-tiny.lock").exists()  # released at the end
@@ -378,7 +398,7 @@ def test_python_recipe_gives_the_maps_of_bigglm_run(
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "run", inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "run")
     config = config.model_copy(
         update={"inputs": config.inputs.model_copy(update={"confounds": ["trans_*", "rot_*"]})}
     )
@@ -433,7 +453,7 @@ def test_temporary_files_of_a_killed_run_are_removed(
 ) -> None:
     """Staging a killed writer recorded as its own is removed; unrecorded files are kept
     (bigglm cannot prove it wrote them: a user's hidden file looks the same)."""
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     folder = tmp_path / "out" / "sub-01"
     folder.mkdir(parents=True)
     killed = (
@@ -458,17 +478,8 @@ def test_temporary_files_of_a_killed_run_are_removed(
 def test_a_store_converted_beforehand_from_the_same_file_is_reused(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
-    import bigglm
-
-    func = tiny_bids / "derivatives/sub-01/func"
-    stores = tmp_path / "out" / "stores"
-    stores.mkdir(parents=True)
-    bigglm.convert(
-        func / "sub-01_task-tiny_desc-preproc_bold.nii.gz",
-        stores / "sub-01_task-tiny_bold.zarr",
-        mask=func / "sub-01_task-tiny_desc-brain_mask.nii.gz",
-    )
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    _convert_beforehand(tiny_bids, tmp_path / "out" / "stores", with_mask=True)
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     (outcome,) = run_analysis(config, client=local_client)
     assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "reused"
     assert outcome.steps["fit"]["status"] == "ran"
@@ -480,7 +491,7 @@ def test_a_store_with_a_missing_chunk_is_converted_again(
     """The source's checksum still matches, but the store is damaged: not reused."""
     from bigglm.io import verify_store
 
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     run_analysis(config, client=local_client)
     store = tmp_path / "out" / "stores" / "sub-01_task-tiny_bold.zarr"
     chunk = next(p for p in sorted((store / "bold" / "c").rglob("*")) if p.is_file())
@@ -500,7 +511,7 @@ def test_a_store_with_a_flipped_byte_is_set_aside_and_converted_on_the_next_run(
     the fit that reads it fails; the store is then moved aside, never reused, and the
     next run converts the run anew and gives the maps of the undamaged data."""
     out = tmp_path / "out"
-    config = parse_config(tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, out)
     run_analysis(config, client=local_client)
     z_map = map_path(config, "sub-01_task-tiny", "a", "z")
     fresh = np.asarray(nib.load(z_map).dataobj)
@@ -509,9 +520,7 @@ def test_a_store_with_a_flipped_byte_is_set_aside_and_converted_on_the_next_run(
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
     chunk.write_bytes(bytes(data))
-    refit = parse_config(
-        tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids), model={"noise": "ols"})
-    )
+    refit = _one_subject_config(tiny_config, tiny_bids, out, model={"noise": "ols"})
     with pytest.raises(StoreError, match=r"is damaged \(checksum mismatch\); the store was moved"):
         run_analysis(refit, client=local_client)
     assert not store.exists() and len(list(store.parent.glob(f".{store.name}.damaged-*"))) == 1
@@ -531,7 +540,7 @@ def test_a_store_replaced_while_the_fit_reads_it_is_not_set_aside(
     from bigglm.pipeline.steps import damaged_stores_set_aside
 
     out = tmp_path / "out"
-    config = parse_config(tiny_config(tiny_bids, out, inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, out)
     run_analysis(config, client=local_client)
     (unit,) = plan(config)
     store = unit.runs[0].store
@@ -551,15 +560,8 @@ def test_a_store_replaced_while_the_fit_reads_it_is_not_set_aside(
 def test_a_store_with_other_voxels_is_converted_again(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
-    import bigglm
-
-    func = tiny_bids / "derivatives/sub-01/func"
-    stores = tmp_path / "out" / "stores"
-    stores.mkdir(parents=True)
-    bigglm.convert(
-        func / "sub-01_task-tiny_desc-preproc_bold.nii.gz", stores / "sub-01_task-tiny_bold.zarr"
-    )
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    _convert_beforehand(tiny_bids, tmp_path / "out" / "stores", with_mask=False)
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     (outcome,) = run_analysis(config, client=local_client)  # the EPI mask is not the brain mask
     assert outcome.steps["convert-sub-01_task-tiny"]["status"] == "ran"
     assert outcome.n_voxels == 8 * 8 * 8
@@ -659,7 +661,7 @@ def test_a_file_bigglm_did_not_write_at_an_output_path_is_refused(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
     """A rerun replaces the analysis's own outputs; a user's file at such a path, never."""
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     run_analysis(config, client=local_client)
     z_map = map_path(config, "sub-01_task-tiny", "a", "z")
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), z_map)  # a user's
@@ -709,11 +711,11 @@ def test_unit_folders_with_bigglm_outputs_but_no_record_are_another_analysis(
     record: its maps are not replaced unasked."""
     import shutil
 
-    config = parse_config(tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids)))
+    config = _one_subject_config(tiny_config, tiny_bids, tmp_path / "out")
     run_analysis(config, client=local_client)
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "out" / "sub-01", copy / "sub-01")
-    moved = parse_config(tiny_config(tiny_bids, copy, inputs=_one_subject(tiny_bids)))
+    moved = _one_subject_config(tiny_config, tiny_bids, copy)
     z_map = map_path(moved, "sub-01_task-tiny", "a", "z")
     before = z_map.read_bytes()
     with pytest.raises(StoreError, match="holds outputs of another analysis"):

@@ -20,7 +20,7 @@ from bigglm.design.diagnostics import correlation_matrix
 from bigglm.design.events import HRFModel
 from bigglm.design.hemodynamic import hrf_basis
 
-__all__ = ["plot_correlation", "plot_design", "plot_hrf"]
+__all__ = ["plot_correlation", "plot_design", "plot_hrf", "scaled_columns"]
 
 
 def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
@@ -39,6 +39,34 @@ def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
             metadata={"Software": marker("figure")},
         )
     return target
+
+
+def scaled_columns(X: pd.DataFrame) -> np.ndarray:
+    """A design's values with each column divided by its largest magnitude, for drawing.
+
+    All-zero columns stay zero.
+
+    Parameters
+    ----------
+    X : pandas.DataFrame
+        Design.
+
+    Returns
+    -------
+    numpy.ndarray
+        Float64, shape of ``X``, values in [-1, 1].
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> scaled_columns(pd.DataFrame({"a": [0.0, -4.0, 2.0], "b": 0.0}))
+    array([[ 0. ,  0. ],
+           [-1. ,  0. ],
+           [ 0.5,  0. ]])
+    """
+    values = X.to_numpy(dtype=np.float64)
+    peak = np.abs(values).max(axis=0)
+    return np.asarray(values / np.where(peak > 0, peak, 1.0))
 
 
 def plot_design(X: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -66,12 +94,9 @@ def plot_design(X: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     ...     plot_design(X, pathlib.Path(d) / "design.png").stat().st_size > 0
     True
     """
-    values = X.to_numpy(dtype=np.float64)
-    peak = np.abs(values).max(axis=0)
-    scaled = values / np.where(peak > 0, peak, 1.0)
     figure = Figure(figsize=(1.0 + 0.35 * X.shape[1], 5.0))
     axes = figure.add_subplot()
-    axes.imshow(scaled, aspect="auto", cmap="gray", interpolation="nearest")
+    axes.imshow(scaled_columns(X), aspect="auto", cmap="gray", interpolation="nearest")
     axes.set_xticks(range(X.shape[1]), [str(c) for c in X.columns], rotation=60, ha="right")
     axes.set_ylabel("volume")
     axes.set_title("Design matrix")

@@ -218,6 +218,33 @@ def _same_grid(affine_a: np.ndarray, affine_b: np.ndarray) -> bool:
     return bool(np.allclose(affine_a, affine_b, rtol=0.0, atol=AFFINE_TOLERANCE))
 
 
+_RESAMPLE_MASK = "resample the mask to the functional grid (nearest neighbour)"
+
+
+def _check_affine(
+    path: Path, affine: np.ndarray, reference: np.ndarray, *, differs: str, fix: str
+) -> None:
+    """Raise :class:`StoreError` unless ``affine`` is on ``reference``'s grid.
+
+    The message is ``"{path}: {differs} (largest difference ... mm); {fix}"``.
+    """
+    if not _same_grid(affine, reference):
+        raise StoreError(
+            f"{path}: {differs} (largest difference "
+            f"{np.abs(affine - reference).max():.3g} mm); {fix}"
+        )
+
+
+def _mask_shape_error(
+    name: str, shape: tuple[int, ...], volume_shape: tuple[int, ...]
+) -> StoreError:
+    """The error for a mask whose shape is not the data's volume shape."""
+    return StoreError(
+        f"{name}: mask shape {shape} differs from the data's volume shape "
+        f"{volume_shape}; {_RESAMPLE_MASK}"
+    )
+
+
 def inspect_sources(
     sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
@@ -316,12 +343,13 @@ def _check_volume_list(paths: list[Path], images: list[nib.Nifti1Image]) -> None
                 f"{path}: volume shape {img.shape[:3]} differs from {ref.shape[:3]} of "
                 f"{ref_path}; all volumes of a run must share one grid"
             )
-        if not _same_grid(img.affine, ref.affine):
-            raise StoreError(
-                f"{path}: affine differs from that of {ref_path} (largest difference "
-                f"{np.abs(img.affine - ref.affine).max():.3g} mm); all volumes of a run must "
-                "share one grid, resample them first"
-            )
+        _check_affine(
+            path,
+            img.affine,
+            ref.affine,
+            differs=f"affine differs from that of {ref_path}",
+            fix="all volumes of a run must share one grid, resample them first",
+        )
 
 
 def load_mask(mask: str | os.PathLike[str] | np.ndarray, series: SourceSeries) -> np.ndarray:
@@ -365,10 +393,7 @@ def load_mask(mask: str | os.PathLike[str] | np.ndarray, series: SourceSeries) -
         img = _load_header(path)
         name, data = str(path), _mask_data(path, img, series)
     if data.shape != series.volume_shape:
-        raise StoreError(
-            f"{name}: mask shape {data.shape} differs from the data's volume shape "
-            f"{series.volume_shape}; resample the mask to the functional grid (nearest neighbour)"
-        )
+        raise _mask_shape_error(name, data.shape, series.volume_shape)
     selected = np.isfinite(data) & (data != 0)
     if not selected.any():
         raise StoreError(f"{name}: the mask has no non-zero voxel; check the mask")
@@ -379,16 +404,14 @@ def _mask_data(path: Path, img: nib.Nifti1Image, series: SourceSeries) -> np.nda
     """A mask file's voxels (a 4D file of one volume counts as 3D), after the grid checks."""
     shape = img.shape[:3] if img.ndim == 4 and img.shape[3] == 1 else img.shape
     if tuple(shape) != series.volume_shape:
-        raise StoreError(
-            f"{path}: mask shape {img.shape} differs from the data's volume shape "
-            f"{series.volume_shape}; resample the mask to the functional grid (nearest neighbour)"
-        )
-    if not _same_grid(img.affine, series.affine):
-        raise StoreError(
-            f"{path}: mask affine differs from the data's (largest difference "
-            f"{np.abs(img.affine - series.affine).max():.3g} mm); resample the mask to the "
-            "functional grid (nearest neighbour)"
-        )
+        raise _mask_shape_error(str(path), img.shape, series.volume_shape)
+    _check_affine(
+        path,
+        img.affine,
+        series.affine,
+        differs="mask affine differs from the data's",
+        fix=_RESAMPLE_MASK,
+    )
     return np.asarray(img.dataobj).reshape(series.volume_shape)
 
 

@@ -53,13 +53,14 @@ def design_png(design: pd.DataFrame, title: str) -> str:
     """
     from matplotlib.figure import Figure
 
-    values = design.to_numpy(dtype=float)
-    scale = np.abs(values).max(axis=0)
-    scaled = values / np.where(scale > 0, scale, 1.0)
-    figure = Figure(figsize=(max(3.0, 0.3 * values.shape[1]), 4.0))
+    from bigglm.design.plot import scaled_columns
+
+    figure = Figure(figsize=(max(3.0, 0.3 * design.shape[1]), 4.0))
     axes = figure.add_subplot()
-    axes.imshow(scaled, aspect="auto", cmap="gray", interpolation="nearest", vmin=-1, vmax=1)
-    axes.set_xticks(range(values.shape[1]), [str(c) for c in design.columns], rotation=90)
+    axes.imshow(
+        scaled_columns(design), aspect="auto", cmap="gray", interpolation="nearest", vmin=-1, vmax=1
+    )
+    axes.set_xticks(range(design.shape[1]), [str(c) for c in design.columns], rotation=90)
     axes.set_ylabel("scan")
     axes.set_title(title)
     return _png(figure)
