@@ -110,6 +110,7 @@ def measure(
     n_runs: int = 1,
     repeat: int = 1,
     cold: bool = False,
+    malloc: str = "bigglm",
 ) -> Measurement:
     """Run one step in a subprocess; sample its process tree's memory every 20 ms."""
     cmd = [
@@ -128,6 +129,8 @@ def measure(
         "--repeat",
         str(repeat),
         *(["--cold"] if cold else []),
+        "--malloc",
+        malloc,
     ]
     result = Measurement(name, scale, workers, cache="cold" if cold else "warm")
     start = time.perf_counter()
@@ -184,7 +187,9 @@ def agreement(work: Path) -> dict[str, float]:
     return out
 
 
-def scaling(scales: list[int], workers: list[int], memory_limit: str) -> list[Measurement]:
+def scaling(
+    scales: list[int], workers: list[int], memory_limit: str, malloc: str = "bigglm"
+) -> list[Measurement]:
     """Fit from the store at growing sizes and worker counts, one worker memory limit."""
     rows = []
     for scale in scales:
@@ -193,13 +198,16 @@ def scaling(scales: list[int], workers: list[int], memory_limit: str) -> list[Me
         work = RESULTS / "work" / spec.name
         rows.append(measure("convert_nii", run.nii.parent, work, scale))
         for n in workers:
-            rows.append(measure("bigglm_ols", run.nii.parent, work, scale, n, memory_limit))
+            row = measure("bigglm_ols", run.nii.parent, work, scale, n, memory_limit, malloc=malloc)
+            rows.append(row)
         if scale > 1:  # the 16x NIfTI files alone are ~28 GB each; keep only the store
             shutil.rmtree(run.nii.parent)
     return rows
 
 
-def run_scaling(counts: list[int], workers: list[int], memory_limit: str) -> list[Measurement]:
+def run_scaling(
+    counts: list[int], workers: list[int], memory_limit: str, malloc: str = "bigglm"
+) -> list[Measurement]:
     """One subject with 1, 4, 16 runs (fixed design, seeds 0..n-1) fitted together."""
     rows = []
     first = DATA / Spec().name
@@ -213,7 +221,10 @@ def run_scaling(counts: list[int], workers: list[int], memory_limit: str) -> lis
         for spec in extra:  # 1.76 GB of NIfTI per run; the stores are what the fits read
             shutil.rmtree(DATA / spec.name, ignore_errors=True)
         for w in workers:
-            rows.append(measure("bigglm_runs_ols", first, work, n, w, memory_limit, n_runs=n))
+            fit = measure(
+                "bigglm_runs_ols", first, work, n, w, memory_limit, n_runs=n, malloc=malloc
+            )
+            rows.append(fit)
     return rows
 
 
@@ -323,6 +334,12 @@ def main() -> None:
         "--memory-limit", default="512MiB", help="per-worker memory limit in the scaling sweep"
     )
     parser.add_argument(
+        "--malloc",
+        choices=["bigglm", "distributed"],
+        default="bigglm",
+        help="worker malloc settings in the scaling sweeps: bigglm's or distributed's own",
+    )
+    parser.add_argument(
         "--output", default="results", help="name of the JSON and PNG files in benchmarks/results"
     )
     parser.add_argument(
@@ -354,11 +371,12 @@ def main() -> None:
     by_step = {(m.step, m.cache): m for m in measured}
     steps_run = {m.step for m in measured}
     agree = agreement(work) if {"nilearn_ar1", "bigglm_ar1", "nilearn_ols"} <= steps_run else {}
-    measured += scaling(args.scales, args.workers, args.memory_limit)
-    measured += run_scaling(args.runs, args.workers, args.memory_limit)
+    measured += scaling(args.scales, args.workers, args.memory_limit, args.malloc)
+    measured += run_scaling(args.runs, args.workers, args.memory_limit, args.malloc)
     ratios = ratio_table(by_step)
     report = {
         "machine": machine(),
+        "worker_malloc": args.malloc,
         "data": {"voxels": 235_375, "volumes": Spec().n_volumes, "tr": Spec().tr},
         "measurements": [m.__dict__ for m in measured],
         "ratios": ratios,

@@ -132,21 +132,19 @@ def convert_niigz(args: argparse.Namespace) -> dict[str, float]:
 
 @contextmanager
 def _client(args: argparse.Namespace) -> Iterator[Any]:
-    """A LocalCluster of ``--workers`` single-threaded processes, or None (bigglm's default)."""
+    """A LocalCluster of ``--workers`` single-threaded processes, started as ``bigglm run``
+    starts one (with ``--malloc distributed``: without bigglm's worker malloc settings), or
+    None (bigglm's default, the threaded scheduler)."""
     if not args.workers:
         yield None
         return
-    from distributed import Client, LocalCluster
+    from bigglm.cluster import client_from_profile
+    from bigglm.config import ClusterConfig
 
-    with (
-        LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            memory_limit=args.memory_limit,
-            processes=True,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    profile = ClusterConfig(
+        n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit
+    )
+    with client_from_profile(profile, tune_malloc=args.malloc == "bigglm") as client:
         yield client
 
 
@@ -288,7 +286,15 @@ def main() -> None:
     parser.add_argument("--n-runs", type=int, default=1, help="runs of one subject")
     parser.add_argument("--repeat", type=int, default=1, help="times to run the step")
     parser.add_argument(
-        "--cold", action="store_true", help="evict the inputs from the page cache each time"
+        "--malloc",
+        choices=["bigglm", "distributed"],
+        default="bigglm",
+        help="the workers' malloc settings: bigglm's (the default) or distributed's own",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict the inputs from the page cache each time",
     )
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ from typing import Any, Literal
 from distributed import WorkerPlugin
 
 __all__ = [
+    "MAX_TRIMS",
     "PRESSURE",
     "THRESHOLD",
     "WATCH_S",
@@ -71,6 +72,11 @@ PRESSURE = 0.6
 #: Seconds between checks of the pressure mark on a worker's event loop (distributed
 #: checks its own pause and spill thresholds every 0.1 s).
 WATCH_S = 0.25
+
+#: Times a worker may go over the mark and be trimmed back under it before the valve
+#: gives the thresholds up (a worker that keeps coming back to the mark is one whose live
+#: data nearly fill its limit).
+MAX_TRIMS = 3
 
 #: What the valve does next: nothing, hand free memory back, or give up the thresholds.
 Relief = Literal["none", "trim", "revert"]
@@ -198,7 +204,9 @@ def job_script_exports(environ: Mapping[str, str]) -> list[str]:
     return [f'[ -n "${{{_MMAP}+set}}" ] || export {assignments}']
 
 
-def relief(rss: int, limit: int, *, trimmed: bool, mark: float = PRESSURE) -> Relief:
+def relief(
+    rss: int, limit: int, *, trimmed: bool, mark: float = PRESSURE, trims: int = 0
+) -> Relief:
     """What the valve does for a worker with ``rss`` bytes resident.
 
     Parameters
@@ -211,12 +219,17 @@ def relief(rss: int, limit: int, *, trimmed: bool, mark: float = PRESSURE) -> Re
         Whether ``rss`` was measured just after handing free memory back.
     mark : float, optional
         Fraction of ``limit`` above which the valve acts (:data:`PRESSURE`).
+    trims : int, optional
+        How many times the worker's free memory was handed back before.
 
     Returns
     -------
     {"none", "trim", "revert"}
         ``"none"`` at or below the mark (or without a limit); above it ``"trim"``, or
-        ``"revert"`` (back to distributed's settings) if a trim did not bring it down.
+        ``"revert"`` (back to distributed's settings) if a trim did not bring it down,
+        or if the worker was above the mark :data:`MAX_TRIMS` times already: its live data
+        then keep filling the margin, and memory kept for reuse would only be handed back
+        and faulted in again, chunk after chunk.
 
     Examples
     --------
@@ -226,10 +239,12 @@ def relief(rss: int, limit: int, *, trimmed: bool, mark: float = PRESSURE) -> Re
     'trim'
     >>> relief(700, 1000, trimmed=True)
     'revert'
+    >>> relief(700, 1000, trimmed=False, trims=MAX_TRIMS)
+    'revert'
     """
     if not limit or rss <= mark * limit:
         return "none"
-    return "revert" if trimmed else "trim"
+    return "revert" if trimmed or trims >= MAX_TRIMS else "trim"
 
 
 class MallocValve(WorkerPlugin):
@@ -266,6 +281,7 @@ class MallocValve(WorkerPlugin):
         # the trim threshold distributed gives its workers, to go back to
         self.fallback_trim = _configured_trim()
         self.reverted = False
+        self.trims = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -294,11 +310,15 @@ class MallocValve(WorkerPlugin):
 
     def _relieve(self, libc: Any, process: Any, limit: int) -> bool:
         """One check; True once the worker went back to distributed's settings."""
-        if relief(process.memory_info().rss, limit, trimmed=False, mark=self.mark) == "none":
+        rss = process.memory_info().rss
+        action = relief(rss, limit, trimmed=False, mark=self.mark, trims=self.trims)
+        if action == "none":
             return False
-        libc.malloc_trim(0)
-        if relief(process.memory_info().rss, limit, trimmed=True, mark=self.mark) == "none":
-            return False
+        if action == "trim":
+            libc.malloc_trim(0)
+            self.trims += 1
+            if relief(process.memory_info().rss, limit, trimmed=True, mark=self.mark) == "none":
+                return False
         libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, self.fallback_trim)
         libc.malloc_trim(0)

@@ -25,6 +25,7 @@ import pytest
 from bigglm.cluster import client_from_profile, jobqueue_options
 from bigglm.config import ClusterConfig
 from bigglm.worker_memory import (
+    MAX_TRIMS,
     THRESHOLD,
     MallocValve,
     job_script_exports,
@@ -83,6 +84,10 @@ def test_the_valve_trims_above_the_mark_and_reverts_when_a_trim_is_not_enough() 
     assert relief(601, limit, trimmed=True) == "revert"
     assert relief(10**12, 0, trimmed=False) == "none"  # no memory limit: nothing to guard
     assert relief(100, limit, trimmed=False, mark=0.05) == "trim"
+    # a worker that keeps coming back over the mark gives the thresholds up
+    assert relief(601, limit, trimmed=False, trims=MAX_TRIMS - 1) == "trim"
+    assert relief(601, limit, trimmed=False, trims=MAX_TRIMS) == "revert"
+    assert relief(500, limit, trimmed=False, trims=MAX_TRIMS) == "none"
 
 
 @glibc
