@@ -94,23 +94,32 @@ def _logging_to_stderr(verbosity: int) -> Iterator[None]:
     logger.setLevel(level)
     logger.propagate = False
     closing = _ClosedClientNoise()
-    logging.getLogger("asyncio").addFilter(closing)
+    noisy = [logging.getLogger(name) for name in ("asyncio", "tornado.application")]
+    for other in noisy:
+        other.addFilter(closing)
     try:
         yield
     finally:
         logger.handlers[:], _, logger.propagate = saved
         logger.setLevel(saved[1])
-        logging.getLogger("asyncio").removeFilter(closing)
+        for other in noisy:
+            other.removeFilter(closing)
 
 
 class _ClosedClientNoise(logging.Filter):
-    """Drop asyncio's "Task exception was never retrieved" for the gathers that a closing
-    Dask client ends with ``AllExit`` (after Ctrl-C, or an error that stops the run): a
-    traceback per pending gather, about nothing the user can act on."""
+    """Drop the tracebacks a closing Dask client leaves (after Ctrl-C, or an error that
+    stops the run), about nothing the user can act on: asyncio's "Task exception was never
+    retrieved" for the gathers it ends with ``AllExit``, and tornado's "Exception in
+    callback" for the futures ``as_completed`` was still tracking when the connection
+    closed (``CommClosedError``, seen with Python 3.13)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return type(error).__name__ != "AllExit"
+        name = type(error).__name__
+        if name == "AllExit":
+            return False
+        closed = name in ("CommClosedError", "StreamClosedError")
+        return not (closed and "_track_future" in record.getMessage())
 
 
 @contextmanager

@@ -447,6 +447,42 @@ def test_quiet_and_verbose_work_before_and_after_the_command(
     assert _build_parser().parse_args(args).verbosity == verbosity
 
 
+def test_tracebacks_of_a_closing_client_are_kept_off_stderr() -> None:
+    """What a Ctrl-C left on stderr under Python 3.13 (CI, newest environment): tornado's
+    "Exception in callback" for a future ``as_completed`` still tracked when the client's
+    connection closed. The CLI's filter drops it, and only it."""
+    import logging
+
+    from distributed.comm import CommClosedError
+
+    from bigglm.cli import _logging_to_stderr
+
+    def record(message: str, error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord(
+            "tornado.application",
+            logging.ERROR,
+            __file__,
+            1,
+            message,
+            (),
+            (type(error), error, None),
+        )
+
+    closed = CommClosedError("in <TCP (closed) ConnectionPool.gather>: Stream is closed")
+    tracked = (
+        "Exception in callback functools.partial(<...>, "
+        "<Task finished coro=<as_completed._track_future() ...>)"
+    )
+    tornado = logging.getLogger("tornado.application")
+    with _logging_to_stderr(0):
+        assert not all(f.filter(record(tracked, closed)) for f in tornado.filters)
+        assert all(
+            f.filter(record("Exception in callback other()", closed)) for f in tornado.filters
+        )
+        assert all(f.filter(record(tracked, ValueError("a real bug"))) for f in tornado.filters)
+    assert tornado.filters == []  # removed when the command ends
+
+
 @pytest.mark.cluster
 def test_ctrl_c_during_run_is_one_line_and_exit_130(
     tiny_bids: Path, tiny_config: Any, tmp_path: Path

@@ -207,7 +207,8 @@ def _null_space(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
     _, s, vt = np.linalg.svd(matrix / scale, full_matrices=matrix.shape[0] < matrix.shape[1])
     s_full = np.zeros(vt.shape[0])
     s_full[: s.size] = s
-    tol = max(matrix.shape) * np.finfo(np.float64).eps * max(s.max(initial=0.0), 1.0)
+    largest = float(np.max(s)) if s.size else 0.0
+    tol = max(matrix.shape) * np.finfo(np.float64).eps * max(largest, 1.0)
     null = vt[s_full <= tol] / scale[None, :]
     return _row_echelon(null).T
 

@@ -383,7 +383,7 @@ def write_store(
             tr=float(like.attrs["tr"]),
             chunks=chunks,
         )
-        da.store(data, writer.bold, lock=False)  # type: ignore[arg-type]
+        da.store(data, writer.bold, lock=False)  # type: ignore[arg-type, unused-ignore]
         writer.finish(_store_attributes(residuals, like))
     return target
 

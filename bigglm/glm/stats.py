@@ -107,7 +107,7 @@ class DesignTerms:
         lagged = [x] + [_shift(x, m) + _shift(x, -m) for m in range(1, order + 1)]
         lag_design = np.stack(lagged)
         u, s, vt = np.linalg.svd(x, full_matrices=False)
-        tol = s.max(initial=0.0) * max(x.shape) * np.finfo(np.float64).eps
+        tol = (float(np.max(s)) if s.size else 0.0) * max(x.shape) * np.finfo(np.float64).eps
         rank = int((s > tol).sum())
         v_r = vt[:rank].T / s[:rank]
         pinv = v_r @ u[:, :rank].T

@@ -230,7 +230,7 @@ def _read_volumes(series: SourceSeries) -> int:
 
 def _flat_indices(mask: np.ndarray) -> np.ndarray:
     """Positions, in the file's Fortran voxel order, of the mask's voxels in C order."""
-    return np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
+    return np.asarray(np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F"))
 
 
 def _write_pass(

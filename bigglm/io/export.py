@@ -106,7 +106,7 @@ def to_nifti(
         _open_output(partial, target) as out,
     ):
         header.write_to(out)
-        columns = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
+        columns = np.asarray(np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F"))
         for block in _blocks(data, n, mask.size * dtype.itemsize):
             out.write(_scatter(block, columns, mask.size, dtype, fill_value).tobytes())
             del block  # a view of a whole row of chunks: free it before the next row

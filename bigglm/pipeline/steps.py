@@ -258,7 +258,7 @@ def intersection_mask(ctx: StepContext, unit: UnitPlan) -> Path:
     """The voxels inside every brain mask the unit's runs have (fMRIPrep: one per run)."""
     paths = sorted({rp.run.mask for rp in unit.runs if rp.run.mask is not None})
     images = [_image(p) for p in paths]
-    inside = np.logical_and.reduce([np.asarray(img.dataobj) > 0 for img in images])
+    inside = np.all(np.stack([np.asarray(img.dataobj) > 0 for img in images]), axis=0)
     path = ctx.config.store_folder / f"{unit.name}_desc-intersection_mask.nii.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_mask(path, inside, np.asarray(images[0].affine))
