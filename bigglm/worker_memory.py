@@ -28,9 +28,10 @@ plugin, checks every :data:`WATCH_S` seconds on the worker's event loop (a pause
 starts no tasks, so a check made in tasks would wait for something else to shrink it)
 and, above :data:`PRESSURE` of the memory limit, hands the free memory back
 (``malloc_trim``), which is distributed's own behaviour, only under pressure. If the
-worker is still above the mark after that, its live data alone fill the margin, and
-memory kept for reuse would only be trimmed and faulted in again: the worker then goes
-back to distributed's settings for the rest of its life (:func:`relief` decides).
+worker is still above the mark after that, or comes back over it after :data:`MAX_TRIMS`
+trims, its live data alone fill the margin, and memory kept for reuse would only be
+trimmed and faulted in again: the worker then goes back to distributed's settings for the
+rest of its life (:func:`relief` decides).
 """
 
 from __future__ import annotations
