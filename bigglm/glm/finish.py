@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from bigglm.glm import ar
 from bigglm.glm.ar1 import Ar1Basis, ar1_inverse_form, ar1_solve_rotated
-from bigglm.glm.linalg import cholesky_solve, serial_matmul, solve_psd
+from bigglm.glm.linalg import cholesky_solve, serial_matmul, solve_psd, voxels_per_batch
 from bigglm.glm.stats import DesignTerms, Partial
 
 __all__ = ["STATUS_FLAGS", "ar_contrast_variance", "finish_block"]
@@ -20,9 +20,6 @@ Array = NDArray[np.float64]
 
 #: Values of the per-voxel ``status`` variable (CF ``flag_values`` / ``flag_meanings``).
 STATUS_FLAGS = {"ok": 0, "constant": 1, "nonstationary": 2, "nonfinite": 3}
-
-#: Voxels per batch when per-voxel P x P matrices are formed (bounds task memory).
-_BATCH_BYTES = 64 * 2**20
 
 #: Voxels per vectorised Cholesky solve (their P x P Grams stay in cache).
 _SOLVE_SLAB = 2048
@@ -165,7 +162,7 @@ def _gls(total: Partial, cross: Array, phi: Array, terms: DesignTerms) -> tuple[
     in voxel batches that bound the P x P matrices held at once.
     """
     n_reg, n_vox = terms.matrix.shape[1], phi.shape[1]
-    step = max(1, _BATCH_BYTES // (8 * n_reg * n_reg))
+    step = voxels_per_batch(n_reg)
     beta = np.empty((n_reg, n_vox))
     rss = np.empty(n_vox)
     for lo in range(0, n_vox, step):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["cholesky_solve", "serial_matmul", "solve_psd"]
+__all__ = ["cholesky_solve", "serial_matmul", "solve_psd", "voxels_per_batch"]
 
 Array = NDArray[np.float64]
 
@@ -32,6 +32,23 @@ _SERIAL_MNK = 65536 * 4
 
 #: Below this many columns per piece the product is large enough to use BLAS threads.
 _MIN_WIDTH = 16
+
+#: Bytes of per-voxel ``P x P`` float64 matrices held at once by a batched kernel.
+_BATCH_BYTES = 64 * 2**20
+
+
+def voxels_per_batch(size: int) -> int:
+    """How many voxels' ``size x size`` float64 matrices fit in one batch (at least 1).
+
+    The bound on task memory where per-voxel matrices are formed (the AR GLS finish, the
+    AR contrast covariances).
+
+    Examples
+    --------
+    >>> voxels_per_batch(19), voxels_per_batch(10_000)
+    (23237, 1)
+    """
+    return max(1, _BATCH_BYTES // (8 * size * size))
 
 
 def serial_matmul(a: Array, b: Array, out: Array | None = None) -> Array:

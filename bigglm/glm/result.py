@@ -30,6 +30,7 @@ from bigglm.exceptions import DesignError, StoreError
 from bigglm.glm import contrasts as con
 from bigglm.glm import persistence
 from bigglm.glm.finish import STATUS_FLAGS, ar_contrast_variance
+from bigglm.glm.linalg import voxels_per_batch
 from bigglm.glm.orchestration import compute_blocks, on_scheduler, over_voxel_slices
 from bigglm.glm.stats import DesignTerms
 from bigglm.typing import ContrastKind, ProgressCallback, ResidualFormat
@@ -41,7 +42,6 @@ __all__ = ["GLMResult", "contrast_maps"]
 
 logger = logging.getLogger(__name__)
 
-_BATCH_BYTES = 64 * 2**20
 _FITTED = ("beta", "sigma2", "status", "ar")
 
 
@@ -647,7 +647,7 @@ def _run_effect(
         unscaled = weights @ terms.gram_pinv @ weights.T
         return con.effect_and_covariance(weights, beta, sigma2, unscaled)
     phi = ds["ar"].values[:, voxels]
-    step = max(1, _BATCH_BYTES // (8 * weights.shape[1] ** 2))
+    step = voxels_per_batch(weights.shape[1])
     parts = []
     for lo in range(0, beta.shape[1], step):
         sl = slice(lo, lo + step)
