@@ -9,7 +9,9 @@ __all__ = [
     "ClusterKind",
     "ContrastKind",
     "DriftModel",
+    "GroupModel",
     "HRFName",
+    "MissingRule",
     "NoiseModel",
     "ProgressCallback",
     "ResidualFormat",
@@ -32,6 +34,14 @@ HRFName = Literal[
 
 #: Low-frequency drift models (as in nilearn).
 DriftModel = Literal["cosine", "polynomial"]
+
+#: Group-level models of :func:`bigglm.group.fit`: ordinary least squares per voxel with
+#: the subjects present there, or mixed effects with the first-level variances (REML).
+GroupModel = Literal["ols", "mixed"]
+
+#: What marks a voxel a subject's map does not cover (:func:`bigglm.group.collect`):
+#: NaN only, or NaN and an exact 0 (FSL, nilearn and AFNI write 0 outside their masks).
+MissingRule = Literal["nan", "nan-or-zero"]
 
 #: Statistic computed by :meth:`bigglm.GLMResult.contrast`.
 ContrastKind = Literal["t", "F"]

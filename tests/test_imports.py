@@ -24,11 +24,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The packages whose public names are lazy.
-PACKAGES = ("bigglm", "bigglm.design", "bigglm.glm", "bigglm.io")
+PACKAGES = ("bigglm", "bigglm.design", "bigglm.glm", "bigglm.group", "bigglm.io")
 #: Libraries that neither ``import bigglm`` nor ``bigglm --help`` may load.
 HEAVY = (
     "dask",
     "distributed",
+    "formulaic",
     "matplotlib",
     "nibabel",
     "numpy",
@@ -44,6 +45,7 @@ HEAVY = (
 NOT_FOR_VALIDATE = (
     "dask.array",
     "distributed",
+    "formulaic",
     "matplotlib",
     "scipy.signal",
     "scipy.special",

@@ -74,6 +74,8 @@ KINDS: Final = (
     "run-store",  # bigglm.convert
     "residuals-store",  # GLMResult.write_residuals(format="zarr")
     "glm-result",  # GLMResult.to_zarr
+    "group-store",  # bigglm.group.collect
+    "group-result",  # GroupResult.to_zarr
     "image",  # bigglm.to_nifti: contrast maps, residual series
     "mask",  # the pipeline's masks
     "design-table",  # the pipeline's design TSVs (sidecar marker)
