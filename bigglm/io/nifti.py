@@ -38,8 +38,10 @@ __all__ = [
     "SourceFile",
     "SourceSeries",
     "VolumeStream",
+    "inspect_map",
     "inspect_sources",
     "load_mask",
+    "read_map",
 ]
 
 logger = logging.getLogger(__name__)
@@ -318,6 +320,88 @@ def inspect_sources(
         tr_from=tr_from,
         space_unit=first_img.header.get_xyzt_units()[0],
     )
+
+
+def inspect_map(path: str | os.PathLike[str]) -> SourceSeries:
+    """Validate a statistical map (a 3D NIfTI, or 4D with one volume) from its header.
+
+    Parameters
+    ----------
+    path : path
+        An effect or variance map (nilearn ``effect_size``, FSL ``cope``/``varcope``,
+        SPM ``con_*.nii``, bigglm's maps).
+
+    Returns
+    -------
+    SourceSeries
+        One file of one volume; a map has no repetition time (``tr`` is NaN).
+
+    Raises
+    ------
+    StoreError
+        For a missing, unreadable or truncated file, a file of several volumes, or
+        voxels that are not real numbers.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> import nibabel
+    >>> path = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+    >>> inspect_map(path).volume_shape
+    (33, 41, 25)
+    """
+    (file,) = _as_paths(path)
+    img = _load_header(file)
+    source = _describe(file, img)
+    if source.n_volumes != 1 or img.ndim not in (3, 4):
+        raise StoreError(
+            f"{file}: has shape {img.shape}, but a subject's map must be one 3D volume; "
+            "give one file per subject and contrast"
+        )
+    _check_dtype(source)
+    shape = tuple(int(n) for n in img.shape[:3])
+    _check_uncompressed_size(source, shape)
+    return SourceSeries(
+        files=(source,),
+        volume_shape=(shape[0], shape[1], shape[2]),
+        affine=np.asarray(img.affine, dtype=np.float64),
+        tr=float("nan"),
+        tr_from="none (a map)",
+        space_unit=img.header.get_xyzt_units()[0],
+    )
+
+
+def read_map(series: SourceSeries, *, checksum: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read a map once: its float32 values in the file's (Fortran) voxel order, and its record.
+
+    Parameters
+    ----------
+    series : SourceSeries
+        From :func:`inspect_map`.
+    checksum : bool
+        Compute the file's SHA-256 from the bytes read (default).
+
+    Returns
+    -------
+    values : numpy.ndarray, shape (X * Y * Z,)
+    record : dict
+        ``path``, ``size`` and ``sha256`` (None without ``checksum``).
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> import nibabel
+    >>> path = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+    >>> values, record = read_map(inspect_map(path))
+    >>> values.shape, record["size"]
+    ((33825,), 68002)
+    """
+    stream = VolumeStream(series, checksum=checksum)
+    (block,) = list(stream.blocks(1))
+    if checksum:
+        return block[0], stream.provenance[0]
+    file = series.files[0]
+    return block[0], {"path": str(file.path), "size": file.path.stat().st_size, "sha256": None}
 
 
 def _as_paths(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:

@@ -48,7 +48,13 @@ __all__ = [
     "DEFAULT_TIME_CHUNK",
     "StoreWriter",
     "choose_chunks",
+    "create_chunked",
+    "create_grid",
+    "create_small",
+    "lazy_array",
+    "open_layout",
     "open_run",
+    "read_small",
     "verify_store",
 ]
 
@@ -160,37 +166,21 @@ class StoreWriter:
         self.path = path
         self.group = zarr.open_group(path, mode="w-", zarr_format=3)
         n_voxels = int(mask.sum())
-        self.bold = self.group.create_array(
+        self.bold = create_chunked(
+            self.group,
             "bold",
-            shape=(n_volumes, n_voxels),
-            chunks=chunks,
-            dtype="float32",
-            compressors=(BOLD_CODEC, CHECKSUM),
-            fill_value=np.nan,
-            dimension_names=("time", "voxel"),
-            attributes={"units": "arbitrary (scaled source values)"},
-            **_CHECKED,
+            (n_volumes, n_voxels),
+            chunks,
+            ("time", "voxel"),
+            units="arbitrary (scaled source values)",
         )
-        self._small("mask", mask.astype(bool), ("x", "y", "z"))
-        for name, index in zip("ijk", np.nonzero(mask), strict=True):
-            self._small(name, index.astype(np.int32), ("voxel",))
-        self._small("time", np.arange(n_volumes, dtype=np.float64) * tr, ("time",), units="s")
+        create_grid(self.group, mask)
+        create_small(
+            self.group, "time", np.arange(n_volumes, dtype=np.float64) * tr, ("time",), units="s"
+        )
         self._bold_dir = path / "bold"
         self._encoder = _chunk_encoder(self.bold)
         self._tiles: list[np.ndarray] = []
-
-    def _small(
-        self, name: str, data: np.ndarray, dims: tuple[str, ...], units: str | None = None
-    ) -> None:
-        self.group.create_array(
-            name,
-            data=data,
-            chunks=data.shape,
-            compressors=(_SMALL_CODEC, CHECKSUM),
-            dimension_names=dims,
-            attributes={"units": units} if units else {},
-            **_CHECKED,
-        )
 
     def write(self, start: int, rows: np.ndarray) -> None:
         """Write ``rows`` (``(n, V)`` float32) at volume ``start``: whole chunks only.
@@ -257,6 +247,83 @@ class StoreWriter:
         """Write the metadata, then the completion flag (last)."""
         self.group.attrs.update({_ATTRS: dict(attrs)})
         self.group.attrs.update({_COMPLETE: True})
+
+
+def create_chunked(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, int],
+    chunks: tuple[int, int],
+    dims: tuple[str, str],
+    *,
+    units: str,
+) -> zarr.Array:
+    """A float32 array of voxel data as every bigglm store holds them.
+
+    Compressed with :data:`BOLD_CODEC` then the ``crc32c`` checksum, NaN as fill value,
+    and every chunk written, all-NaN ones too (a missing chunk file is then damage).
+    Writers that reopen the array must keep writing empty chunks
+    (``zarr.config.set({"array.write_empty_chunks": True})``).
+
+    Examples
+    --------
+    >>> group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    >>> create_chunked(group, "effect", (4, 10), (2, 5), ("subject", "voxel"), units="a").chunks
+    (2, 5)
+    """
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype="float32",
+        compressors=(BOLD_CODEC, CHECKSUM),
+        fill_value=np.nan,
+        dimension_names=dims,
+        attributes={"units": units},
+        **_CHECKED,
+    )
+
+
+def create_small(
+    group: zarr.Group,
+    name: str,
+    data: np.ndarray,
+    dims: tuple[str, ...],
+    units: str | None = None,
+) -> None:
+    """A small array (mask, coordinates), in one checksummed chunk.
+
+    Examples
+    --------
+    >>> group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    >>> create_small(group, "n", np.arange(3), ("voxel",))
+    >>> group["n"][:].tolist()
+    [0, 1, 2]
+    """
+    group.create_array(
+        name,
+        data=data,
+        chunks=data.shape,
+        compressors=(_SMALL_CODEC, CHECKSUM),
+        dimension_names=dims,
+        attributes={"units": units} if units else {},
+        **_CHECKED,
+    )
+
+
+def create_grid(group: zarr.Group, mask: np.ndarray) -> None:
+    """The voxel grid of a store: ``mask(x, y, z)`` and the indices ``i, j, k`` of its voxels.
+
+    Examples
+    --------
+    >>> group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    >>> create_grid(group, np.eye(2, dtype=bool)[:, :, None])
+    >>> group["j"][:].tolist()
+    [0, 1]
+    """
+    create_small(group, "mask", mask.astype(bool), ("x", "y", "z"))
+    for name, index in zip("ijk", np.nonzero(mask), strict=True):
+        create_small(group, name, index.astype(np.int32), ("voxel",))
 
 
 class _ChunkEncoder:
@@ -383,51 +450,81 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     ...     ds.bold.dims, ds.time.values.tolist(), ds.i.values.tolist()
     (('time', 'voxel'), [0.0, 1.5], [0, 1])
     """
-    group, name, arrays = _structure(store)
+    group, name, arrays = open_layout(store, _ARRAYS)
     meta: dict[str, Any] = dict(group.attrs[_ATTRS])  # type: ignore[arg-type]
-    bold = _lazy(arrays["bold"], name)
+    bold = lazy_array(arrays["bold"], name)
     coords = {
-        "time": ("time", _read_all(arrays["time"], name), {"units": "s"}),
+        "time": ("time", read_small(arrays["time"], name), {"units": "s"}),
         "voxel": ("voxel", np.arange(bold.shape[1], dtype=np.int64)),
-        **{axis: ("voxel", _read_all(arrays[axis], name)) for axis in "ijk"},
+        **{axis: ("voxel", read_small(arrays[axis], name)) for axis in "ijk"},
     }
     return xr.Dataset(
         {
             "bold": (("time", "voxel"), bold),
-            "mask": (("x", "y", "z"), _lazy(arrays["mask"], name)),
+            "mask": (("x", "y", "z"), lazy_array(arrays["mask"], name)),
         },
         coords=coords,
         attrs={**meta, "store": name},
     )
 
 
-def _structure(store: Any) -> tuple[zarr.Group, str, dict[str, zarr.Array]]:
+def open_layout(
+    store: Any,
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    *,
+    redo: str = "convert the run again with overwrite=True",
+) -> tuple[zarr.Group, str, dict[str, zarr.Array]]:
     """Open a store and check its structure: completion flag, arrays, every chunk file.
 
     Reads no chunk: the chunk files are listed (one walk of each array's folder).
+
+    Parameters
+    ----------
+    store : path or zarr store
+    required : tuple of str
+        Arrays the layout holds (``bold``, ``mask``, ...).
+    optional : tuple of str
+        Arrays it may hold; those present are returned and checked too.
+    redo : str
+        What the message of an incomplete store tells the user to do.
+
+    Returns
+    -------
+    group, name, arrays
+        The open group, the store's name for messages, and its arrays by name.
+
+    Raises
+    ------
+    StoreError
+        Not a store, incomplete, an array missing, or a chunk file missing.
     """
     group, name = _open_group(store)
     attrs = group.attrs.asdict()
     if attrs.get(_COMPLETE) is not True or _ATTRS not in attrs:
         raise StoreError(
-            f"{name}: incomplete store (no completion flag): its conversion was interrupted "
-            "or failed; convert the run again with overwrite=True"
+            f"{name}: incomplete store (no completion flag): it was interrupted or failed "
+            f"while being written; {redo}"
         )
-    arrays = {key: _array(group, key, name) for key in _ARRAYS}
+    arrays = {key: _array(group, key, name) for key in required}
+    arrays.update({key: _array(group, key, name) for key in optional if key in group})
     for array in arrays.values():
         check_chunks(array, name)
     return group, name, arrays
 
 
-def _lazy(array: zarr.Array, name: str) -> da.Array:
-    """A dask array over ``array``'s chunks, read by :class:`~bigglm.io.integrity.ChunkReader`."""
+def lazy_array(array: zarr.Array, name: str) -> da.Array:
+    """A dask array over ``array``'s chunks, read by :class:`~bigglm.io.integrity.ChunkReader`.
+
+    No chunk is read until the graph runs (then by the workers, each its own chunks).
+    """
     token = tokenize(name, array.path, array.shape, array.chunks, array.metadata.to_dict())
     return da.from_array(
         array, chunks=array.chunks, name=f"bigglm-read-{token}", getitem=ChunkReader(name)
     )
 
 
-def _read_all(array: zarr.Array, name: str) -> np.ndarray:
+def read_small(array: zarr.Array, name: str) -> np.ndarray:
     """All of a small array, as :class:`~bigglm.io.integrity.ChunkReader` reads it."""
     return ChunkReader(name)(array, tuple(slice(None) for _ in array.shape))
 
@@ -469,7 +566,7 @@ def verify_store(store: str | os.PathLike[str] | Any, *, full: bool = False) -> 
     ...
     bigglm.exceptions.StoreDamaged: ...: chunk bold/c/1/0 is missing (1 of the 2 chunks ...
     """
-    _, name, arrays = _structure(store)
+    _, name, arrays = open_layout(store, _ARRAYS)
     if not full:
         return
     read = ChunkReader(name)
