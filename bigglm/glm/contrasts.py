@@ -513,13 +513,14 @@ def effect_and_covariance(
     return effect, shared * sigma2
 
 
-def t_test(effect: Array, variance: Array, dof: float) -> dict[str, Array]:
+def t_test(effect: Array, variance: Array, dof: float | Array) -> dict[str, Array]:
     """t, one-sided (upper-tail) p and z per voxel.
 
     Parameters
     ----------
     effect, variance : numpy.ndarray, shape (v,)
-    dof : float
+    dof : float or numpy.ndarray, shape (v,)
+        One dof, or one per voxel (group models with per-voxel missing subjects).
 
     Returns
     -------
@@ -544,18 +545,19 @@ def t_test(effect: Array, variance: Array, dof: float) -> dict[str, Array]:
         p = np.array(np.exp(log_upper), dtype=np.float64)
         # the lower tail only where it is needed (NaN stays NaN: NaN >= 0 is False)
         below = np.asarray(~(stat >= 0))
-        p[below] = special.stdtr(dof, np.asarray(magnitude)[below])
+        p[below] = special.stdtr(np.broadcast_to(dof, p.shape)[below], np.asarray(magnitude)[below])
     return {"stat": stat, "p": _clip_p(p), "z": np.sign(stat) * z_mag}
 
 
-def f_test(effect: Array, covariance: Array, dof: float) -> dict[str, Array]:
+def f_test(effect: Array, covariance: Array, dof: float | Array) -> dict[str, Array]:
     """F, upper-tail p and z per voxel.
 
     Parameters
     ----------
     effect : numpy.ndarray, shape (q, v)
     covariance : numpy.ndarray, shape (q, q, v)
-    dof : float
+    dof : float or numpy.ndarray, shape (v,)
+        One dof, or one per voxel.
 
     Returns
     -------
@@ -586,7 +588,7 @@ def f_test(effect: Array, covariance: Array, dof: float) -> dict[str, Array]:
     return {"stat": stat, "p": _clip_p(np.exp(log_upper)), "z": z}
 
 
-def _log_betainc(a: float, b: float, x: Array) -> Array:
+def _log_betainc(a: float | Array, b: float | Array, x: Array) -> Array:
     """``log I_x(a, b)`` (regularised incomplete beta), accurate as it underflows.
 
     Uses ``I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * 2F1(a + b, 1; a + 1; x)`` where the
@@ -600,6 +602,8 @@ def _log_betainc(a: float, b: float, x: Array) -> Array:
         tiny = direct <= 1e-250
         if np.any(tiny):
             xt = np.broadcast_to(x, direct.shape)[tiny]
+            a = np.broadcast_to(a, direct.shape)[tiny]  # per-voxel dof (group level)
+            b = np.broadcast_to(b, direct.shape)[tiny]
             out[tiny] = (
                 a * np.log(xt)
                 + b * np.log1p(-xt)

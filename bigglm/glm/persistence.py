@@ -40,6 +40,7 @@ def write_result_store(
     compute_runs: Callable[[], Sequence[xr.Dataset]],
     *,
     overwrite: bool,
+    kind: str = "glm-result",
 ) -> Path:
     """Write the per-run result Datasets to a result store at ``path``, atomically.
 
@@ -50,6 +51,9 @@ def write_result_store(
         Returns the computed per-run Datasets; called once ``path`` has been checked.
     overwrite : bool
         As for :meth:`~bigglm.glm.result.GLMResult.to_zarr`.
+    kind : str
+        The artefact kind (:data:`bigglm.io.artefacts.KINDS`): ``"glm-result"``, or
+        ``"group-result"`` for :meth:`bigglm.group.GroupResult.to_zarr`.
 
     Returns
     -------
@@ -75,9 +79,9 @@ def write_result_store(
     from bigglm.io.integrity import checksummed_encoding
 
     target = Path(path).expanduser().resolve()
-    check_replaceable(target, "glm-result", overwrite=overwrite)
+    check_replaceable(target, kind, overwrite=overwrite)
     runs = compute_runs()
-    with writing(target, "glm-result", overwrite=overwrite, directory=True) as temp:
+    with writing(target, kind, overwrite=overwrite, directory=True) as temp:
         for ds, group in zip(runs, _groups(len(runs)), strict=True):
             ds.to_zarr(
                 temp,

@@ -38,7 +38,7 @@ from bigglm.typing import ContrastKind, ProgressCallback, ResidualFormat
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["GLMResult", "contrast_maps"]
+__all__ = ["GLMResult", "contrast_dataset", "contrast_maps"]
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class GLMResult:
         covariance = np.concatenate([p[1] for p in parts], axis=-1)
         tested = {key: np.concatenate([p[2][key] for p in parts]) for key in ("stat", "p", "z")}
         dof = float(np.sum(dofs))
-        return _contrast_dataset(name, kind, effect, covariance, tested, dof, weights[0])
+        return contrast_dataset(name, kind, effect, covariance, tested, dof, weights[0])
 
     # --- output ----------------------------------------------------------------
     def to_zarr(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -658,16 +658,26 @@ def _run_effect(
     )
 
 
-def _contrast_dataset(
+def contrast_dataset(
     name: str,
     kind: ContrastKind,
     effect: np.ndarray,
     covariance: np.ndarray,
     tested: dict[str, np.ndarray],
-    dof: float,
+    dof: float | np.ndarray,
     weights: np.ndarray,
 ) -> xr.Dataset:
-    """Package a contrast's numbers with their statistics."""
+    """Package a contrast's numbers with their statistics (the Dataset ``contrast`` returns).
+
+    ``dof`` is one number (first level) or one per voxel (group level).
+
+    Examples
+    --------
+    >>> out = contrast_dataset("a", "t", np.ones((1, 2)), np.ones((1, 1, 2)),
+    ...                        {k: np.zeros(2) for k in ("stat", "p", "z")}, 10.0, np.eye(1))
+    >>> sorted(out.data_vars), out.attrs["name"]
+    (['dof', 'effect', 'p', 'stat', 'variance', 'z'], 'a')
+    """
     if kind == "t":
         data: dict[str, Any] = {
             "effect": ("voxel", effect[0]),
@@ -679,7 +689,7 @@ def _contrast_dataset(
             "variance": (("row", "row2", "voxel"), covariance),
         }
     data.update(stat=("voxel", tested["stat"]), p=("voxel", tested["p"]), z=("voxel", tested["z"]))
-    data["dof"] = ((), dof)
+    data["dof"] = ("voxel", dof) if np.ndim(dof) else ((), dof)
     coords = {"row": np.arange(effect.shape[0]), "row2": np.arange(effect.shape[0])}
     attrs = {"name": name, "kind": kind, "weights": weights.tolist()}
     return xr.Dataset(data, coords=coords if kind == "F" else None, attrs=attrs)

@@ -1,0 +1,529 @@
+"""Collecting per-subject maps into one group store, and opening it.
+
+The group store is a sibling of the run store (:mod:`bigglm.io.store`): a Zarr v3 group,
+
+- ``effect``: float32 ``(S, V)``, dimension names ``("subject", "voxel")``, chunked in
+  both dimensions (:data:`DEFAULT_CHUNKS`), checksummed, NaN where a subject's map does
+  not cover a voxel;
+- ``variance``: the same, when first-level variances were given (mixed effects need
+  them); NaN wherever ``effect`` is NaN and the other way round;
+- ``mask(x, y, z)``, ``i``, ``j``, ``k``: the analysis voxels, as in a run store;
+- ``n_subjects(voxel)``: int32, how many subjects cover each voxel;
+- attributes ``"bigglm"`` (affine, volume_shape, subjects, sources with SHA-256,
+  parameters, version, created) and ``"complete": true``, written last.
+
+What a subject does not cover (``missing``):
+
+- ``"nan-or-zero"`` (default): NaN, or an exact 0 in the effect map. FSL (``cope``,
+  ``varcope``), nilearn (``effect_size``, ``effect_variance``) and AFNI write 0 outside
+  their analysis masks, SPM (``con_*.nii``) and bigglm write NaN; an effect of exactly
+  0.0 inside a brain is, for real-valued estimates, an outside-the-mask voxel. A variance
+  of 0 where the effect is not 0 is kept (a subject with no within-subject variance).
+- ``"nan"``: only NaN; for maps where 0 is a value.
+
+A subject is missing at a voxel if its effect or its variance is missing there; it is
+missing at that voxel only: the voxel stays in the analysis for the other subjects.
+
+The analysis mask is ``mask`` if given, else the union of the subjects' coverage, found
+by a first read of the effect maps (headers and values; no SHA-256); the maps are then
+read once more to be written. With a mask there is one read. Either way every subject
+block is read by one task (parallel over subject blocks on a client), holding its block
+of subjects by all voxels (``chunks[0] x V`` float32 per map kind), whatever the number
+of subjects.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+
+from bigglm.exceptions import DesignError, StoreError
+from bigglm.io.nifti import AFFINE_TOLERANCE, SourceSeries, inspect_map, load_mask, read_map
+from bigglm.typing import MissingRule, ProgressCallback
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["DEFAULT_CHUNKS", "collect", "open_group"]
+
+logger = logging.getLogger(__name__)
+
+#: Chunk shape ``(subject, voxel)`` of ``effect`` and ``variance``: 4 MiB of float32, and
+#: 8,192 voxels by all of 10,000 subjects (what a mixed-effects block holds) is 330 MB.
+DEFAULT_CHUNKS = (128, 8192)
+
+_REQUIRED = ("effect", "mask", "i", "j", "k", "n_subjects")
+_OPTIONAL = ("variance",)
+_MISSING_RULES: tuple[MissingRule, ...] = ("nan", "nan-or-zero")
+_ENTITY = re.compile(r"(?:^|[_/])((?:sub|ses)-[A-Za-z0-9]+)")
+_REDO = "collect the maps again with overwrite=True"
+
+MapPaths = Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]]
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """One subject's maps, validated from their headers."""
+
+    label: str
+    effect: SourceSeries
+    variance: SourceSeries | None
+
+
+def collect(
+    effects: MapPaths,
+    store: str | os.PathLike[str],
+    *,
+    variances: MapPaths | None = None,
+    mask: str | os.PathLike[str] | np.ndarray | None = None,
+    subjects: Sequence[str] | None = None,
+    missing: MissingRule = "nan-or-zero",
+    chunks: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    client: Client | None = None,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Collect per-subject effect (and variance) maps into one group store.
+
+    Parameters
+    ----------
+    effects : sequence of paths, or dict subject -> path
+        One 3D NIfTI effect map per subject (bigglm's ``stat-effect`` maps, nilearn's
+        ``effect_size``, FSL's ``cope``, SPM's ``con_*.nii``), all on one grid.
+    store : path
+        The group store to write (a ``.zarr`` folder).
+    variances : sequence of paths, or dict subject -> path, optional
+        The matching variance maps (bigglm's ``stat-variance``, nilearn's
+        ``effect_variance``, FSL's ``varcope``), in the order of ``effects`` or with the
+        same subjects. Needed for mixed effects.
+    mask : path or boolean array, optional
+        The analysis voxels. Default: every voxel some subject covers.
+    subjects : sequence of str, optional
+        Subject labels, one per map. Default: the dict's keys, or the BIDS ``sub-`` (and
+        ``ses-``) entities of each path (file name first, then its folders).
+    missing : {"nan-or-zero", "nan"}
+        What marks a voxel a map does not cover (see the module docstring).
+    chunks : tuple of int, optional
+        ``(subjects, voxels)`` per chunk; default :data:`DEFAULT_CHUNKS`.
+    overwrite : bool
+        Replace a group store bigglm wrote; anything else at ``store`` is refused.
+    client : distributed.Client, optional
+        Where the subject blocks are read (default: Dask's default scheduler).
+    progress : callable, optional
+        Called with ``(done, total)`` subject blocks.
+
+    Returns
+    -------
+    pathlib.Path
+        The store, written atomically (nothing is at ``store`` until it is complete).
+
+    Raises
+    ------
+    DesignError
+        For lists of different lengths, missing or duplicate subject labels, subjects
+        whose labels cannot be found in their paths.
+    StoreError
+        Naming the file: unreadable, not one volume, on another grid than the first map
+        (or the mask), negative variances; or for a ``store`` path that may not be
+        written.
+
+    Examples
+    --------
+    >>> import tempfile, nibabel as nib
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> for s, value in (("01", 1.0), ("02", 2.0)):
+    ...     data = np.full((2, 2, 1), value, np.float32); data[0, 0, 0] = np.nan
+    ...     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp / f"sub-{s}_effect.nii.gz")
+    >>> path = collect(sorted(tmp.glob("sub-*_effect.nii.gz")), tmp / "group.zarr")
+    >>> ds = open_group(path)
+    >>> ds.subject.values.tolist(), ds.effect.shape, ds.n_subjects.values.tolist()
+    (['sub-01', 'sub-02'], (2, 3), [2, 2, 2])
+    """
+    from bigglm.io.artefacts import check_replaceable, writing
+
+    if missing not in _MISSING_RULES:
+        raise DesignError(f"missing={missing!r}; expected one of {_MISSING_RULES}")
+    entries = _entries(effects, variances, subjects)
+    first = _check_grid(entries)
+    chunk_shape = _chunk_shape(chunks, len(entries))
+    target = Path(store).expanduser().resolve()
+    check_replaceable(target, "group-store", overwrite=overwrite)  # before any map is read
+    voxels = _analysis_mask(mask, first, entries, chunk_shape[0], missing, client, progress)
+    with writing(target, "group-store", overwrite=overwrite, directory=True) as stage:
+        records = _write(stage, entries, voxels, chunk_shape, missing, client, progress)
+        parameters = {
+            "missing": missing,
+            "mask": "union of the subjects' coverage" if mask is None else _mask_name(mask),
+            "chunks": list(chunk_shape),
+            "dtype": "float32",
+        }
+        _finish(stage, entries, first, records, parameters)
+    logger.info("collected %d subjects, %d voxels into %s", len(entries), voxels.sum(), target)
+    return target
+
+
+# --- inputs ----------------------------------------------------------------------
+
+
+def _entries(
+    effects: MapPaths, variances: MapPaths | None, subjects: Sequence[str] | None
+) -> list[_Subject]:
+    """The subjects, each with its validated maps (headers only)."""
+    labels, effect_paths = _labelled(effects, subjects, "effects")
+    variance_paths: list[Any] = [None] * len(labels)
+    if variances is not None:
+        if isinstance(variances, Mapping):
+            absent = [s for s in labels if s not in variances]
+            extra = [s for s in variances if s not in set(labels)]
+            if absent or extra:
+                raise DesignError(
+                    "effects and variances name different subjects: "
+                    + "; ".join(
+                        f"{what}: {', '.join(map(str, names[:5]))}"
+                        for what, names in (("no variance map", absent), ("no effect map", extra))
+                        if names
+                    )
+                )
+            variance_paths = [variances[s] for s in labels]
+        else:
+            variance_paths = list(variances)
+            if len(variance_paths) != len(labels):
+                raise DesignError(
+                    f"got {len(labels)} effect maps but {len(variance_paths)} variance maps; "
+                    "give one variance map per effect map, in the same order"
+                )
+    return [
+        _Subject(label, inspect_map(e), None if v is None else inspect_map(v))
+        for label, e, v in zip(labels, effect_paths, variance_paths, strict=True)
+    ]
+
+
+def _labelled(
+    maps: MapPaths, subjects: Sequence[str] | None, what: str
+) -> tuple[list[str], list[Any]]:
+    """Subject labels and paths, labels checked to be unique and non-empty."""
+    if isinstance(maps, str | os.PathLike):
+        raise DesignError(f"{what} must be a list of map files (one per subject), not one path")
+    if isinstance(maps, Mapping):
+        labels, paths = [str(k) for k in maps], list(maps.values())
+    else:
+        paths = list(maps)
+        labels = list(subjects) if subjects is not None else [_label_of(p) for p in paths]
+    if subjects is not None and isinstance(maps, Mapping):
+        raise DesignError(f"{what} is a dict: its keys are the subjects; do not pass subjects=")
+    if not paths:
+        raise DesignError(f"no {what} given; pass one map per subject")
+    if len(labels) != len(paths):
+        raise DesignError(
+            f"got {len(labels)} subjects but {len(paths)} {what}; give one label per map"
+        )
+    _check_unique(labels, paths)
+    return [str(label) for label in labels], paths
+
+
+def _label_of(path: str | os.PathLike[str]) -> str:
+    """The BIDS ``sub-`` (and ``ses-``) entities of a path: the file name's, else its folders'."""
+    full = Path(path)
+    for part in (full.name, *(p.name for p in full.parents)):
+        found = dict.fromkeys(_ENTITY.findall(part))
+        if any(e.startswith("sub-") for e in found):
+            return "_".join(found)
+    raise DesignError(
+        f"{path}: no BIDS subject entity (sub-<label>) in its name or folders; pass "
+        "subjects=[...] (one label per map) or a dict {subject: path}"
+    )
+
+
+def _check_unique(labels: Sequence[Any], paths: Sequence[Any]) -> None:
+    seen: dict[str, Any] = {}
+    for label, path in zip(labels, paths, strict=True):
+        if not str(label).strip():
+            raise DesignError(f"{path}: empty subject label; every map needs a label")
+        if str(label) in seen:
+            raise DesignError(
+                f"subject {label!r} appears twice ({seen[str(label)]} and {path}); each "
+                "subject has one map per store (for several maps per subject, e.g. paired "
+                "designs, give labels such as 'sub-01_ses-pre' with subjects=[...])"
+            )
+        seen[str(label)] = path
+
+
+def _check_grid(entries: Sequence[_Subject]) -> SourceSeries:
+    """Every map on the grid of the first; the first's description."""
+    first = entries[0].effect
+    for entry in entries:
+        for series in (entry.effect, entry.variance):
+            if series is None:
+                continue
+            path = series.files[0].path
+            if series.volume_shape != first.volume_shape:
+                raise StoreError(
+                    f"{path}: shape {series.volume_shape} differs from {first.files[0].path} "
+                    f"{first.volume_shape}; resample every map to one grid first"
+                )
+            difference = float(np.abs(series.affine - first.affine).max())
+            if difference > AFFINE_TOLERANCE:
+                raise StoreError(
+                    f"{path}: affine differs from that of {first.files[0].path} (largest "
+                    f"difference {difference:.3g} mm); resample every map to one grid first"
+                )
+    return first
+
+
+def _chunk_shape(chunks: tuple[int, int] | None, n_subjects: int) -> tuple[int, int]:
+    subject_chunk, voxel_chunk = chunks if chunks is not None else DEFAULT_CHUNKS
+    if subject_chunk < 1 or voxel_chunk < 1:
+        raise DesignError(f"chunks must be two positive integers, got {chunks}")
+    return min(subject_chunk, n_subjects), voxel_chunk
+
+
+# --- reading maps ----------------------------------------------------------------
+
+
+def _subject_values(
+    entry: _Subject, columns: np.ndarray | None, missing: MissingRule, *, checksum: bool
+) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]]]:
+    """A subject's effect (and variance) at ``columns`` (all voxels if None), NaN where missing."""
+    effect, effect_record = read_map(entry.effect, checksum=checksum)
+    records = [effect_record]
+    effect = effect if columns is None else effect[columns]
+    absent = ~np.isfinite(effect)
+    if missing == "nan-or-zero":
+        absent |= effect == 0
+    variance = None
+    if entry.variance is not None:
+        variance, variance_record = read_map(entry.variance, checksum=checksum)
+        records.append(variance_record)
+        variance = variance if columns is None else variance[columns]
+        absent |= ~np.isfinite(variance)
+        _check_variance(variance, absent, entry)
+        variance = np.where(absent, np.float32(np.nan), variance)
+    return np.where(absent, np.float32(np.nan), effect), variance, records
+
+
+def _check_variance(variance: np.ndarray, absent: np.ndarray, entry: _Subject) -> None:
+    negative = (variance < 0) & ~absent
+    if negative.any():
+        assert entry.variance is not None
+        raise StoreError(
+            f"{entry.variance.files[0].path}: subject {entry.label!r} has negative variances "
+            f"at {int(negative.sum())} voxels (smallest {float(variance[negative].min()):.3g}); "
+            "a variance map holds squared standard errors (varcope, effect_variance), check "
+            "that effects and variances were not swapped"
+        )
+
+
+def _coverage(entries: Sequence[_Subject], missing: MissingRule) -> np.ndarray:
+    """How many of ``entries`` cover each voxel of the grid (Fortran order)."""
+    count = np.zeros(entries[0].effect.voxels_per_volume, dtype=np.int32)
+    for entry in entries:
+        effect, _, _ = _subject_values(
+            _Subject(entry.label, entry.effect, None), None, missing, checksum=False
+        )
+        count += np.isfinite(effect)
+    return count
+
+
+def _analysis_mask(
+    mask: str | os.PathLike[str] | np.ndarray | None,
+    first: SourceSeries,
+    entries: Sequence[_Subject],
+    block: int,
+    missing: MissingRule,
+    client: Client | None,
+    progress: ProgressCallback | None,
+) -> np.ndarray:
+    """The analysis voxels: the mask given, or the union of the subjects' coverage."""
+    import dask
+
+    from bigglm.glm.orchestration import compute_blocks
+
+    if mask is not None:
+        voxels = load_mask(mask, first)
+    else:
+        logger.info("reading %d effect maps for their union coverage", len(entries))
+        tasks = [
+            dask.delayed(_coverage)(entries[lo : lo + block], missing)
+            for lo in range(0, len(entries), block)
+        ]
+        counts = np.sum(compute_blocks(tasks, client, progress), axis=0)
+        voxels = np.asarray(counts > 0).reshape(first.volume_shape, order="F")
+    if not voxels.any():
+        raise StoreError(
+            f"no voxel is covered by any of the {len(entries)} effect maps"
+            + (" inside the mask" if mask is not None else "")
+            + f" (first: {first.files[0].path}); check the maps (all NaN or 0?)"
+        )
+    return voxels
+
+
+# --- writing ---------------------------------------------------------------------
+
+
+def _write(
+    stage: Path,
+    entries: Sequence[_Subject],
+    voxels: np.ndarray,
+    chunk_shape: tuple[int, int],
+    missing: MissingRule,
+    client: Client | None,
+    progress: ProgressCallback | None,
+) -> list[dict[str, Any]]:
+    """Create the arrays, then write subject block by subject block (in parallel).
+
+    Returns the maps' provenance records, subject by subject.
+    """
+    import dask
+    import zarr
+
+    from bigglm.glm.orchestration import compute_blocks
+    from bigglm.io.store import create_chunked, create_grid, create_small
+
+    group = zarr.open_group(stage, mode="w-", zarr_format=3)
+    shape = (len(entries), int(voxels.sum()))
+    names = ["effect"] + (["variance"] if entries[0].variance is not None else [])
+    if any((e.variance is None) != (entries[0].variance is None) for e in entries):
+        raise DesignError("some subjects have a variance map and some do not; give all or none")
+    for name in names:
+        create_chunked(group, name, shape, chunk_shape, ("subject", "voxel"), units="map units")
+    create_grid(group, voxels)
+    columns = dask.delayed(np.ravel_multi_index(np.nonzero(voxels), voxels.shape, order="F"))
+    block = chunk_shape[0]
+    tasks = [
+        dask.delayed(_write_block)(str(stage), entries[lo : lo + block], lo, columns, missing)
+        for lo in range(0, len(entries), block)
+    ]
+    logger.info("writing %d subjects in %d blocks", len(entries), len(tasks))
+    done = compute_blocks(tasks, client, progress)
+    counts = np.sum([n for n, _ in done], axis=0, dtype=np.int32)
+    create_small(group, "n_subjects", counts, ("voxel",))
+    return [record for _, records in done for record in records]
+
+
+def _write_block(
+    stage: str, entries: Sequence[_Subject], start: int, columns: np.ndarray, missing: MissingRule
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Read a block of subjects' maps and write their rows of chunks; per-voxel counts."""
+    import zarr
+
+    values = [_subject_values(e, columns, missing, checksum=True) for e in entries]
+    rows = slice(start, start + len(entries))
+    with zarr.config.set({"array.write_empty_chunks": True}):  # every chunk is written
+        group = zarr.open_group(stage, mode="r+")
+        effect = np.stack([v[0] for v in values])
+        group["effect"][rows, :] = effect
+        if values[0][1] is not None:
+            group["variance"][rows, :] = np.stack([v[1] for v in values])
+    records = [
+        {"subject": e.label, **dict(zip(("effect", "variance"), v[2], strict=False))}
+        for e, v in zip(entries, values, strict=True)
+    ]
+    return np.isfinite(effect).sum(axis=0, dtype=np.int32), records
+
+
+def _mask_name(mask: str | os.PathLike[str] | np.ndarray) -> str:
+    if isinstance(mask, np.ndarray):
+        return "given (array)"
+    return str(Path(mask).expanduser().resolve())
+
+
+def _finish(
+    stage: Path,
+    entries: Sequence[_Subject],
+    first: SourceSeries,
+    records: list[dict[str, Any]],
+    parameters: dict[str, Any],
+) -> None:
+    """The store's attributes, then its completion flag (last)."""
+    import zarr
+
+    from bigglm import __version__
+
+    group = zarr.open_group(stage, mode="r+")
+    group.attrs["bigglm"] = {
+        "kind": "group",
+        "affine": first.affine.tolist(),
+        "volume_shape": list(first.volume_shape),
+        "subjects": [e.label for e in entries],
+        "sources": records,
+        "parameters": parameters,
+        "version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    group.attrs["complete"] = True
+
+
+# --- reading the store -----------------------------------------------------------
+
+
+def open_group(store: str | os.PathLike[str] | Any) -> xr.Dataset:
+    """Open a group store lazily as an xarray Dataset.
+
+    No map data are read: ``effect`` and ``variance`` are dask arrays over the store's
+    chunks, read (and their checksums verified) by the workers when a graph runs.
+
+    Parameters
+    ----------
+    store : path or zarr store
+        A store written by :func:`collect`.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``effect(subject, voxel)``, ``variance(subject, voxel)`` if collected, ``mask(x,
+        y, z)``, ``n_subjects(voxel)``; coordinates ``subject`` (labels), ``voxel``,
+        ``i``, ``j``, ``k``; attrs ``affine``, ``volume_shape``, ``subjects``,
+        ``sources``, ``parameters``, ``version``, ``store`` and ``tr`` (None: maps have
+        no time axis).
+
+    Raises
+    ------
+    StoreError
+        If the path is not a group store, is incomplete, or lacks a chunk file.
+
+    Examples
+    --------
+    >>> import tempfile, nibabel as nib
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> paths = []
+    >>> for s in ("01", "02", "03"):
+    ...     paths.append(tmp / f"sub-{s}.nii")
+    ...     nib.save(nib.Nifti1Image(np.ones((2, 1, 1), np.float32), np.eye(4)), paths[-1])
+    >>> ds = open_group(collect(paths, tmp / "g.zarr"))
+    >>> ds.effect.dims, ds.sizes["subject"], "variance" in ds
+    (('subject', 'voxel'), 3, False)
+    """
+    from bigglm.io.store import lazy_array, open_layout, read_small
+
+    group, name, arrays = open_layout(store, _REQUIRED, _OPTIONAL, redo=_REDO)
+    meta: dict[str, Any] = dict(group.attrs["bigglm"])  # type: ignore[arg-type]
+    if meta.get("kind") != "group":
+        raise StoreError(f"{name}: is not a group store (a run store?); use bigglm.open_run")
+    data = {
+        key: (("subject", "voxel"), lazy_array(arrays[key], name))
+        for key in ("effect", *_OPTIONAL)
+        if key in arrays
+    }
+    coords = {
+        "subject": ("subject", np.asarray(meta["subjects"], dtype=object)),
+        "voxel": ("voxel", np.arange(arrays["effect"].shape[1], dtype=np.int64)),
+        **{axis: ("voxel", read_small(arrays[axis], name)) for axis in "ijk"},
+    }
+    return xr.Dataset(
+        {
+            **data,
+            "mask": (("x", "y", "z"), lazy_array(arrays["mask"], name)),
+            "n_subjects": ("voxel", read_small(arrays["n_subjects"], name)),
+        },
+        coords=coords,
+        attrs={**meta, "store": name, "tr": None},
+    )
