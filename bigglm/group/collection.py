@@ -231,12 +231,18 @@ def _labelled(
 
 
 def _label_of(path: str | os.PathLike[str]) -> str:
-    """The BIDS ``sub-`` (and ``ses-``) entities of a path: the file name's, else its folders'."""
+    """The BIDS ``sub-`` (and ``ses-``) entities of a path, nearest the file name first.
+
+    ``sub-01_task-x_stat-effect.nii.gz`` is ``sub-01``; ``sub-01/ses-2/effect_size.nii.gz``
+    (nilearn's per-subject folders) is ``sub-01_ses-2``.
+    """
     full = Path(path)
+    found: dict[str, str] = {}
     for part in (full.name, *(p.name for p in full.parents)):
-        found = dict.fromkeys(_ENTITY.findall(part))
-        if any(e.startswith("sub-") for e in found):
-            return "_".join(found)
+        for entity in _ENTITY.findall(part):
+            found.setdefault(entity.split("-")[0], entity)
+        if "sub" in found:
+            return "_".join(found[key] for key in ("sub", "ses") if key in found)
     raise DesignError(
         f"{path}: no BIDS subject entity (sub-<label>) in its name or folders; pass "
         "subjects=[...] (one label per map) or a dict {subject: path}"
