@@ -45,7 +45,7 @@ from bigglm.design.diagnostics import condition_number, dependent_columns, matri
 from bigglm.design.events import read_table
 from bigglm.exceptions import BigGLMWarning, DesignError
 
-__all__ = ["INTERCEPT", "design"]
+__all__ = ["INTERCEPT", "design", "reorder"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def design(
     table, label = read_table(source, "participants")
     table.index = _labels(table, index, label)
     if subjects is not None:
-        table = _reorder(table, subjects, label)
+        table = reorder(table, subjects, label)
     if isinstance(columns_or_formula, str):
         matrix, centred = _from_formula(table, columns_or_formula, label, center)
     else:
@@ -199,8 +199,39 @@ def _labels(table: pd.DataFrame, index: str, label: str) -> pd.Index:
     return labels
 
 
-def _reorder(table: pd.DataFrame, subjects: Sequence[str], label: str) -> pd.DataFrame:
-    """The table's rows in the order of ``subjects``, which must hold the same labels."""
+def reorder(table: pd.DataFrame, subjects: Sequence[str], label: str) -> pd.DataFrame:
+    """The table's rows in the order of ``subjects``, which must hold the same labels.
+
+    The one check that a design's rows and a group store's maps are the same subjects
+    (:func:`design` with ``subjects=``, :func:`bigglm.group.fit`).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Indexed by label (str).
+    subjects : sequence of str
+    label : str
+        What the table is, for messages (``"participants.tsv"``, ``"the design"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Raises
+    ------
+    DesignError
+        Naming the labels listed twice, the maps without a row and the rows without maps.
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"age": [30, 40]}, index=["sub-01", "sub-02"])
+    >>> reorder(table, ["sub-02", "sub-01"], "the design")["age"].tolist()
+    [40, 30]
+    >>> reorder(table, ["sub-01"], "the design")
+    Traceback (most recent call last):
+    ...
+    bigglm.exceptions.DesignError: the design and the subjects do not match; participants rows without maps: sub-02 ...
+    """
     if isinstance(subjects, str):
         raise DesignError(
             f"subjects must be a sequence of labels, got the string {subjects!r}; "
@@ -210,6 +241,9 @@ def _reorder(table: pd.DataFrame, subjects: Sequence[str], label: str) -> pd.Dat
     repeated = _repeated(wanted)
     if repeated:
         raise DesignError(f"subjects lists {_listed(repeated)} more than once; list each once")
+    repeated = _repeated([str(s) for s in table.index])
+    if repeated:
+        raise DesignError(f"{label} has several rows for {_listed(repeated)}; keep one each")
     present, listed = set(table.index), set(wanted)
     problems = []
     lacking = [s for s in wanted if s not in present]

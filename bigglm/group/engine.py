@@ -124,7 +124,7 @@ def fit(
         raise DesignError(f"model={model!r}; expected one of {_MODELS}")
     ds = store if isinstance(store, xr.Dataset) else open_group(store)
     subjects = [str(s) for s in ds["subject"].values]
-    matrix, columns = _aligned(design, subjects)
+    matrix, frame = _aligned(design, subjects)
     groups = _variance_groups(variance_groups, design, subjects, model)
     rank = int(np.linalg.matrix_rank(matrix))
     threshold = _min_subjects(min_subjects, rank, len(subjects))
@@ -138,7 +138,7 @@ def fit(
         len(tasks),
     )
     values = compute_blocks(tasks, client, progress)
-    fitted = _assemble(values, blocks, ds, design.loc[subjects, columns], plan)
+    fitted = _assemble(values, blocks, ds, frame, plan)
     return GroupResult(fitted)
 
 
@@ -153,34 +153,16 @@ class _Plan:
     knapp_hartung: bool
 
 
-def _aligned(design: pd.DataFrame, subjects: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """The design's rows in the store's subject order, as float64; its column names."""
+def _aligned(design: pd.DataFrame, subjects: Sequence[str]) -> tuple[np.ndarray, pd.DataFrame]:
+    """The design's rows in the store's subject order: as float64, and as a DataFrame."""
     if not isinstance(design, pd.DataFrame):
         raise DesignError(
             f"design must be a pandas DataFrame indexed by subject, got {type(design).__name__}; "
             "build one with bigglm.group.design(participants, ...)"
         )
-    index = [str(s) for s in design.index]
-    duplicated = sorted({s for s in index if index.count(s) > 1})
-    if duplicated:
-        raise DesignError(f"the design has several rows for {', '.join(duplicated[:5])}")
-    known = set(index)
-    without_row = [s for s in subjects if s not in known]
-    if without_row:
-        raise DesignError(
-            f"maps without a design row: {', '.join(without_row[:5])}"
-            + (f" and {len(without_row) - 5} more" if len(without_row) > 5 else "")
-            + "; add them to the participants table or collect a store without them"
-        )
-    in_store = set(subjects)
-    without_maps = [s for s in index if s not in in_store]
-    if without_maps:
-        raise DesignError(
-            f"design rows without maps in the store: {', '.join(without_maps[:5])}"
-            + (f" and {len(without_maps) - 5} more" if len(without_maps) > 5 else "")
-            + "; drop them from the design or collect their maps"
-        )
-    frame = design.set_axis(index).loc[list(subjects)]
+    from bigglm.group.designs import reorder
+
+    frame = reorder(design.set_axis([str(s) for s in design.index]), subjects, "the design")
     try:
         matrix = frame.to_numpy(dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -192,7 +174,7 @@ def _aligned(design: pd.DataFrame, subjects: Sequence[str]) -> tuple[np.ndarray,
             f"design row {subjects[row]!r} has no value for {frame.columns[col]!r}; fill it "
             "in or drop the subject"
         )
-    return matrix, [str(c) for c in design.columns]
+    return matrix, frame.set_axis([str(c) for c in frame.columns], axis=1)
 
 
 def _variance_groups(
