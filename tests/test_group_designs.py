@@ -71,7 +71,11 @@ def _centred(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 )
 @pytest.mark.parametrize("center", [True, False])
 def test_formula_equals_patsy(table: pd.DataFrame, formula: str, center: bool) -> None:
-    X = design(table, formula, center=center)
+    with warnings.catch_warnings():
+        # uncentred interactions are collinear with their main effects (VIF above 10):
+        # the design is still what patsy builds, and the warning is tested on its own
+        warnings.simplefilter("ignore", BigGLMWarning)
+        X = design(table, formula, center=center)
     data = _centred(table, ["age"]) if center else table
     data = data.astype({"sex": object, "group": object})
     P = patsy.dmatrix(formula, data, return_type="dataframe").rename(
@@ -320,3 +324,23 @@ def test_centring_records_means(table: pd.DataFrame) -> None:
     formula = design(table, "age * sex")
     assert formula.attrs["centred"] == {"age": pytest.approx(table["age"].mean())}
     assert formula["age"].mean() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_nearly_collinear_columns_are_named_by_their_variance_inflation_factor() -> None:
+    from bigglm.design import variance_inflation_factors
+
+    rng = np.random.default_rng(3)
+    age = rng.uniform(20, 60, 30)
+    table = pd.DataFrame(
+        {
+            "participant_id": [f"sub-{i:02d}" for i in range(30)],
+            "age": age,
+            "years_since_birth": age + rng.normal(0, 0.5, 30),  # nearly age
+            "score": rng.normal(size=30),
+        }
+    )
+    with pytest.warns(BigGLMWarning, match=r"'age' \(\d.*'years_since_birth'") as caught:
+        x = design(table, ["intercept", "age", "years_since_birth", "score"])
+    vif = variance_inflation_factors(x)
+    assert vif["age"] > 10 and vif["score"] < 10
+    assert "'score'" not in str(caught[0].message)

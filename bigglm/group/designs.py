@@ -41,7 +41,12 @@ from formulaic.errors import FormulaicError
 from formulaic.parser.types import Factor
 from numpy.typing import NDArray
 
-from bigglm.design.diagnostics import condition_number, dependent_columns, matrix_rank
+from bigglm.design.diagnostics import (
+    condition_number,
+    dependent_columns,
+    matrix_rank,
+    variance_inflation_factors,
+)
 from bigglm.design.events import read_table
 from bigglm.exceptions import BigGLMWarning, DesignError
 
@@ -522,6 +527,7 @@ def _report_rank(matrix: pd.DataFrame, label: str) -> None:
         condition_number(matrix),
     )
     if rank == matrix.shape[1]:
+        _report_collinearity(matrix, label)
         return
     groups = dependent_columns(matrix)
     described = "; ".join(" ~ ".join(repr(n) for n in g) for g in groups)
@@ -534,3 +540,26 @@ def _report_rank(matrix: pd.DataFrame, label: str) -> None:
         BigGLMWarning,
         stacklevel=3,
     )
+
+
+#: Variance inflation factor above which a column is reported as collinear with the others.
+VIF_WARN = 10.0
+
+
+def _report_collinearity(matrix: pd.DataFrame, label: str) -> None:
+    """A BigGLMWarning naming the columns whose VIF exceeds :data:`VIF_WARN` (full rank)."""
+    if matrix.shape[1] < 2:
+        return
+    vif = variance_inflation_factors(matrix).drop(INTERCEPT, errors="ignore")
+    high = vif[vif > VIF_WARN]
+    if high.empty:
+        return
+    listed = ", ".join(f"{name!r} ({value:.3g})" for name, value in high.items())
+    warnings.warn(
+        f"group design from {label}: columns {listed} have variance inflation factors above "
+        f"{VIF_WARN:g}: they are nearly combinations of the other columns, so their "
+        "estimates are unstable; consider dropping or combining them",
+        BigGLMWarning,
+        stacklevel=4,
+    )
+
