@@ -73,8 +73,11 @@ def test_two_groups_plus_age_equal_statsmodels_on_single_voxels(tmp_path: Path) 
         # 1e-8: the same float64 normal equations in another order of summation
         np.testing.assert_allclose(res.beta.values[:, voxel], ols.params, rtol=1e-8)
         np.testing.assert_allclose(float(t["stat"][voxel]), ols.tvalues[2], rtol=1e-8)
-        np.testing.assert_allclose(float(t["p"][voxel]), ols.pvalues[2] / 2 if ols.tvalues[2] > 0
-                                   else 1 - ols.pvalues[2] / 2, rtol=1e-8)
+        np.testing.assert_allclose(
+            float(t["p"][voxel]),
+            ols.pvalues[2] / 2 if ols.tvalues[2] > 0 else 1 - ols.pvalues[2] / 2,
+            rtol=1e-8,
+        )
         test = ols.f_test(np.eye(3)[1:])
         np.testing.assert_allclose(float(f["stat"][voxel]), float(test.fvalue), rtol=1e-8)
         np.testing.assert_allclose(float(f["p"][voxel]), float(test.pvalue), rtol=1e-8)
@@ -148,8 +151,9 @@ def test_min_subjects_default_and_fraction() -> None:
 
 def test_design_and_store_must_hold_the_same_subjects() -> None:
     subjects = ["a", "b", "c", "d"]
-    ds = xr.Dataset({"effect": (("subject", "voxel"), np.ones((4, 2)))},
-                    coords={"subject": subjects})
+    ds = xr.Dataset(
+        {"effect": (("subject", "voxel"), np.ones((4, 2)))}, coords={"subject": subjects}
+    )
     with pytest.raises(DesignError, match="maps without a participants row: d"):
         fit(ds, pd.DataFrame({"intercept": 1.0}, index=["a", "b", "c"]))
     with pytest.raises(DesignError, match="participants rows without maps: e"):
@@ -163,8 +167,9 @@ def test_design_and_store_must_hold_the_same_subjects() -> None:
 
 
 def test_result_round_trips_through_zarr_and_writes_maps(tmp_path: Path) -> None:
-    effects, _, truth, _ = subject_maps(tmp_path / "maps", 8, seed=2, shrink=True,
-                                        with_variance=False)
+    effects, _, truth, _ = subject_maps(
+        tmp_path / "maps", 8, seed=2, shrink=True, with_variance=False
+    )
     store = collect(effects, tmp_path / "g.zarr")
     x = design(_participants(8), ["intercept"])
     res = fit(store, x)
@@ -185,8 +190,7 @@ def test_result_round_trips_through_zarr_and_writes_maps(tmp_path: Path) -> None
 
 @pytest.mark.cluster
 def test_fit_on_a_local_cluster_equals_fit_in_process(tmp_path: Path, local_client) -> None:
-    effects, _, _, _ = subject_maps(tmp_path / "maps", 9, seed=3, shrink=True,
-                                    with_variance=False)
+    effects, _, _, _ = subject_maps(tmp_path / "maps", 9, seed=3, shrink=True, with_variance=False)
     store = collect(effects, tmp_path / "g.zarr", chunks=(4, 100))
     x = design(_participants(9), ["intercept", "age"])
     here, there = fit(store, x), fit(store, x, client=local_client)

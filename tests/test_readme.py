@@ -63,6 +63,30 @@ def _write_inputs(folder: Path, brain_series: Any) -> None:
         nibabel.save(image, folder / f"{name}_bold.nii.gz")
     mask = (data.mean(axis=-1) > 500).astype(np.uint8)
     nibabel.save(nibabel.Nifti1Image(mask, affine), folder / "sub-01_mask.nii.gz")
+    _write_group_inputs(folder, mask.astype(bool), affine, rng)
+
+
+def _write_group_inputs(folder: Path, mask: np.ndarray, affine: np.ndarray, rng: Any) -> None:
+    """Subjects 02-08's first-level maps (sub-01's come from the README's own fit) and a
+    participants.tsv for the group example."""
+    for s in range(2, 9):
+        out = folder / "derivatives" / f"sub-{s:02d}"
+        out.mkdir(parents=True)
+        for stat, values in (
+            ("effect", rng.normal(20, 5, mask.shape)),
+            ("variance", rng.uniform(1, 4, mask.shape)),
+        ):
+            data = np.where(mask, values, np.nan).astype(np.float32)
+            name = f"sub-{s:02d}_task-faces_contrast-facesMinusHouses_stat-{stat}_statmap.nii.gz"
+            nibabel.save(nibabel.Nifti1Image(data, affine), out / name)
+    participants = pd.DataFrame(
+        {
+            "participant_id": [f"sub-{s:02d}" for s in range(1, 9)],
+            "age": [23, 35, 41, 29, 52, 33, 47, 38],
+            "group": ["patient", "control"] * 4,
+        }
+    )
+    participants.to_csv(folder / "participants.tsv", sep="\t", index=False)
 
 
 def test_the_readme_has_python_examples() -> None:

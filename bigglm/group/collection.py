@@ -410,7 +410,7 @@ def _write(
     ]
     logger.info("writing %d subjects in %d blocks", len(entries), len(tasks))
     done = compute_blocks(tasks, client, progress)
-    counts = np.sum([n for n, _ in done], axis=0, dtype=np.int32)
+    counts = np.asarray(np.sum([n for n, _ in done], axis=0), dtype=np.int32)
     create_small(group, "n_subjects", counts, ("voxel",))
     return [record for _, records in done for record in records]
 
@@ -426,14 +426,20 @@ def _write_block(
     with zarr.config.set({"array.write_empty_chunks": True}):  # every chunk is written
         group = zarr.open_group(stage, mode="r+")
         effect = np.stack([v[0] for v in values])
-        group["effect"][rows, :] = effect
-        if values[0][1] is not None:
-            group["variance"][rows, :] = np.stack([v[1] for v in values])
+        _array_of(group, "effect")[rows, :] = effect
+        variances = [v[1] for v in values if v[1] is not None]
+        if variances:
+            _array_of(group, "variance")[rows, :] = np.stack(variances)
     records = [
         {"subject": e.label, **dict(zip(("effect", "variance"), v[2], strict=False))}
         for e, v in zip(entries, values, strict=True)
     ]
     return np.isfinite(effect).sum(axis=0, dtype=np.int32), records
+
+
+def _array_of(group: Any, name: str) -> Any:
+    """An array of the staging group (typed loosely: zarr's Group indexing is str-only)."""
+    return group[name]
 
 
 def _mask_name(mask: str | os.PathLike[str] | np.ndarray) -> str:

@@ -235,7 +235,7 @@ def reorder(table: pd.DataFrame, subjects: Sequence[str], label: str) -> pd.Data
     >>> reorder(table, ["sub-01"], "the design")
     Traceback (most recent call last):
     ...
-    bigglm.exceptions.DesignError: the design and the subjects do not match; participants rows without maps: sub-02 ...
+    bigglm.exceptions.DesignError: the design and the subjects do not match; ... sub-02 ...
     """
     if isinstance(subjects, str):
         raise DesignError(
@@ -562,4 +562,3 @@ def _report_collinearity(matrix: pd.DataFrame, label: str) -> None:
         BigGLMWarning,
         stacklevel=4,
     )
-

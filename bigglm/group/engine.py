@@ -30,7 +30,7 @@ import pandas as pd
 import xarray as xr
 
 from bigglm.exceptions import DesignError
-from bigglm.group.voxelwise import outer_rows, pinv_and_rank, weighted_grams
+from bigglm.group.voxelwise import outer_rows, pinv_and_rank
 from bigglm.typing import GroupModel, ProgressCallback
 
 if TYPE_CHECKING:
@@ -355,6 +355,7 @@ def _assemble(
     plan: _Plan,
 ) -> xr.Dataset:
     """The result Dataset from the blocks' arrays."""
+
     def joined(key: str) -> np.ndarray:
         return np.concatenate([v[key] for v in values], axis=-1)
 

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+
 import numpy as np
 import xarray as xr
 
@@ -178,7 +179,7 @@ class GroupResult:
             d = dof[voxels]
             test = con.t_test if kind == "t" else con.f_test
             args = (effect[0], covariance[0, 0], d) if kind == "t" else (effect, covariance, d)
-            tested = test(*args)  # type: ignore[operator]
+            tested = test(*args)
             return effect, covariance, tested["stat"], tested["p"], tested["z"], ~ok
 
         parts = over_voxel_slices(piece, ds.sizes["voxel"])
@@ -213,9 +214,7 @@ class GroupResult:
                 "this result has no voxel grid (fitted from a Dataset without mask and "
                 "affine); fit from a group store to write NIfTI maps"
             )
-        return xr.Dataset(
-            {"mask": ds["mask"]}, attrs={"affine": ds.attrs["affine"], "tr": None}
-        )
+        return xr.Dataset({"mask": ds["mask"]}, attrs={"affine": ds.attrs["affine"], "tr": None})
 
     def to_nifti(
         self,

@@ -61,11 +61,13 @@ def weighted_grams(weights: Array, outer: Array) -> Array:
     array([[2., 2.],
            [2., 4.]])
     """
-    p = int(round(np.sqrt(outer.shape[1])))
+    p = round(np.sqrt(outer.shape[1]))
     return (outer.T @ weights).reshape(p, p, weights.shape[1])
 
 
-def pinv_and_rank(gram: Array, tolerance: float = RANK_TOLERANCE) -> tuple[Array, NDArray[np.int64]]:
+def pinv_and_rank(
+    gram: Array, tolerance: float = RANK_TOLERANCE
+) -> tuple[Array, NDArray[np.int64]]:
     """Moore–Penrose inverse and rank of each voxel's ``P x P`` PSD matrix.
 
     Parameters
@@ -100,7 +102,7 @@ def pinv_and_rank(gram: Array, tolerance: float = RANK_TOLERANCE) -> tuple[Array
 
 
 def _ranks(stack: Array, tolerance: float) -> NDArray[np.int64]:
-    """Rank of each ``(P, P)`` matrix of a ``(v, P, P)`` stack, from its equilibrated eigenvalues."""
+    """Rank of each matrix of a ``(v, P, P)`` stack, from its equilibrated eigenvalues."""
     diagonal = np.einsum("vii->vi", stack)
     scale = np.sqrt(np.where(diagonal > 0, diagonal, 1.0))
     scaled = stack / scale[:, :, None] / scale[:, None, :]  # PSD: a zero diagonal, a zero row
