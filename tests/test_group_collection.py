@@ -204,3 +204,33 @@ def test_collect_on_a_local_cluster_equals_collect_in_process(tmp_path: Path, lo
     np.testing.assert_array_equal(ga.effect.values, gb.effect.values)
     np.testing.assert_array_equal(ga.variance.values, gb.variance.values)
     assert ga.attrs["sources"] == gb.attrs["sources"]
+
+
+def test_glm_result_stores_give_the_same_store_as_their_nifti_maps(
+    tmp_path: Path, functional_nii: Path
+) -> None:
+    import pandas as pd
+
+    mask = np.zeros((17, 21, 3), bool)
+    mask[2:15, 3:18, :] = True
+    run = bigglm.convert(functional_nii, tmp_path / "run.zarr", mask=mask)
+    rng = np.random.default_rng(0)
+    results, effects, variances = [], [], []
+    for s in range(3):
+        x = pd.DataFrame({"a": rng.normal(size=20), "b": rng.normal(size=20), "constant": 1.0})
+        result = bigglm.fit(run, x)
+        results.append(result.to_zarr(tmp_path / f"sub-0{s}_glm.zarr"))
+        result.to_nifti(tmp_path / "maps", {"aMinusB": "a - b"}, prefix=f"sub-0{s}")
+        stem = f"sub-0{s}_contrast-aMinusB_stat-"
+        effects.append(tmp_path / "maps" / f"{stem}effect_statmap.nii.gz")
+        variances.append(tmp_path / "maps" / f"{stem}variance_statmap.nii.gz")
+    from_results = open_group(collect(results, tmp_path / "r.zarr", contrast="a - b"))
+    from_maps = open_group(collect(effects, tmp_path / "m.zarr", variances=variances))
+    assert from_results.subject.values.tolist() == ["sub-00", "sub-01", "sub-02"]
+    np.testing.assert_array_equal(from_results["mask"].values, mask)
+    np.testing.assert_array_equal(from_results.effect.values, from_maps.effect.values)
+    np.testing.assert_array_equal(from_results.variance.values, from_maps.variance.values)
+    assert from_results.attrs["sources"][0]["effect"]["contrast"] == "a - b"
+    assert len(from_results.attrs["sources"][0]["effect"]["sha256"]) == 64
+    with pytest.raises(DesignError, match="pass contrast="):
+        collect(results, tmp_path / "x.zarr")

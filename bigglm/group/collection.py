@@ -71,12 +71,32 @@ MapPaths = Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str
 
 
 @dataclass(frozen=True)
+class _Map:
+    """One map of a subject: a NIfTI file, or one statistic of a GLM result's contrast.
+
+    ``grid`` describes the voxel grid (for a NIfTI, the file itself, validated from its
+    header; for a result, the grid of the run store it was fitted from).
+    """
+
+    path: Path
+    grid: SourceSeries
+    contrast: str | None = None
+    stat: str = "effect"
+
+    def read(self, *, checksum: bool) -> tuple[np.ndarray, dict[str, Any]]:
+        """The map's float32 values over the whole grid (Fortran order), and its record."""
+        if self.contrast is None:
+            return read_map(self.grid, checksum=checksum)
+        return _result_map(self.path, self.contrast, self.stat, self.grid, checksum=checksum)
+
+
+@dataclass(frozen=True)
 class _Subject:
     """One subject's maps, validated from their headers."""
 
     label: str
-    effect: SourceSeries
-    variance: SourceSeries | None
+    effect: _Map
+    variance: _Map | None
 
 
 def collect(
@@ -88,6 +108,7 @@ def collect(
     subjects: Sequence[str] | None = None,
     missing: MissingRule = "nan-or-zero",
     chunks: tuple[int, int] | None = None,
+    contrast: str | None = None,
     overwrite: bool = False,
     client: Client | None = None,
     progress: ProgressCallback | None = None,
@@ -98,7 +119,8 @@ def collect(
     ----------
     effects : sequence of paths, or dict subject -> path
         One 3D NIfTI effect map per subject (bigglm's ``stat-effect`` maps, nilearn's
-        ``effect_size``, FSL's ``cope``, SPM's ``con_*.nii``), all on one grid.
+        ``effect_size``, FSL's ``cope``, SPM's ``con_*.nii``), all on one grid; or
+        bigglm GLM result stores (:meth:`bigglm.GLMResult.to_zarr`) with ``contrast``.
     store : path
         The group store to write (a ``.zarr`` folder).
     variances : sequence of paths, or dict subject -> path, optional
@@ -114,6 +136,10 @@ def collect(
         What marks a voxel a map does not cover (see the module docstring).
     chunks : tuple of int, optional
         ``(subjects, voxels)`` per chunk; default :data:`DEFAULT_CHUNKS`.
+    contrast : str, optional
+        For GLM result stores: the contrast (an expression over the result's design
+        columns) whose effect and variance are collected, on the grid of the run store
+        each result was fitted from.
     overwrite : bool
         Replace a group store bigglm wrote; anything else at ``store`` is refused.
     client : distributed.Client, optional
@@ -152,7 +178,7 @@ def collect(
 
     if missing not in _MISSING_RULES:
         raise DesignError(f"missing={missing!r}; expected one of {_MISSING_RULES}")
-    entries = _entries(effects, variances, subjects)
+    entries = _entries(effects, variances, subjects, contrast)
     first = _check_grid(entries)
     chunk_shape = _chunk_shape(chunks, len(entries))
     target = Path(store).expanduser().resolve()
@@ -175,7 +201,10 @@ def collect(
 
 
 def _entries(
-    effects: MapPaths, variances: MapPaths | None, subjects: Sequence[str] | None
+    effects: MapPaths,
+    variances: MapPaths | None,
+    subjects: Sequence[str] | None,
+    contrast: str | None = None,
 ) -> list[_Subject]:
     """The subjects, each with its validated maps (headers only)."""
     labels, effect_paths = _labelled(effects, subjects, "effects")
@@ -202,9 +231,86 @@ def _entries(
                     "give one variance map per effect map, in the same order"
                 )
     return [
-        _Subject(label, inspect_map(e), None if v is None else inspect_map(v))
+        _subject(label, e, v, contrast)
         for label, e, v in zip(labels, effect_paths, variance_paths, strict=True)
     ]
+
+
+def _subject(label: str, effect: Any, variance: Any, contrast: str | None) -> _Subject:
+    """A subject's maps from NIfTI paths, or from a GLM result store and a contrast."""
+    from bigglm.io.artefacts import kind_of
+
+    path = Path(effect).expanduser().resolve()
+    if not (path.is_dir() and kind_of(path) == "glm-result"):
+        return _Subject(label, _nifti(path), None if variance is None else _nifti(variance))
+    if contrast is None:
+        raise DesignError(
+            f"{path}: is a bigglm GLM result; pass contrast='...' to collect that "
+            "contrast's effect and variance from it"
+        )
+    if variance is not None:
+        raise DesignError(
+            f"{path}: a GLM result gives the variances of its contrast; do not pass variances"
+        )
+    grid = _result_grid(path)
+    return _Subject(label, _Map(path, grid, contrast), _Map(path, grid, contrast, "variance"))
+
+
+def _nifti(path: str | os.PathLike[str]) -> _Map:
+    grid = inspect_map(path)
+    return _Map(grid.files[0].path, grid)
+
+
+def _result_grid(path: Path) -> SourceSeries:
+    """The voxel grid of a GLM result store: that of the run store it was fitted from."""
+    from bigglm.glm.persistence import read_result_store
+    from bigglm.io.store import open_run
+
+    run = read_result_store(path)[0]
+    store = run.attrs.get("store")
+    try:
+        ds = open_run(store)
+    except (StoreError, TypeError) as err:
+        raise StoreError(
+            f"{path}: the run store it was fitted from ({store}) cannot be opened ({err}); "
+            "collect the NIfTI maps its to_nifti wrote instead"
+        ) from err
+    mask = np.asarray(ds["mask"].values, dtype=bool)
+    return SourceSeries(
+        files=(),
+        volume_shape=(mask.shape[0], mask.shape[1], mask.shape[2]),
+        affine=np.asarray(ds.attrs["affine"], dtype=np.float64),
+        tr=float("nan"),
+        tr_from="none (a map)",
+    )
+
+
+def _result_map(
+    path: Path, contrast: str, stat: str, grid: SourceSeries, *, checksum: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A result's contrast statistic scattered onto its run's grid, and the result's record."""
+    from bigglm.glm.result import GLMResult
+    from bigglm.io.store import open_run
+
+    result = GLMResult.from_zarr(path)
+    values = result.contrast(contrast)[stat].values
+    mask = np.asarray(open_run(result.runs[0].attrs["store"])["mask"].values, dtype=bool)
+    volume = np.full(grid.voxels_per_volume, np.nan, dtype=np.float32)
+    volume[np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")] = values
+    record = {"path": str(path), "contrast": contrast, "statistic": stat}
+    if checksum:
+        record["sha256"] = _folder_sha256(path)
+    return volume, record
+
+
+def _folder_sha256(folder: Path) -> str:
+    """SHA-256 over a store's files (relative names and bytes, in sorted order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def _labelled(
@@ -264,25 +370,25 @@ def _check_unique(labels: Sequence[Any], paths: Sequence[Any]) -> None:
 
 
 def _check_grid(entries: Sequence[_Subject]) -> SourceSeries:
-    """Every map on the grid of the first; the first's description."""
+    """Every map on the grid of the first; the first's grid."""
     first = entries[0].effect
     for entry in entries:
-        for series in (entry.effect, entry.variance):
-            if series is None:
+        for item in (entry.effect, entry.variance):
+            if item is None:
                 continue
-            path = series.files[0].path
-            if series.volume_shape != first.volume_shape:
+            grid = item.grid
+            if grid.volume_shape != first.grid.volume_shape:
                 raise StoreError(
-                    f"{path}: shape {series.volume_shape} differs from {first.files[0].path} "
-                    f"{first.volume_shape}; resample every map to one grid first"
+                    f"{item.path}: shape {grid.volume_shape} differs from {first.path} "
+                    f"{first.grid.volume_shape}; resample every map to one grid first"
                 )
-            difference = float(np.abs(series.affine - first.affine).max())
+            difference = float(np.abs(grid.affine - first.grid.affine).max())
             if difference > AFFINE_TOLERANCE:
                 raise StoreError(
-                    f"{path}: affine differs from that of {first.files[0].path} (largest "
+                    f"{item.path}: affine differs from that of {first.path} (largest "
                     f"difference {difference:.3g} mm); resample every map to one grid first"
                 )
-    return first
+    return first.grid
 
 
 def _chunk_shape(chunks: tuple[int, int] | None, n_subjects: int) -> tuple[int, int]:
@@ -299,7 +405,7 @@ def _subject_values(
     entry: _Subject, columns: np.ndarray | None, missing: MissingRule, *, checksum: bool
 ) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]]]:
     """A subject's effect (and variance) at ``columns`` (all voxels if None), NaN where missing."""
-    effect, effect_record = read_map(entry.effect, checksum=checksum)
+    effect, effect_record = entry.effect.read(checksum=checksum)
     records = [effect_record]
     effect = effect if columns is None else effect[columns]
     absent = ~np.isfinite(effect)
@@ -307,7 +413,7 @@ def _subject_values(
         absent |= effect == 0
     variance = None
     if entry.variance is not None:
-        variance, variance_record = read_map(entry.variance, checksum=checksum)
+        variance, variance_record = entry.variance.read(checksum=checksum)
         records.append(variance_record)
         variance = variance if columns is None else variance[columns]
         absent |= ~np.isfinite(variance)
@@ -321,7 +427,7 @@ def _check_variance(variance: np.ndarray, absent: np.ndarray, entry: _Subject) -
     if negative.any():
         assert entry.variance is not None
         raise StoreError(
-            f"{entry.variance.files[0].path}: subject {entry.label!r} has negative variances "
+            f"{entry.variance.path}: subject {entry.label!r} has negative variances "
             f"at {int(negative.sum())} voxels (smallest {float(variance[negative].min()):.3g}); "
             "a variance map holds squared standard errors (varcope, effect_variance), check "
             "that effects and variances were not swapped"
@@ -330,7 +436,7 @@ def _check_variance(variance: np.ndarray, absent: np.ndarray, entry: _Subject) -
 
 def _coverage(entries: Sequence[_Subject], missing: MissingRule) -> np.ndarray:
     """How many of ``entries`` cover each voxel of the grid (Fortran order)."""
-    count = np.zeros(entries[0].effect.voxels_per_volume, dtype=np.int32)
+    count = np.zeros(entries[0].effect.grid.voxels_per_volume, dtype=np.int32)
     for entry in entries:
         effect, _, _ = _subject_values(
             _Subject(entry.label, entry.effect, None), None, missing, checksum=False
@@ -367,7 +473,7 @@ def _analysis_mask(
         raise StoreError(
             f"no voxel is covered by any of the {len(entries)} effect maps"
             + (" inside the mask" if mask is not None else "")
-            + f" (first: {first.files[0].path}); check the maps (all NaN or 0?)"
+            + f" (first: {entries[0].effect.path}); check the maps (all NaN or 0?)"
         )
     return voxels
 
