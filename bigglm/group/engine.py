@@ -236,7 +236,10 @@ def _tasks(ds: xr.Dataset, plan: _Plan) -> tuple[list[Delayed], list[slice]]:
         make = _mixed_task
         arrays = [effect, _dask(ds["variance"])]
     chunk = effect.chunks[1][0]
-    width = chunk * max(1, width // chunk) if width >= chunk else width
+    if width >= chunk:  # whole chunks per block
+        width = chunk * (width // chunk)
+    else:  # chunks cut in equal parts, so that blocks tile them
+        width = -(-chunk // -(-chunk // width))
     blocks = [slice(lo, min(lo + width, n_voxels)) for lo in range(0, n_voxels, width)]
     arrays = [da.asarray(a) for a in arrays]
     return [make([a[:, b] for a in arrays], plan) for b in blocks], blocks
