@@ -117,3 +117,14 @@ def test_mixed_from_files_round_trips_and_needs_variances(tmp_path: Path) -> Non
     no_variance = collect(effects, tmp_path / "e.zarr")
     with pytest.raises(DesignError, match="needs the first-level variances"):
         fit(no_variance, x, model="mixed")
+
+
+@pytest.mark.cluster
+def test_mixed_fit_on_a_local_cluster_equals_fit_in_process(tmp_path: Path, local_client) -> None:
+    effects, variances, _, _ = subject_maps(tmp_path / "maps", 9, seed=6, shrink=True)
+    store = collect(effects, tmp_path / "g.zarr", variances=variances, chunks=(4, 100))
+    x = pd.DataFrame({"intercept": 1.0}, index=open_group(store).subject.values.tolist())
+    here = fit(store, x, model="mixed")
+    there = fit(store, x, model="mixed", client=local_client)
+    for key in ("beta", "tau2", "sigma2", "dof", "n"):
+        np.testing.assert_array_equal(here.dataset[key].values, there.dataset[key].values)

@@ -285,11 +285,25 @@ def _tree(parts: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
 
 
 def _ols_partial(effect: np.ndarray, design: np.ndarray) -> dict[str, np.ndarray]:
-    """Sufficient statistics of one chunk: ``X'MX`` (P*P, v), ``X'y``, ``y'y``, ``n``."""
+    """Sufficient statistics of one chunk: ``X'MX`` (P*P, v), ``X'y``, ``y'y``, ``n``.
+
+    Voxels that every subject of the chunk covers (most, inside the brain) share
+    ``X'X`` of the chunk's rows; the matrix product with the presence matrix runs only
+    over the voxels some subject lacks.
+    """
     present = np.isfinite(effect)
-    values = np.where(present, effect, 0.0).astype(np.float64)
+    complete = present.all(axis=0)
+    values = effect.astype(np.float64)
+    lacking = np.flatnonzero(~complete)
+    if lacking.size:
+        values[~present] = 0.0
+    outer = outer_rows(design)
+    gram = np.empty((outer.shape[1], effect.shape[1]))
+    gram[:] = outer.sum(axis=0)[:, None]
+    if lacking.size:
+        gram[:, lacking] = outer.T @ present[:, lacking].astype(np.float64)
     return {
-        "gram": outer_rows(design).T @ present.astype(np.float64),
+        "gram": gram,
         "xty": design.T @ values,
         "yty": np.einsum("sv,sv->v", values, values),
         "n": present.sum(axis=0, dtype=np.int64),
