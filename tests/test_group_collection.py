@@ -234,3 +234,16 @@ def test_glm_result_stores_give_the_same_store_as_their_nifti_maps(
     assert len(from_results.attrs["sources"][0]["effect"]["sha256"]) == 64
     with pytest.raises(DesignError, match="pass contrast="):
         collect(results, tmp_path / "x.zarr")
+
+
+def test_collect_leaves_zarr_configuration_as_it_found_it(tmp_path: Path) -> None:
+    """Regression: collect once set zarr's global write_empty_chunks in each task's thread;
+    contexts entered and left by concurrent threads left it True for the whole process."""
+    import zarr
+
+    before = zarr.config.get("array.write_empty_chunks")
+    effects, variances, _, _ = subject_maps(tmp_path / "maps", 8, seed=9)
+    collect(effects, tmp_path / "g.zarr", variances=variances, chunks=(1, 64))
+    assert zarr.config.get("array.write_empty_chunks") == before
+    nan_chunks = open_group(tmp_path / "g.zarr")  # every chunk file is there, NaN ones too
+    assert nan_chunks.sizes["subject"] == 8

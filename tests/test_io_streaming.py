@@ -101,7 +101,7 @@ def test_direct_chunk_writes_equal_zarr_writes(
     direct = StoreWriter(tmp_path / "direct", mask, n_volumes=n_volumes, tr=2.0, chunks=chunks)
     for start in range(0, n_volumes, chunks[0]):
         direct.write(start, data[start : start + chunks[0]])
-    assert direct._encoder is not None
+    assert direct._rows._encoder is not None
     plain = zarr.open_group(tmp_path / "plain", mode="w-", zarr_format=3)
     zarrs = plain.create_array(  # this array object: the config is not stored with it
         "bold",

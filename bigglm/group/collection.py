@@ -527,15 +527,17 @@ def _write_block(
     """Read a block of subjects' maps and write their rows of chunks; per-voxel counts."""
     import zarr
 
+    from bigglm.io.store import ChunkRowWriter
+
     values = [_subject_values(e, columns, missing, checksum=True) for e in entries]
-    rows = slice(start, start + len(entries))
-    with zarr.config.set({"array.write_empty_chunks": True}):  # every chunk is written
-        group = zarr.open_group(stage, mode="r+")
-        effect = np.stack([v[0] for v in values])
-        _array_of(group, "effect")[rows, :] = effect
-        variances = [v[1] for v in values if v[1] is not None]
-        if variances:
-            _array_of(group, "variance")[rows, :] = np.stack(variances)
+    group = zarr.open_group(stage, mode="r+")
+    effect = np.stack([v[0] for v in values])
+    blocks = {"effect": effect}
+    variances = [v[1] for v in values if v[1] is not None]
+    if variances:
+        blocks["variance"] = np.stack(variances)
+    for name, block in blocks.items():  # every chunk written, all-NaN ones too
+        ChunkRowWriter(_array_of(group, name), Path(stage) / name).write(start, block)
     records = [
         {"subject": e.label, **dict(zip(("effect", "variance"), v[2], strict=False))}
         for e, v in zip(entries, values, strict=True)

@@ -46,6 +46,7 @@ __all__ = [
     "BOLD_CODEC",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_TIME_CHUNK",
+    "ChunkRowWriter",
     "StoreWriter",
     "choose_chunks",
     "create_chunked",
@@ -178,70 +179,11 @@ class StoreWriter:
         create_small(
             self.group, "time", np.arange(n_volumes, dtype=np.float64) * tr, ("time",), units="s"
         )
-        self._bold_dir = path / "bold"
-        self._encoder = _chunk_encoder(self.bold)
-        self._tiles: list[np.ndarray] = []
+        self._rows = ChunkRowWriter(self.bold, path / "bold")
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        """Write ``rows`` (``(n, V)`` float32) at volume ``start``: whole chunks only.
-
-        A row of whole chunks (``start`` on a chunk boundary, ``n`` the time chunk or the
-        rest of the series) is encoded here and each chunk's bytes written to its file,
-        exactly as Zarr would write them (same codecs and checksum, NaN padding at the
-        edges, all-NaN chunks written too), without Zarr's per-chunk copies and event
-        loop: about half the CPU of ``bold[...] = rows``. Anything else goes through Zarr.
-        """
-        if not self._write_chunk_row(start, rows):
-            self.bold[start : start + rows.shape[0], :] = rows
-
-    def _write_chunk_row(self, start: int, rows: np.ndarray) -> bool:
-        """Encode and write a row of whole ``bold`` chunks; False if ``rows`` is not one.
-
-        The chunks are shared out between :data:`ENCODE_THREADS` threads (Blosc releases
-        the GIL), each copying its chunks into a tile of its own.
-        """
-        n_volumes, n_voxels = self.bold.shape
-        time_chunk, voxel_chunk = self.bold.chunks
-        n = rows.shape[0]
-        whole = start % time_chunk == 0 and (n == time_chunk or start + n == n_volumes)
-        encoder = self._encoder
-        if encoder is None or not whole or rows.shape[1] != n_voxels or n == 0:
-            return False
-        firsts = list(range(0, n_voxels, voxel_chunk))
-        workers = min(ENCODE_THREADS, len(firsts))
-        while len(self._tiles) < workers:
-            self._tiles.append(np.empty((time_chunk, voxel_chunk), dtype=np.float32))
-        jobs = [
-            (encoder, self._tiles[w], list(enumerate(firsts))[w::workers]) for w in range(workers)
-        ]
-        if workers == 1:
-            self._encode_chunks(start // time_chunk, rows, *jobs[0])
-            return True
-        with ThreadPoolExecutor(workers, thread_name_prefix="bigglm-encode") as pool:
-            done = [pool.submit(self._encode_chunks, start // time_chunk, rows, *j) for j in jobs]
-            for future in done:
-                future.result()
-        return True
-
-    def _encode_chunks(
-        self,
-        row: int,
-        rows: np.ndarray,
-        encoder: _ChunkEncoder,
-        tile: np.ndarray,
-        chunks: list[tuple[int, int]],
-    ) -> None:
-        """Encode and write the chunks ``(index, first column)`` of chunk row ``row``."""
-        n = rows.shape[0]
-        tile[n:] = np.nan  # the fill value, where a chunk overhangs the array's end
-        for index, first in chunks:
-            width = min(tile.shape[1], rows.shape[1] - first)
-            tile[:n, :width] = rows[:, first : first + width]
-            tile[:n, width:] = np.nan
-            key = self._bold_dir / self.bold.metadata.encode_chunk_key((row, index))
-            key.parent.mkdir(parents=True, exist_ok=True)
-            with open(key, "wb") as out:
-                out.write(encoder.encode(tile))
+        """Write ``rows`` (``(n, V)`` float32) at volume ``start`` (:class:`ChunkRowWriter`)."""
+        self._rows.write(start, rows)
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
         """Write the metadata, then the completion flag (last)."""
@@ -324,6 +266,95 @@ def create_grid(group: zarr.Group, mask: np.ndarray) -> None:
     create_small(group, "mask", mask.astype(bool), ("x", "y", "z"))
     for name, index in zip("ijk", np.nonzero(mask), strict=True):
         create_small(group, name, index.astype(np.int32), ("voxel",))
+
+
+class ChunkRowWriter:
+    """Write rows of whole chunks of a 2D float32 array, every chunk, all-NaN ones too.
+
+    A row of whole chunks (``start`` on a chunk boundary, as many rows as a chunk or the
+    rest of the array) is encoded here and each chunk's bytes written to its file,
+    exactly as Zarr would write them (same codecs and checksum, NaN padding at the edges),
+    without Zarr's per-chunk copies and event loop: about half the CPU of
+    ``array[...] = rows``, and chunks equal to the fill value are written too, which
+    Zarr skips unless configured otherwise (a missing chunk is then damage, not
+    emptiness). Anything else goes through Zarr.
+
+    Parameters
+    ----------
+    array : zarr.Array
+        Float32, two-dimensional, in a local directory.
+    folder : pathlib.Path
+        The array's folder.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> group = zarr.open_group(tempfile.mkdtemp(), mode="w")
+    >>> a = create_chunked(group, "x", (4, 3), (2, 2), ("subject", "voxel"), units="a")
+    >>> ChunkRowWriter(a, Path(group.store.root) / "x").write(0, np.full((2, 3), np.nan, "f4"))
+    >>> sorted(p.name for p in (Path(group.store.root) / "x" / "c" / "0").iterdir())
+    ['0', '1']
+    """
+
+    def __init__(self, array: zarr.Array, folder: Path) -> None:
+        self.array = array
+        self._folder = folder
+        self._encoder = _chunk_encoder(array)
+        self._tiles: list[np.ndarray] = []
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (``(n, V)`` float32) at row ``start``: whole chunks only."""
+        if not self._write_chunk_row(start, rows):
+            self.array[start : start + rows.shape[0], :] = rows
+
+    def _write_chunk_row(self, start: int, rows: np.ndarray) -> bool:
+        """Encode and write a row of whole chunks; False if ``rows`` is not one.
+
+        The chunks are shared out between :data:`ENCODE_THREADS` threads (Blosc releases
+        the GIL), each copying its chunks into a tile of its own.
+        """
+        n_rows, n_columns = self.array.shape
+        row_chunk, column_chunk = self.array.chunks
+        n = rows.shape[0]
+        whole = start % row_chunk == 0 and (n == row_chunk or start + n == n_rows)
+        encoder = self._encoder
+        if encoder is None or not whole or rows.shape[1] != n_columns or n == 0:
+            return False
+        firsts = list(range(0, n_columns, column_chunk))
+        workers = min(ENCODE_THREADS, len(firsts))
+        while len(self._tiles) < workers:
+            self._tiles.append(np.empty((row_chunk, column_chunk), dtype=np.float32))
+        jobs = [
+            (encoder, self._tiles[w], list(enumerate(firsts))[w::workers]) for w in range(workers)
+        ]
+        if workers == 1:
+            self._encode_chunks(start // row_chunk, rows, *jobs[0])
+            return True
+        with ThreadPoolExecutor(workers, thread_name_prefix="bigglm-encode") as pool:
+            done = [pool.submit(self._encode_chunks, start // row_chunk, rows, *j) for j in jobs]
+            for future in done:
+                future.result()
+        return True
+
+    def _encode_chunks(
+        self,
+        row: int,
+        rows: np.ndarray,
+        encoder: _ChunkEncoder,
+        tile: np.ndarray,
+        chunks: list[tuple[int, int]],
+    ) -> None:
+        """Encode and write the chunks ``(index, first column)`` of chunk row ``row``."""
+        n = rows.shape[0]
+        tile[n:] = np.nan  # the fill value, where a chunk overhangs the array's end
+        for index, first in chunks:
+            width = min(tile.shape[1], rows.shape[1] - first)
+            tile[:n, :width] = rows[:, first : first + width]
+            tile[:n, width:] = np.nan
+            key = self._folder / self.array.metadata.encode_chunk_key((row, index))
+            key.parent.mkdir(parents=True, exist_ok=True)
+            with open(key, "wb") as out:
+                out.write(encoder.encode(tile))
 
 
 class _ChunkEncoder:
