@@ -162,7 +162,7 @@ def _aligned(design: pd.DataFrame, subjects: Sequence[str]) -> tuple[np.ndarray,
         )
     from bigglm.group.designs import reorder
 
-    frame = reorder(design.set_axis([str(s) for s in design.index]), subjects, "the design")
+    frame = reorder(design.set_axis([str(s) for s in design.index], axis=0), subjects, "the design")
     try:
         matrix = frame.to_numpy(dtype=np.float64)
     except (TypeError, ValueError) as err:
