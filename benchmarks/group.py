@@ -62,9 +62,7 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -468,9 +466,7 @@ class Measurement:
 
 def measure(name: str, subjects: int, design: str = "-", **options: Any) -> Measurement:
     """Run one step in a subprocess; sample its process tree's memory every 20 ms."""
-    import psutil
-
-    from benchmarks.run import _tree_rss
+    from benchmarks.run import run_sampled
 
     opts = {"workers": 0, "memory_limit": "1GB", "repeat": 1, "cache": "warm", **options}
     cmd = [
@@ -493,27 +489,7 @@ def measure(name: str, subjects: int, design: str = "-", **options: Any) -> Meas
         opts["cache"],
     ]
     result = Measurement(name, design, subjects, opts["workers"], opts["cache"])
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=REPO)
-    proc = psutil.Process(child.pid)
-    peaks = [0, 0, 0]
-
-    def sample() -> None:
-        while child.poll() is None:
-            for i, size in enumerate(_tree_rss(proc)):
-                peaks[i] = max(peaks[i], size)
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        code = child.wait(timeout=STEP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        for p in [proc, *proc.children(recursive=True)]:
-            p.kill()
-        raise SystemExit(f"benchmark step {name} took over {STEP_TIMEOUT} s; stopped") from None
-    result.wall = time.perf_counter() - start
-    sampler.join()
+    code, result.wall, peaks = run_sampled(cmd, name, cwd=REPO, timeout=STEP_TIMEOUT)
     if code != 0:
         raise SystemExit(f"benchmark step {name} ({subjects} subjects) failed, status {code}")
     result.peak_rss_gib, result.peak_process_gib, result.peak_worker_gib = (

@@ -100,6 +100,38 @@ def _tree_rss(proc: psutil.Process) -> tuple[int, int, int]:
     return sum(sizes), max(sizes, default=0), max(sizes[1:], default=0)
 
 
+def run_sampled(
+    cmd: list[str], name: str, *, cwd: Path, timeout: float
+) -> tuple[int, float, tuple[int, int, int]]:
+    """Run a step's command; its exit status, wall time and peak memory (every 20 ms).
+
+    The peaks are those of :func:`_tree_rss`: the whole process tree, its largest
+    process, its largest descendant. A step running past ``timeout`` is killed.
+    """
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=cwd)
+    proc = psutil.Process(child.pid)
+    peaks = [0, 0, 0]
+
+    def sample() -> None:
+        while child.poll() is None:
+            for i, size in enumerate(_tree_rss(proc)):
+                peaks[i] = max(peaks[i], size)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        code = child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in [proc, *proc.children(recursive=True)]:
+            p.kill()
+        raise SystemExit(f"benchmark step {name} took over {timeout} s; stopped") from None
+    wall = time.perf_counter() - start
+    sampler.join()
+    return code, wall, (peaks[0], peaks[1], peaks[2])
+
+
 def measure(
     name: str,
     run_dir: Path,
@@ -133,27 +165,7 @@ def measure(
         malloc,
     ]
     result = Measurement(name, scale, workers, cache="cold" if cold else "warm")
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=ROOT)
-    proc = psutil.Process(child.pid)
-    peaks = [0, 0, 0]
-
-    def sample() -> None:
-        while child.poll() is None:
-            for i, size in enumerate(_tree_rss(proc)):
-                peaks[i] = max(peaks[i], size)
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        code = child.wait(timeout=STEP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        for p in [proc, *proc.children(recursive=True)]:
-            p.kill()
-        raise SystemExit(f"benchmark step {name} took over {STEP_TIMEOUT} s; stopped") from None
-    result.wall = time.perf_counter() - start
-    sampler.join()
+    code, result.wall, peaks = run_sampled(cmd, name, cwd=ROOT, timeout=STEP_TIMEOUT)
     if code != 0:
         raise SystemExit(f"benchmark step {name} failed with exit status {code}")
     result.peak_rss_gib, result.peak_process_gib, result.peak_worker_gib = (

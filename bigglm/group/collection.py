@@ -230,10 +230,13 @@ def _entries(
                     f"got {len(labels)} effect maps but {len(variance_paths)} variance maps; "
                     "give one variance map per effect map, in the same order"
                 )
-    return [
+    entries = [
         _subject(label, e, v, contrast)
         for label, e, v in zip(labels, effect_paths, variance_paths, strict=True)
     ]
+    if any((e.variance is None) != (entries[0].variance is None) for e in entries):
+        raise DesignError("some subjects have a variance map and some do not; give all or none")
+    return entries
 
 
 def _subject(label: str, effect: Any, variance: Any, contrast: str | None) -> _Subject:
@@ -503,8 +506,6 @@ def _write(
     group = zarr.open_group(stage, mode="w-", zarr_format=3)
     shape = (len(entries), int(voxels.sum()))
     names = ["effect"] + (["variance"] if entries[0].variance is not None else [])
-    if any((e.variance is None) != (entries[0].variance is None) for e in entries):
-        raise DesignError("some subjects have a variance map and some do not; give all or none")
     for name in names:
         create_chunked(group, name, shape, chunk_shape, ("subject", "voxel"), units="map units")
     create_grid(group, voxels)

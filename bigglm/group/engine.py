@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from bigglm.design.diagnostics import matrix_rank
 from bigglm.exceptions import DesignError
 from bigglm.group.voxelwise import outer_rows, pinv_and_rank
 from bigglm.typing import GroupModel, ProgressCallback
@@ -126,7 +127,7 @@ def fit(
     subjects = [str(s) for s in ds["subject"].values]
     matrix, frame = _aligned(design, subjects)
     groups = _variance_groups(variance_groups, design, subjects, model)
-    rank = int(np.linalg.matrix_rank(matrix))
+    rank = matrix_rank(matrix)
     threshold = _min_subjects(min_subjects, rank, len(subjects))
     plan = _Plan(matrix, threshold, model, groups, knapp_hartung)
     tasks, blocks = _tasks(ds, plan)
@@ -217,7 +218,6 @@ def _min_subjects(value: int | float | None, rank: int, n_subjects: int) -> int:
 
 def _tasks(ds: xr.Dataset, plan: _Plan) -> tuple[list[Delayed], list[slice]]:
     """One task per voxel block (its value: that block's fitted arrays) and the blocks."""
-    import dask.array as da
 
     effect = _dask(ds["effect"])
     p = plan.design.shape[1]
@@ -241,7 +241,6 @@ def _tasks(ds: xr.Dataset, plan: _Plan) -> tuple[list[Delayed], list[slice]]:
     else:  # chunks cut in equal parts, so that blocks tile them
         width = -(-chunk // -(-chunk // width))
     blocks = [slice(lo, min(lo + width, n_voxels)) for lo in range(0, n_voxels, width)]
-    arrays = [da.asarray(a) for a in arrays]
     return [make([a[:, b] for a in arrays], plan) for b in blocks], blocks
 
 
