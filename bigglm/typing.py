@@ -13,6 +13,8 @@ __all__ = [
     "HRFName",
     "MissingRule",
     "NoiseModel",
+    "PermutationScheme",
+    "Precision",
     "ProgressCallback",
     "ResidualFormat",
 ]
@@ -42,6 +44,14 @@ GroupModel = Literal["ols", "mixed"]
 #: What marks a voxel a subject's map does not cover (:func:`bigglm.group.collect`):
 #: NaN only, or NaN and an exact 0 (FSL, nilearn and AFNI write 0 outside their masks).
 MissingRule = Literal["nan", "nan-or-zero"]
+
+#: What :func:`bigglm.inference.permutation_test` rearranges: sign flips (errors
+#: symmetric), permutations (errors exchangeable), both, or the usual choice for the
+#: design ("auto": sign flips for a one-column design, permutations otherwise).
+PermutationScheme = Literal["auto", "signflip", "permute", "both"]
+
+#: Float type of the permutation products (statistics are assembled in float64).
+Precision = Literal["single", "double"]
 
 #: Statistic computed by :meth:`bigglm.GLMResult.contrast`.
 ContrastKind = Literal["t", "F"]

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from bigglm.group.result import GroupResult
 
-__all__ = ["MIXED_BLOCK_BYTES", "OLS_BLOCK_BYTES", "fit"]
+__all__ = ["MIXED_BLOCK_BYTES", "OLS_BLOCK_BYTES", "aligned_design", "fit", "subject_by_voxel"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def fit(
         raise DesignError(f"model={model!r}; expected one of {_MODELS}")
     ds = store if isinstance(store, xr.Dataset) else open_group(store)
     subjects = [str(s) for s in ds["subject"].values]
-    matrix, frame = _aligned(design, subjects)
+    matrix, frame = aligned_design(design, subjects)
     groups = _variance_groups(variance_groups, design, subjects, model)
     rank = matrix_rank(matrix)
     threshold = _min_subjects(min_subjects, rank, len(subjects))
@@ -154,7 +154,7 @@ class _Plan:
     knapp_hartung: bool
 
 
-def _aligned(design: pd.DataFrame, subjects: Sequence[str]) -> tuple[np.ndarray, pd.DataFrame]:
+def aligned_design(design: pd.DataFrame, subjects: Sequence[str]) -> tuple[np.ndarray, pd.DataFrame]:
     """The design's rows in the store's subject order: as float64, and as a DataFrame."""
     if not isinstance(design, pd.DataFrame):
         raise DesignError(
@@ -219,7 +219,7 @@ def _min_subjects(value: int | float | None, rank: int, n_subjects: int) -> int:
 def _tasks(ds: xr.Dataset, plan: _Plan) -> tuple[list[Delayed], list[slice]]:
     """One task per voxel block (its value: that block's fitted arrays) and the blocks."""
 
-    effect = _dask(ds["effect"])
+    effect = subject_by_voxel(ds["effect"])
     p = plan.design.shape[1]
     n_subjects, n_voxels = effect.shape
     if plan.model == "ols":
@@ -234,7 +234,7 @@ def _tasks(ds: xr.Dataset, plan: _Plan) -> tuple[list[Delayed], list[slice]]:
             )
         width = max(64, MIXED_BLOCK_BYTES // (8 * 7 * n_subjects))
         make = _mixed_task
-        arrays = [effect, _dask(ds["variance"])]
+        arrays = [effect, subject_by_voxel(ds["variance"])]
     chunk = effect.chunks[1][0]
     if width >= chunk:  # whole chunks per block
         width = chunk * (width // chunk)
@@ -244,7 +244,7 @@ def _tasks(ds: xr.Dataset, plan: _Plan) -> tuple[list[Delayed], list[slice]]:
     return [make([a[:, b] for a in arrays], plan) for b in blocks], blocks
 
 
-def _dask(values: xr.DataArray) -> Any:
+def subject_by_voxel(values: xr.DataArray) -> Any:
     """A DataArray's data as a dask array chunked in subjects (numpy data are chunked here)."""
     import dask.array as da
 
