@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from bigglm.exceptions import BigGLMWarning, ConfigError, DesignError, StoreError
 
 if TYPE_CHECKING:  # the names' homes; at run time each loads on first use
-    from bigglm import design, group
+    from bigglm import design, group, inference
     from bigglm.glm.engine import fit
     from bigglm.glm.result import GLMResult
     from bigglm.io.conversion import convert, convert_many
@@ -25,7 +25,7 @@ else:
     __getattr__, __dir__ = _lazy.lazy_exports(
         __name__,
         {
-            "bigglm": ["design", "group"],
+            "bigglm": ["design", "group", "inference"],
             "bigglm.glm.engine": ["fit"],
             "bigglm.glm.result": ["GLMResult"],
             "bigglm.io.conversion": ["convert", "convert_many"],
@@ -46,6 +46,7 @@ __all__ = [  # noqa: RUF022 - grouped by kind (STYLE.md), sorted within each gro
     "design",
     "fit",
     "group",
+    "inference",
     "open_run",
     "to_nifti",
     # classes

@@ -24,7 +24,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The packages whose public names are lazy.
-PACKAGES = ("bigglm", "bigglm.design", "bigglm.glm", "bigglm.group", "bigglm.io")
+PACKAGES = (
+    "bigglm",
+    "bigglm.design",
+    "bigglm.glm",
+    "bigglm.group",
+    "bigglm.inference",
+    "bigglm.io",
+)
 #: Libraries that neither ``import bigglm`` nor ``bigglm --help`` may load.
 HEAVY = (
     "dask",

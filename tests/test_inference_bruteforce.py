@@ -17,7 +17,7 @@ import xarray as xr
 
 from bigglm.exceptions import DesignError
 from bigglm.inference.permutation import permutation_test
-from bigglm.inference.rearrangements import rearrangements
+from bigglm.inference.resampling import rearrangements
 
 TIE = 1e-6
 

@@ -142,6 +142,7 @@ def write_contrast_maps(
     prefix: str,
     kind: ContrastKind,
     overwrite: bool,
+    stats: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write each contrast's maps as NIfTI files with BIDS-derivatives names.
 
@@ -165,6 +166,9 @@ def write_contrast_maps(
         Names the statistic's files.
     overwrite : bool
         As for :meth:`~bigglm.glm.result.GLMResult.to_nifti`.
+    stats : sequence of str, optional
+        The statistics ``maps_of`` gives (their paths are checked first); default
+        ``effect``, ``variance``, ``kind``, ``p`` and ``z``.
 
     Returns
     -------
@@ -195,7 +199,7 @@ def write_contrast_maps(
 
     named, labels = con.named_contrasts(contrasts), con.file_labels(contrasts)
     out_dir = _output_folder(directory)
-    stats = ("effect", "variance", kind, "p", "z")
+    stats = ("effect", "variance", kind, "p", "z") if stats is None else tuple(stats)
     for name in named:
         for stat in stats:
             path = out_dir / con.map_file_name(prefix, labels[name], stat)

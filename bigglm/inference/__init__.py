@@ -1,3 +1,37 @@
-"""Inference: permutation tests, TFCE, clusters, thresholds."""
+"""Inference on group maps: permutation tests, TFCE, clusters, thresholds and tables.
+
+:func:`permutation_test` rearranges subjects (sign flips, Freedman–Lane permutations,
+exchangeability blocks; every rearrangement when they are few) as blocked matrix
+products over the group store, read once, and gives uncorrected and family-wise error
+p values: voxel-wise max-T, TFCE and cluster extent and mass. :func:`write_maps` writes
+them as ``-log10 p`` NIfTI maps with BIDS names.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names' homes; at run time each loads on first use
+    from bigglm.inference.outputs import write_maps
+    from bigglm.inference.permutation import permutation_test
+    from bigglm.inference.resampling import Rearrangements, rearrangements
+else:
+    from bigglm import _lazy
+
+    __getattr__, __dir__ = _lazy.lazy_exports(
+        __name__,
+        {
+            "bigglm.inference.outputs": ["write_maps"],
+            "bigglm.inference.permutation": ["permutation_test"],
+            "bigglm.inference.resampling": ["Rearrangements", "rearrangements"],
+        },
+    )
+
+__all__ = [  # noqa: RUF022 - grouped by kind (STYLE.md), sorted within each group
+    # functions
+    "permutation_test",
+    "rearrangements",
+    "write_maps",
+    # classes
+    "Rearrangements",
+]

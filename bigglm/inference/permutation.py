@@ -39,7 +39,7 @@ import xarray as xr
 
 from bigglm.exceptions import DesignError
 from bigglm.glm import contrasts as con
-from bigglm.inference.rearrangements import Rearrangements, rearrangements
+from bigglm.inference.resampling import Rearrangements, rearrangements
 from bigglm.typing import PermutationScheme, Precision, ProgressCallback
 
 if TYPE_CHECKING:

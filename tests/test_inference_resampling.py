@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bigglm.exceptions import DesignError
-from bigglm.inference.rearrangements import DRAW, rearrangements
+from bigglm.inference.resampling import DRAW, rearrangements
 
 
 def _as_tuples(order: np.ndarray | None, signs: np.ndarray | None) -> set[tuple[float, ...]]:
