@@ -69,7 +69,7 @@ def _ensure_store(n: int) -> Path:
 def _nilearn(args: argparse.Namespace, **options: Any) -> dict[str, Any]:
     from nilearn.glm.second_level import non_parametric_inference
 
-    labels, effects, _ = maps_for(args.subjects)
+    _, effects, _ = maps_for(args.subjects)
     start = time.perf_counter()
     out = non_parametric_inference(
         [str(p) for p in effects],
@@ -163,8 +163,9 @@ STEPS = {
 
 def run_step(args: argparse.Namespace) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
-    import bigglm.inference.permutation  # noqa: F401  (imports outside the clock)
     import nilearn.glm.second_level  # noqa: F401
+
+    import bigglm.inference.permutation  # noqa: F401  (imports outside the clock)
 
     output = STEPS[args.step](args)
     (WORK / f"inference_{args.step}_n{args.subjects}.json").write_text(json.dumps(output))
@@ -185,16 +186,27 @@ def measure(name: str, subjects: int, n_perm: int, memory_limit: str = "2GB") ->
     row.update(step=name, subjects=subjects, n_perm=n_perm, wall=wall)
     row.update(peak_gib=peaks[0] / 2**30, peak_worker_gib=peaks[2] / 2**30)
     row["per_perm"] = row["seconds"] / n_perm
-    logger.info("%-16s n=%-6d perms=%-6d %8.1f s  peak %.2f GiB", name, subjects, n_perm,
-                row["seconds"], row["peak_gib"])
+    logger.info(
+        "%-16s n=%-6d perms=%-6d %8.1f s  peak %.2f GiB",
+        name,
+        subjects,
+        n_perm,
+        row["seconds"],
+        row["peak_gib"],
+    )
     return row
 
 
 def agreement(subjects: int) -> list[dict[str, Any]]:
     """Observed maps, bigglm vs nilearn (the same data; rearrangement-free)."""
     rows = []
-    pairs = [("maxt", "logp_max_t", "p_fwe"), ("tfce", "tfce", "tfce"), ("tfce", "t", "t"),
-             ("cluster", "size", "cluster_extent"), ("cluster", "mass", "cluster_mass")]
+    pairs = [
+        ("maxt", "logp_max_t", "p_fwe"),
+        ("tfce", "tfce", "tfce"),
+        ("tfce", "t", "t"),
+        ("cluster", "size", "cluster_extent"),
+        ("cluster", "mass", "cluster_mass"),
+    ]
     for kind, theirs, ours in pairs:
         a = WORK / f"inference_nilearn_{kind}_n{subjects}.npz"
         b = WORK / f"inference_bigglm_{kind}_n{subjects}.npz"
@@ -243,19 +255,34 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for kind in ("maxt", "tfce", "cluster"):
         if f"nilearn_{kind}" in by and f"bigglm_{kind}" in by:
             ratio = by[f"nilearn_{kind}"]["per_perm"] / by[f"bigglm_{kind}"]["per_perm"]
-            out.append({"what": f"{kind}: nilearn / bigglm per rearrangement", "ratio": ratio,
-                        "target": ">= 50"})
+            out.append(
+                {
+                    "what": f"{kind}: nilearn / bigglm per rearrangement",
+                    "ratio": ratio,
+                    "target": ">= 50",
+                }
+            )
     if "cohort" in by and "floor" in by:
-        out.append({"what": "cohort / matrix-product floor",
-                    "ratio": by["cohort"]["seconds"] / by["floor"]["seconds"], "target": "<= 1.5"})
+        out.append(
+            {
+                "what": "cohort / matrix-product floor",
+                "ratio": by["cohort"]["seconds"] / by["floor"]["seconds"],
+                "target": "<= 1.5",
+            }
+        )
     return out
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = ["| step | subjects | rearrangements | seconds | s / rearrangement | peak GiB |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['step']} | {r['subjects']} | {r['n_perm']} | {r['seconds']:.1f} | "
-              f"{r['per_perm']:.4g} | {r['peak_gib']:.2f} |" for r in report["rows"]]
+    lines = [
+        "| step | subjects | rearrangements | seconds | s / rearrangement | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['step']} | {r['subjects']} | {r['n_perm']} | {r['seconds']:.1f} | "
+        f"{r['per_perm']:.4g} | {r['peak_gib']:.2f} |"
+        for r in report["rows"]
+    ]
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     lines += [f"| {r['what']} | {r['ratio']:.1f} | {r['target']} |" for r in report["ratios"]]
     if report["agreement"]:

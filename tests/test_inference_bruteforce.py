@@ -227,3 +227,45 @@ def test_bad_requests_get_one_message() -> None:
         permutation_test(ds, design, "age", blocks="family")
     with pytest.raises(DesignError, match="precision"):
         permutation_test(ds, design, "age", precision="half")  # type: ignore[arg-type]
+
+
+def _null_tau2_plain(y: np.ndarray, s: np.ndarray) -> float:
+    """ML tau2 >= 0 of y_i ~ N(0, tau2 + s_i), by a bounded scalar search (scipy)."""
+    from scipy.optimize import minimize_scalar
+
+    def nll(tau2: float) -> float:
+        v = tau2 + s
+        return float(np.sum(np.log(v) + y**2 / v))
+
+    best = minimize_scalar(nll, bounds=(0.0, 100.0), method="bounded", options={"xatol": 1e-12})
+    return float(best.x) if nll(best.x) < nll(0.0) else 0.0
+
+
+def test_mixed_score_sign_flips_equal_enumeration() -> None:
+    rng = np.random.default_rng(15)
+    n, v = 10, 6
+    s = rng.uniform(0.2, 3.0, (n, v))
+    y = rng.normal(0.0, np.sqrt(0.5 + s))
+    y[:, 0] += 1.5
+    y[4, 3] = np.nan
+    subjects = [f"sub-{i:02d}" for i in range(n)]
+    ds = xr.Dataset(
+        {"effect": (("subject", "voxel"), y), "variance": (("subject", "voxel"), s)},
+        coords={"subject": subjects},
+    )
+    design = pd.DataFrame({"mean": 1.0}, index=subjects)
+    out = permutation_test(ds, design, model="mixed", n_perm=2000, precision="double", seed=0)
+    assert out.attrs["exact"] and out.attrs["statistic"] == "mixed-effects score z"
+    flips = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+    stats = np.empty((flips.shape[0], v))
+    for voxel in range(v):
+        present = np.isfinite(y[:, voxel])
+        yv, sv = y[present, voxel], s[present, voxel]
+        w = 1.0 / (sv + _null_tau2_plain(yv, sv))  # the same for every flip: y^2 only
+        for b, signs in enumerate(flips):
+            stats[b, voxel] = np.sum(w * signs[present] * yv) / np.sqrt(np.sum(w))
+    np.testing.assert_allclose(out["t"], stats[0], rtol=1e-6)
+    p = [_count_at_least(stats[:, k], stats[0, k]) / len(flips) for k in range(v)]
+    np.testing.assert_array_equal(out["p"], p)
+    with pytest.raises(DesignError, match="signflip"):
+        permutation_test(ds, design, model="mixed", scheme="both")

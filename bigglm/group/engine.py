@@ -154,7 +154,9 @@ class _Plan:
     knapp_hartung: bool
 
 
-def aligned_design(design: pd.DataFrame, subjects: Sequence[str]) -> tuple[np.ndarray, pd.DataFrame]:
+def aligned_design(
+    design: pd.DataFrame, subjects: Sequence[str]
+) -> tuple[np.ndarray, pd.DataFrame]:
     """The design's rows in the store's subject order: as float64, and as a DataFrame."""
     if not isinstance(design, pd.DataFrame):
         raise DesignError(

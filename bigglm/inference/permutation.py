@@ -40,7 +40,7 @@ import xarray as xr
 from bigglm.exceptions import DesignError
 from bigglm.glm import contrasts as con
 from bigglm.inference.resampling import Rearrangements, rearrangements
-from bigglm.typing import PermutationScheme, Precision, ProgressCallback
+from bigglm.typing import GroupModel, PermutationScheme, Precision, ProgressCallback
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -57,6 +57,10 @@ BATCH_BYTES = 64 * 2**20
 
 #: Bytes of one round of whole maps (rearrangements x voxels) for TFCE and clusters.
 ROUND_BYTES = 256 * 2**20
+
+#: Largest data (subjects x voxels in the product's float type) held in memory across
+#: the rounds of TFCE and cluster inference; larger data are read once per round.
+HOLD_BYTES = 4 * 2**30
 
 #: Relative tolerance within which a rearranged statistic ties the observed one.
 TIE_TOLERANCE = {"double": 1e-6, "single": 1e-5}
@@ -75,6 +79,7 @@ class _Model:
     one_sample: bool  # a constant column alone: missing subjects allowed
     min_subjects: int
     dtype: type[np.floating[Any]]
+    mixed: bool = False  # weighted by 1 / (first-level variance + tau2 under H0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +92,7 @@ class _Block:
     aa: np.ndarray  # (v_valid,) a'a
     scale: np.ndarray  # (v_valid,) factor of the product giving c'b
     dof: np.ndarray  # (v_valid,)
+    known: np.ndarray | None = None  # (v_valid,) variance of c'b when it is known (mixed)
 
 
 def permutation_test(
@@ -105,6 +111,7 @@ def permutation_test(
     seed: int | None = None,
     precision: Precision = "single",
     min_subjects: int | None = None,
+    model: GroupModel | None = None,
     client: Client | None = None,
     progress: ProgressCallback | None = None,
 ) -> xr.Dataset:
@@ -149,6 +156,13 @@ def permutation_test(
         Float type of the products (statistics are assembled in float64).
     min_subjects : int, optional
         One-sample designs: voxels with fewer subjects are not tested (default 3).
+    model : {"ols", "mixed"}, optional
+        The statistic: the OLS t (default), or, for one-sample designs of a store with
+        first-level variances, the mixed-effects score ``sum w_i y_i / sqrt(sum w_i)``
+        with ``w_i = 1 / (s_i + tau2)`` and ``tau2`` estimated under H0 from ``y_i^2``,
+        which no sign flip changes: the test is exact with subject-specific variances
+        (sign flips need only independent, symmetrically distributed errors). Default:
+        the GroupResult's model, else "ols".
     client : distributed.Client, optional
     progress : callable, optional
         Called with ``(done, total)`` tasks.
@@ -185,14 +199,16 @@ def permutation_test(
     >>> bool((out["p_fwe"][5:] > 0.05).all())
     True
     """
+    if model is None:
+        model = getattr(source, "dataset", xr.Dataset()).attrs.get("model", "ols")
     ds, frame = _source(source, design)
     subjects = [str(s) for s in ds["subject"].values]
     from bigglm.group.engine import aligned_design
 
     matrix, frame = aligned_design(frame, subjects)
     weights = _t_weights(contrast, matrix, list(frame.columns))
-    model = _model(matrix, weights, precision, min_subjects)
-    chosen = _scheme(scheme, matrix, model)
+    prepared = _model(matrix, weights, precision, min_subjects, model, ds)
+    chosen = _scheme(scheme, matrix, prepared)
     labels = _block_labels(blocks, frame, subjects)
     plan = rearrangements(
         len(subjects), scheme=chosen, n_perm=n_perm, blocks=labels, whole=whole_blocks, seed=seed
@@ -206,12 +222,13 @@ def permutation_test(
         ds.sizes["voxel"],
     )
     spatial = _Spatial.of(ds, tfce, cluster_threshold, connectivity)
-    blocks_ = _voxel_blocks(ds, model)
     if spatial is None:
-        values = _voxelwise(blocks_, model, plan, two_sided, precision, client, progress)
+        blocks_ = _voxel_blocks(ds, prepared)
+        values = _voxelwise(blocks_, prepared, plan, two_sided, precision, client, progress)
     else:
-        values = _spatialwise(blocks_, model, plan, two_sided, precision, spatial, client, progress)
+        values = _spatialwise(ds, prepared, plan, two_sided, precision, spatial, client, progress)
     out = _dataset(values, ds, plan, chosen, weights, frame, two_sided, precision, spatial)
+    out.attrs["statistic"] = "mixed-effects score z" if prepared.mixed else "t"
     if not np.isfinite(out["t"].values).any():
         raise DesignError("no voxel could be tested (too few subjects present everywhere?)")
     return out
@@ -263,8 +280,15 @@ def _t_weights(spec: con.ContrastSpec | None, matrix: np.ndarray, columns: list[
 
 
 def _model(
-    matrix: np.ndarray, weights: np.ndarray, precision: Precision, min_subjects: int | None
+    matrix: np.ndarray,
+    weights: np.ndarray,
+    precision: Precision,
+    min_subjects: int | None,
+    statistic: str = "ols",
+    ds: xr.Dataset | None = None,
 ) -> _Model:
+    if statistic not in ("ols", "mixed"):
+        raise DesignError(f"model={statistic!r}; expected 'ols' or 'mixed'")
     if precision not in TIE_TOLERANCE:
         raise DesignError(f"precision={precision!r}; expected 'single' or 'double'")
     u, s, vt = np.linalg.svd(matrix, full_matrices=False)
@@ -278,7 +302,17 @@ def _model(
     if min_subjects is not None and (isinstance(min_subjects, bool) or min_subjects < 2):
         raise DesignError(f"min_subjects={min_subjects!r}; give a count of at least 2")
     dtype = np.float32 if precision == "single" else np.float64
-    return _Model(a, nuisance, rank, one_sample, min_subjects or rank + 2, dtype)
+    mixed = statistic == "mixed"
+    if mixed and not one_sample:
+        raise DesignError(
+            "model='mixed' permutation tests are for one-sample designs (sign flips of "
+            "subjects with their own variances); test other designs with model='ols'"
+        )
+    if mixed and (ds is None or "variance" not in ds):
+        raise DesignError(
+            "model='mixed' needs the first-level variances: collect the store with variances=[...]"
+        )
+    return _Model(a, nuisance, rank, one_sample, min_subjects or rank + 2, dtype, mixed)
 
 
 def _complement(space: np.ndarray, direction: np.ndarray) -> np.ndarray:
@@ -298,6 +332,11 @@ def _scheme(scheme: str, matrix: np.ndarray, model: _Model) -> Any:
         return "signflip" if model.rank == 1 and matrix.shape[1] == 1 else "permute"
     if scheme not in ("signflip", "permute", "both"):
         raise DesignError(f"scheme={scheme!r}; expected 'auto', 'signflip', 'permute' or 'both'")
+    if model.mixed and scheme != "signflip":
+        raise DesignError(
+            f"scheme={scheme!r} with model='mixed': subjects with their own variances are "
+            "not exchangeable, only their signs are; use scheme='signflip'"
+        )
     if scheme == "permute" and bool(np.all(matrix == matrix[0])):
         raise DesignError(
             "every subject has the same design row, so permuting them cannot change the "
@@ -335,7 +374,47 @@ def _voxel_blocks(ds: xr.Dataset, model: _Model) -> list[Any]:
 
     effect = subject_by_voxel(ds["effect"])
     effect = effect.rechunk({0: effect.shape[0]})
-    return [dask.delayed(_prepare)(block, model) for block in effect.to_delayed()[0]]
+    if not model.mixed:
+        return [dask.delayed(_prepare)(block, model) for block in effect.to_delayed()[0]]
+    variance = subject_by_voxel(ds["variance"]).rechunk(effect.chunks)
+    pairs = zip(effect.to_delayed()[0], variance.to_delayed()[0], strict=True)
+    return [dask.delayed(_prepare_mixed)(y, s, model) for y, s in pairs]
+
+
+def _prepare_mixed(y: np.ndarray, s: np.ndarray, model: _Model) -> _Block:
+    """Inverse-variance weighted data of a block, ``tau2`` estimated under H0.
+
+    ``tau2`` is the maximum-likelihood between-subject variance of ``y_i ~ N(0, tau2 +
+    s_i)``: a function of ``y_i^2`` and ``s_i`` only, so every sign flip leaves it, and
+    the weights, unchanged, and the weighted score ``sum w_i y_i / sqrt(sum w_i)`` (a z
+    statistic under H0) is exactly sign-flip exchangeable.
+    """
+    y, s = np.asarray(y, dtype=np.float64), np.asarray(s, dtype=np.float64)
+    present = np.isfinite(y) & np.isfinite(s)
+    valid = present.sum(axis=0) >= model.min_subjects
+    y = np.where(present[:, valid], y[:, valid], 0.0)
+    s = np.where(present[:, valid], s[:, valid], np.inf)  # weight 0 where missing
+    w = 1.0 / (s + _null_tau2(y, s, present[:, valid])[None, :])
+    factor = model.a[0] * model.a.size  # c / x: the contrast on the constant column
+    ones = np.ones(w.shape[1])
+    known = np.sum(w, axis=0) * factor**2
+    return _Block(valid, (w * y).astype(model.dtype), ones, ones, factor * ones, ones, known)
+
+
+def _null_tau2(y: np.ndarray, s: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Per voxel, the ML ``tau2 >= 0`` of ``y ~ N(0, tau2 + s)`` (Fisher scoring)."""
+    y2 = np.where(present, y**2, 0.0)
+    n = present.sum(axis=0)
+    tau2 = np.maximum(np.sum(y2 - np.where(present, s, 0.0), axis=0) / np.maximum(n, 1), 0.0)
+    for _ in range(100):
+        w = 1.0 / (s + tau2)
+        score = np.sum(w**2 * y2 - w, axis=0)
+        step = score / np.maximum(np.sum(w**2, axis=0), 1e-300)
+        new = np.maximum(tau2 + step, 0.0)
+        if np.all(np.abs(new - tau2) <= 1e-10 * (1.0 + tau2)):
+            return new
+        tau2 = new
+    return tau2
 
 
 def _prepare(y: np.ndarray, model: _Model) -> _Block:
@@ -400,6 +479,8 @@ def _statistics(
     products = w.reshape(rows * k, -1).astype(model.dtype) @ block.residuals
     products = products.astype(np.float64).reshape(rows, k, -1)
     effect = products[:, 0] * block.scale
+    if block.known is not None:
+        return effect / np.sqrt(block.known)
     rss = block.rss - effect**2 / block.aa
     if k > 1:
         rss -= np.einsum("bkv,bkv->bv", products[:, 1:], products[:, 1:])
@@ -533,7 +614,7 @@ class _Spatial:
 
 
 def _spatialwise(
-    blocks: list[Any],
+    ds: xr.Dataset,
     model: _Model,
     plan: Rearrangements,
     two_sided: bool,
@@ -546,15 +627,18 @@ def _spatialwise(
 
     from bigglm.glm.orchestration import compute_blocks
 
-    held = client.persist(blocks) if client is not None else list(dask.persist(*blocks))
-    first = compute_blocks([_tile(b, model, plan, 0, 1) for b in held], client, None)
+    held = _held_blocks(ds, model, client)
+    first = compute_blocks(
+        [_tile(b, model, plan, 0, 1) for b in held or _voxel_blocks(ds, model)], client, None
+    )
     observed = np.concatenate(first, axis=1)[0].astype(np.float64)
     floor = _floor(_tail(observed, two_sided), precision)
     width = np.dtype(model.dtype).itemsize * max(observed.size, 1)
     step = max(1, min(plan.count, ROUND_BYTES // width))
     rounds = []
     for lo in range(0, plan.count, step):
-        tiles = [_tile(b, model, plan, lo, min(lo + step, plan.count)) for b in held]
+        blocks = held or _voxel_blocks(ds, model)  # not held: read again for each round
+        tiles = [_tile(b, model, plan, lo, min(lo + step, plan.count)) for b in blocks]
         rounds.append(dask.delayed(_round)(tiles, floor, spatial, two_sided))
     parts = compute_blocks(rounds, client, progress)
     values: dict[str, Any] = {"t": observed, "count": sum(p["count"] for p in parts)}
@@ -562,6 +646,23 @@ def _spatialwise(
         if key.startswith("max_"):
             values[key] = np.concatenate([p[key] for p in parts])
     return values
+
+
+def _held_blocks(ds: xr.Dataset, model: _Model, client: Client | None) -> list[Any] | None:
+    """The prepared blocks, kept in memory for all rounds if they fit :data:`HOLD_BYTES`."""
+    import dask
+
+    size = ds.sizes["subject"] * ds.sizes["voxel"] * np.dtype(model.dtype).itemsize
+    if size > HOLD_BYTES:
+        logger.warning(
+            "the data (%.1f GB) are more than bigglm holds in memory for TFCE and clusters "
+            "(%.1f GB): they are read once per round of whole maps",
+            size / 1e9,
+            HOLD_BYTES / 1e9,
+        )
+        return None
+    blocks = _voxel_blocks(ds, model)
+    return client.persist(blocks) if client is not None else list(dask.persist(*blocks))
 
 
 def _tile(block: Any, model: _Model, plan: Rearrangements, lo: int, hi: int) -> Any:
@@ -659,14 +760,18 @@ def _spatial_maps(
     filled = np.nan_to_num(t, nan=0.0)
     out: dict[str, Any] = {}
     if spatial.tfce:
-        score = sp.tfce(filled, spatial.graph, E=TFCE_E, H=TFCE_H, n_steps=TFCE_STEPS, two_sided=two_sided)
+        score = sp.tfce(
+            filled, spatial.graph, E=TFCE_E, H=TFCE_H, n_steps=TFCE_STEPS, two_sided=two_sided
+        )
         target = np.abs(score) if two_sided else score
         p = _p_of(values["max_tfce"], target, precision)
         out["tfce"] = ("voxel", np.where(np.isfinite(t), score, np.nan))
         out["p_tfce_fwe"] = ("voxel", np.where(np.isfinite(t), p, np.nan))
         out["max_tfce"] = ("rearrangement", values["max_tfce"])
     if spatial.threshold is not None:
-        labels, extents, masses = sp.label(filled, spatial.graph, spatial.threshold, two_sided=two_sided)
+        labels, extents, masses = sp.label(
+            filled, spatial.graph, spatial.threshold, two_sided=two_sided
+        )
         for name, sizes in (("extent", extents), ("mass", masses)):
             null = values[f"max_cluster_{name}"]
             p_cluster = _p_of(null, np.asarray(sizes, dtype=np.float64), precision)
