@@ -150,11 +150,14 @@ def _height(
     """The z threshold of a height control over the in-mask values ``z``."""
     if stat_threshold is not None:  # given exactly when height_control is None
         return float(stat_threshold)
-    if z.size == 0:
-        raise StoreError("the stat map has no voxel inside its mask; check the map and mask")
     tail = alpha / 2 if two_sided else alpha
     if height_control == "fpr":
         return float(stats.norm.isf(tail))
+    if z.size == 0:
+        raise StoreError(
+            f"the stat map has no voxel inside its mask, so {height_control!r} has nothing "
+            "to count; check the map (a constant map is all background) or give mask_img"
+        )
     if height_control == "bonferroni":
         return float(stats.norm.isf(tail / z.size))
     return fdr_threshold(np.abs(z) if two_sided else z, tail)
