@@ -219,9 +219,11 @@ def test_bad_options(options: dict[str, Any], words: str) -> None:
         clusters_table(MAPS["float32-zero-outside"], **options)
 
 
-def test_not_a_volume() -> None:
+def test_not_a_volume_on_a_grid() -> None:
     with pytest.raises(StoreError, match=r"the stat map .*has shape \(40, 48\); expected one 3D"):
         clusters_table(nib.Nifti1Image(np.zeros((40, 48)), AFFINE), 3.1)
+    with pytest.raises(StoreError, match=r"the stat map .*has no affine; give an image with"):
+        clusters_table(nib.Nifti1Image(np.zeros(SHAPE), None), 3.1)
 
 
 # --- fdr_q_values --------------------------------------------------------------------

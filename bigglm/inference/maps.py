@@ -52,6 +52,12 @@ class StatMap:
         The image's header, copied into images made from this map.
     name : str
         The path, or a description of an in-memory image, for messages.
+
+    Examples
+    --------
+    >>> z = StatMap(np.array([[[1.5, np.nan]]]), np.eye(4), None, "z")
+    >>> z.finite
+    array([[[1.5, 0. ]]])
     """
 
     data: np.ndarray
