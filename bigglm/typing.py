@@ -11,6 +11,7 @@ __all__ = [
     "DriftModel",
     "GroupModel",
     "HRFName",
+    "HeightControl",
     "MissingRule",
     "NoiseModel",
     "PermutationScheme",
@@ -59,6 +60,11 @@ ContrastKind = Literal["t", "F"]
 #: File formats of :meth:`bigglm.GLMResult.write_residuals`: one 4D NIfTI or one Zarr
 #: store (the layout of a converted run) per run.
 ResidualFormat = Literal["nifti", "zarr"]
+
+#: Voxel-level error control of :func:`bigglm.inference.thresholds.threshold` (as
+#: nilearn's ``threshold_stats_img``): an uncorrected false positive rate, the false
+#: discovery rate (Benjamini–Hochberg) or the family-wise error rate (Bonferroni).
+HeightControl = Literal["fpr", "fdr", "bonferroni"]
 
 #: Cluster profiles understood by :mod:`bigglm.cluster`.
 ClusterKind = Literal["local", "address", "slurm", "pbs", "sge"]

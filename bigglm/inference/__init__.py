@@ -4,7 +4,10 @@
 exchangeability blocks; every rearrangement when they are few) as blocked matrix
 products over the group store, read once, and gives uncorrected and family-wise error
 p values: voxel-wise max-T, TFCE and cluster extent and mass. :func:`write_maps` writes
-them as ``-log10 p`` NIfTI maps with BIDS names.
+them as ``-log10 p`` NIfTI maps with BIDS names. :func:`threshold` gives parametric
+thresholds (uncorrected, FDR, Bonferroni; nilearn's ``threshold_stats_img``), and
+:func:`clusters_table` the clusters and peaks of a map (nilearn's ``get_clusters_table``,
+plus FWE and FDR p columns), written as TSV by :func:`write_table`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ if TYPE_CHECKING:  # the names' homes; at run time each loads on first use
     from bigglm.inference.outputs import write_maps
     from bigglm.inference.permutation import permutation_test
     from bigglm.inference.resampling import Rearrangements, rearrangements
+    from bigglm.inference.tables import clusters_table, fdr_q_values, write_table
+    from bigglm.inference.thresholds import threshold
 else:
     from bigglm import _lazy
 
@@ -24,14 +29,20 @@ else:
             "bigglm.inference.outputs": ["write_maps"],
             "bigglm.inference.permutation": ["permutation_test"],
             "bigglm.inference.resampling": ["Rearrangements", "rearrangements"],
+            "bigglm.inference.tables": ["clusters_table", "fdr_q_values", "write_table"],
+            "bigglm.inference.thresholds": ["threshold"],
         },
     )
 
 __all__ = [  # noqa: RUF022 - grouped by kind (STYLE.md), sorted within each group
     # functions
+    "clusters_table",
+    "fdr_q_values",
     "permutation_test",
     "rearrangements",
+    "threshold",
     "write_maps",
+    "write_table",
     # classes
     "Rearrangements",
 ]

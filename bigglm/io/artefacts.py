@@ -16,11 +16,12 @@ Markers, by format (read back by :func:`kind_of`):
 - JSON: a top-level ``"bigglm_artefact"`` key (provenance of earlier versions: a
   ``"bigglm_step"`` key); HTML: ``<meta name="generator" content="bigglm <kind>">``;
   PNG: the ``Software`` text chunk is ``"bigglm <kind>"``;
-- formats with no room for one (the design TSVs): a JSON sidecar of the same stem, as
-  BIDS pairs ``.tsv`` and ``.json`` files (``sub-01_design.tsv``: ``sub-01_design.json``),
-  holding ``"bigglm_artefact": {"kind", "sha256"}``, the SHA-256 of the file's bytes, so
-  an edited or replaced file is no longer bigglm's. The TSV stays plain for other tools;
-  a sidecar path holding anything but bigglm's record is refused like the target.
+- formats with no room for one (the design and cluster TSVs): a JSON sidecar of the same
+  stem, as BIDS pairs ``.tsv`` and ``.json`` files (``sub-01_design.tsv``:
+  ``sub-01_design.json``), holding ``"bigglm_artefact": {"kind", "sha256"}``, the SHA-256
+  of the file's bytes, so an edited or replaced file is no longer bigglm's. The TSV stays
+  plain for other tools; a sidecar path holding anything but bigglm's record is refused
+  like the target.
 
 Writes are atomic (:func:`writing`): into a hidden staging path beside the target, moved
 into place when complete. Each staging path has an owner record beside it (kind, host,
@@ -79,6 +80,7 @@ KINDS: Final = (
     "image",  # bigglm.to_nifti: contrast maps, residual series
     "mask",  # the pipeline's masks
     "design-table",  # the pipeline's design TSVs (sidecar marker)
+    "cluster-table",  # bigglm.inference.tables.write_table TSVs (sidecar marker)
     "figure",  # bigglm.design.plot PNGs
     "report",  # HTML report
     "provenance",  # JSON provenance
@@ -88,7 +90,7 @@ KINDS: Final = (
 MARKER_KEY = "bigglm_artefact"
 
 #: Kinds whose marker is a sidecar file rather than part of the content.
-_SIDECAR_KINDS = frozenset({"design-table"})
+_SIDECAR_KINDS = frozenset({"design-table", "cluster-table"})
 
 _GENERATOR = re.compile(rb"<meta name=['\"]generator['\"] content=['\"]bigglm ([a-z-]+)['\"]")
 
