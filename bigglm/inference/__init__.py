@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the names' homes; at run time each loads on first use
-    from bigglm.inference.outputs import write_maps
+    from bigglm.inference.outputs import permutation_table, write_maps
     from bigglm.inference.permutation import permutation_test
     from bigglm.inference.resampling import Rearrangements, rearrangements
     from bigglm.inference.tables import clusters_table, fdr_q_values, write_table
@@ -26,7 +26,7 @@ else:
     __getattr__, __dir__ = _lazy.lazy_exports(
         __name__,
         {
-            "bigglm.inference.outputs": ["write_maps"],
+            "bigglm.inference.outputs": ["permutation_table", "write_maps"],
             "bigglm.inference.permutation": ["permutation_test"],
             "bigglm.inference.resampling": ["Rearrangements", "rearrangements"],
             "bigglm.inference.tables": ["clusters_table", "fdr_q_values", "write_table"],
@@ -38,6 +38,7 @@ __all__ = [  # noqa: RUF022 - grouped by kind (STYLE.md), sorted within each gro
     # functions
     "clusters_table",
     "fdr_q_values",
+    "permutation_table",
     "permutation_test",
     "rearrangements",
     "threshold",

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
+import nibabel as nib
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from bigglm.exceptions import StoreError
 
-__all__ = ["MAPS", "write_maps"]
+__all__ = ["MAPS", "permutation_table", "write_maps"]
 
 #: Map name -> (result variable, whether it is a p value written as -log10 p).
 MAPS = {
@@ -118,3 +121,91 @@ def _map(result: xr.Dataset, stat: str) -> xr.DataArray:
         return values
     with np.errstate(divide="ignore"):
         return xr.DataArray(-np.log10(values.values), dims=values.dims)
+
+
+def permutation_table(
+    result: xr.Dataset,
+    *,
+    stat_threshold: float | None = None,
+    cluster_p: Literal["extent", "mass"] = "extent",
+    min_distance: float = 8.0,
+) -> pd.DataFrame:
+    """The clusters and peaks of a permutation test's t map, with their p values.
+
+    :func:`bigglm.inference.clusters_table` of the observed t map at the test's
+    cluster-forming threshold, with ``P(FWE) cluster`` (from the cluster extent or mass
+    null distribution), ``P(FWE) peak`` (max-T) and ``Q(FDR) peak`` (Benjamini–Hochberg
+    over the tested voxels, from the uncorrected permutation p values).
+
+    Parameters
+    ----------
+    result : xarray.Dataset
+        From :func:`bigglm.inference.permutation_test` on a group store.
+    stat_threshold : float, optional
+        The t threshold of the table; default the test's ``cluster_threshold``.
+    cluster_p : {"extent", "mass"}
+        Which cluster statistic's FWE p fills ``P(FWE) cluster``.
+    min_distance : float
+        Smallest distance (mm) between a cluster's reported peaks.
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Raises
+    ------
+    StoreError
+        If the result has no voxel grid.
+    ValueError
+        Without a threshold (neither given nor used by the test).
+
+    Examples
+    --------
+    >>> grid = np.zeros((6, 6, 6), bool)
+    >>> grid[1:5, 1:5, 1:5] = True
+    >>> t = np.zeros(grid.sum())
+    >>> t[:3] = 4.0
+    >>> result = xr.Dataset(
+    ...     {"t": ("voxel", t), "p": ("voxel", np.where(t > 0, 0.001, 0.5)),
+    ...      "p_fwe": ("voxel", np.where(t > 0, 0.01, 1.0)), "mask": (("x", "y", "z"), grid)},
+    ...     attrs={"affine": np.eye(4).tolist(), "two_sided": False})
+    >>> permutation_table(result, stat_threshold=3.0)[["Cluster ID", "Peak Stat", "P(FWE) peak"]]
+      Cluster ID  Peak Stat  P(FWE) peak
+    0          1        4.0         0.01
+    """
+    from bigglm.inference.tables import clusters_table
+
+    threshold = result.attrs.get("cluster_threshold") if stat_threshold is None else stat_threshold
+    if threshold is None:
+        raise ValueError(
+            "the test used no cluster-forming threshold; give stat_threshold= (a t value)"
+        )
+    images = {name: _image(result, name) for name in ("t", "p", "p_fwe") if name in result}
+    cluster = f"p_cluster_{cluster_p}_fwe"
+    return clusters_table(
+        images["t"],
+        float(threshold),
+        two_sided=bool(result.attrs.get("two_sided", False)),
+        min_distance=min_distance,
+        p_cluster_fwe=_image(result, cluster) if cluster in result else None,
+        p_peak_fwe=images.get("p_fwe"),
+        p_peak_uncorrected=images.get("p"),
+        mask_img=_image(result, "mask"),
+    )
+
+
+def _image(result: xr.Dataset, name: str) -> nib.Nifti1Image:
+    """A result variable as an in-memory NIfTI on the store's grid (NaN outside)."""
+    if "mask" not in result or "affine" not in result.attrs:
+        raise StoreError(
+            "this permutation result has no voxel grid; test a group store from "
+            "bigglm.group.collect"
+        )
+    mask = np.asarray(result["mask"].values, dtype=bool)
+    if name == "mask":
+        return nib.Nifti1Image(mask.astype(np.uint8), np.asarray(result.attrs["affine"]))
+    volume = np.full(mask.shape, np.nan)
+    volume[mask] = result[name].values  # the store's voxels are the mask's, in C order
+    if name == "t":
+        volume = np.nan_to_num(volume, nan=0.0)
+    return nib.Nifti1Image(volume, np.asarray(result.attrs["affine"]))
