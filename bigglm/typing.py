@@ -7,6 +7,7 @@ from typing import Literal
 
 __all__ = [
     "ClusterKind",
+    "Connectivity",
     "ContrastKind",
     "DriftModel",
     "GroupModel",
@@ -49,6 +50,11 @@ ContrastKind = Literal["t", "F"]
 #: File formats of :meth:`bigglm.GLMResult.write_residuals`: one 4D NIfTI or one Zarr
 #: store (the layout of a converted run) per run.
 ResidualFormat = Literal["nifti", "zarr"]
+
+#: Voxel neighbourhoods of :func:`bigglm.inference.spatial.voxel_graph`: faces (6), faces
+#: and edges (18), or faces, edges and corners (26), as scipy's
+#: ``generate_binary_structure(3, 1 | 2 | 3)``.
+Connectivity = Literal[6, 18, 26]
 
 #: Cluster profiles understood by :mod:`bigglm.cluster`.
 ClusterKind = Literal["local", "address", "slurm", "pbs", "sge"]

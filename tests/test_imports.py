@@ -32,6 +32,7 @@ HEAVY = (
     "formulaic",
     "matplotlib",
     "nibabel",
+    "numba",
     "numpy",
     "pandas",
     "pydantic",

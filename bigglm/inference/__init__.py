@@ -1,0 +1,3 @@
+"""Inference: permutation tests, TFCE, clusters, thresholds."""
+
+from __future__ import annotations
