@@ -7,6 +7,7 @@ from typing import Literal
 
 __all__ = [
     "ClusterKind",
+    "Connectivity",
     "ContrastKind",
     "DriftModel",
     "GroupModel",
@@ -65,6 +66,11 @@ ResidualFormat = Literal["nifti", "zarr"]
 #: nilearn's ``threshold_stats_img``): an uncorrected false positive rate, the false
 #: discovery rate (Benjamini–Hochberg) or the family-wise error rate (Bonferroni).
 HeightControl = Literal["fpr", "fdr", "bonferroni"]
+
+#: Voxel neighbourhoods of :func:`bigglm.inference.spatial.voxel_graph`: faces (6), faces
+#: and edges (18), or faces, edges and corners (26), as scipy's
+#: ``generate_binary_structure(3, 1 | 2 | 3)``.
+Connectivity = Literal[6, 18, 26]
 
 #: Cluster profiles understood by :mod:`bigglm.cluster`.
 ClusterKind = Literal["local", "address", "slurm", "pbs", "sge"]

@@ -39,6 +39,7 @@ HEAVY = (
     "formulaic",
     "matplotlib",
     "nibabel",
+    "numba",
     "numpy",
     "pandas",
     "pydantic",

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the names' homes; at run time each loads on first use
     from bigglm.inference.outputs import permutation_table, write_maps
     from bigglm.inference.permutation import permutation_test
     from bigglm.inference.resampling import Rearrangements, rearrangements
+    from bigglm.inference.spatial import Graph, mesh_graph, tfce, voxel_graph
     from bigglm.inference.tables import clusters_table, fdr_q_values, write_table
     from bigglm.inference.thresholds import threshold
 else:
@@ -29,6 +30,7 @@ else:
             "bigglm.inference.outputs": ["permutation_table", "write_maps"],
             "bigglm.inference.permutation": ["permutation_test"],
             "bigglm.inference.resampling": ["Rearrangements", "rearrangements"],
+            "bigglm.inference.spatial": ["Graph", "mesh_graph", "tfce", "voxel_graph"],
             "bigglm.inference.tables": ["clusters_table", "fdr_q_values", "write_table"],
             "bigglm.inference.thresholds": ["threshold"],
         },
@@ -38,12 +40,16 @@ __all__ = [  # noqa: RUF022 - grouped by kind (STYLE.md), sorted within each gro
     # functions
     "clusters_table",
     "fdr_q_values",
+    "mesh_graph",
     "permutation_table",
     "permutation_test",
     "rearrangements",
+    "tfce",
     "threshold",
+    "voxel_graph",
     "write_maps",
     "write_table",
     # classes
+    "Graph",
     "Rearrangements",
 ]
