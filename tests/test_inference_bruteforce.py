@@ -269,3 +269,72 @@ def test_mixed_score_sign_flips_equal_enumeration() -> None:
     np.testing.assert_array_equal(out["p"], p)
     with pytest.raises(DesignError, match="signflip"):
         permutation_test(ds, design, model="mixed", scheme="both")
+
+
+def _plain_tfce(volume: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """fslmaths/nilearn TFCE: 100 heights up to the map's maximum, no dh factor."""
+    from scipy import ndimage
+
+    out = np.zeros_like(volume)
+    top = volume.max()
+    if top <= 0:
+        return out
+    for h in np.linspace(0.0, top, 101)[1:]:
+        labels, _ = ndimage.label(volume >= h, structure)
+        sizes = np.bincount(labels.ravel())
+        inside = labels > 0
+        out[inside] += sizes[labels[inside]] ** 0.5 * h**2
+    return out
+
+
+def _plain_clusters(volume: np.ndarray, threshold: float, structure: np.ndarray) -> tuple:
+    from scipy import ndimage
+
+    labels, k = ndimage.label(volume > threshold, structure)
+    if k == 0:
+        return 0.0, 0.0, labels, np.zeros(1), np.zeros(1)
+    extent = np.bincount(labels.ravel())[1:].astype(float)
+    mass = ndimage.sum(volume - threshold, labels, np.arange(1, k + 1))
+    return extent.max(), mass.max(), labels, extent, mass
+
+
+def test_exact_tfce_and_cluster_p_values_equal_enumeration() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(16)
+    n, shape, threshold = 9, (5, 5, 4), 2.0
+    y = ndimage.gaussian_filter(rng.normal(size=(n, *shape)), (0, 1, 1, 1)) * 3
+    y[:, 1:3, 1:3, :2] += 0.8
+    ijk = np.indices(shape).reshape(3, -1)
+    subjects = [f"sub-{i}" for i in range(n)]
+    ds = xr.Dataset(
+        {"effect": (("subject", "voxel"), y.reshape(n, -1))},
+        coords={"subject": subjects, **{a: ("voxel", ijk[k]) for k, a in enumerate("ijk")}},
+    )
+    design = pd.DataFrame({"mean": 1.0}, index=subjects)
+    out = permutation_test(
+        ds, design, tfce=True, cluster_threshold=threshold, precision="double", seed=0
+    )
+    assert out.attrs["exact"] and out.sizes["rearrangement"] == 2**n
+    faces = ndimage.generate_binary_structure(3, 1)
+    flips = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+    null = {"tfce": [], "extent": [], "mass": []}
+    for signs in flips:
+        flipped = signs[:, None, None, None] * y
+        t = flipped.mean(0) / (flipped.std(0, ddof=1) / np.sqrt(n))
+        null["tfce"].append(_plain_tfce(t, faces).max())
+        extent, mass, *_ = _plain_clusters(t, threshold, faces)
+        null["extent"].append(extent)
+        null["mass"].append(mass)
+    t_obs = y.mean(0) / (y.std(0, ddof=1) / np.sqrt(n))
+    score = _plain_tfce(t_obs, faces).ravel()
+    np.testing.assert_allclose(out["tfce"], score, rtol=1e-6)
+    p_tfce = [_count_at_least(null["tfce"], s) / 2**n for s in score]
+    np.testing.assert_array_equal(out["p_tfce_fwe"], p_tfce)
+    _, _, labels, extents, masses = _plain_clusters(t_obs, threshold, faces)
+    assert labels.max() > 0  # the planted blob forms a cluster
+    for name, sizes in (("extent", extents), ("mass", masses)):
+        p_cluster = np.array([_count_at_least(null[name], s) / 2**n for s in sizes])
+        expected = np.where(labels > 0, p_cluster[np.maximum(labels - 1, 0)], 1.0).ravel()
+        np.testing.assert_array_equal(out[f"p_cluster_{name}_fwe"], expected)
+    np.testing.assert_allclose(np.sort(out["max_tfce"]), np.sort(null["tfce"]), rtol=1e-6)

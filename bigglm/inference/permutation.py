@@ -774,9 +774,10 @@ def _spatial_maps(
         )
         for name, sizes in (("extent", extents), ("mass", masses)):
             null = values[f"max_cluster_{name}"]
-            p_cluster = _p_of(null, np.asarray(sizes, dtype=np.float64), precision)
-            per_voxel = np.where(labels > 0, np.asarray(sizes, dtype=np.float64)[labels - 1], 0.0)
-            p_voxel = np.where(labels > 0, p_cluster[labels - 1], 1.0)
+            size = np.asarray(sizes, dtype=np.float64)
+            p_cluster = _p_of(null, size, precision)
+            per_voxel = np.concatenate([[0.0], size])[labels]  # label 0: no cluster, p 1
+            p_voxel = np.concatenate([[1.0], p_cluster])[labels]
             out[f"cluster_{name}"] = ("voxel", np.where(np.isfinite(t), per_voxel, np.nan))
             out[f"p_cluster_{name}_fwe"] = ("voxel", np.where(np.isfinite(t), p_voxel, np.nan))
             out[f"max_cluster_{name}"] = ("rearrangement", null)
