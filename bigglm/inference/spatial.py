@@ -10,7 +10,8 @@ maps of a batch themselves; each map takes one pass over its voxels and edges.
 Conventions
 -----------
 **TFCE** (:func:`tfce`, default, stepped) follows ``fslmaths -tfce`` as nilearn's
-``calculate_tfce`` implements it (nilearn 0.11-0.14, ``mass_univariate/_utils.py``):
+``calculate_tfce`` implements it (``nilearn/mass_univariate/_utils.py``; the tests compare
+with nilearn 0.12 and 0.14):
 
 * ``n_steps`` heights ``h_k = k * h_max / n_steps``, ``k = 1..n_steps``
   (``np.linspace(0, h_max, n_steps + 1)[1:]``), where ``h_max`` is the map's largest value,
@@ -24,21 +25,22 @@ Conventions
   ``max |map|``), returned negative, as nilearn's ``two_sided_test=True``. One-sided
   scoring ignores negative values.
 
-All voxels of a map are scored in one sweep: voxels enter in decreasing order of their
-step (the step of voxel ``v`` is the number of heights ``<= value(v)``), joined to their
-neighbours by a union-find (union by size, path halving). Each time a cluster changes at
-some step, the cluster it was (a node of a merge tree) is closed with its contribution
-``extent ** E * (Q[start] - Q[end])``, where ``Q[k] = sum_{j <= k} h_j ** H``; a voxel's
-TFCE is the sum of the contributions along its path from the node it entered as to the
-tree's root, added up once at the end. There are no per-step labellings, and every term
-of the sum is non-negative (no offsets that cancel).
+All voxels of a map are scored in one sweep, not one labelling per step: voxels enter in
+decreasing order of their step (the step of voxel ``v`` is the number of heights ``<=
+value(v)``), joined to their neighbours by a union-find (union by size, path halving). A
+cluster over the steps during which it does not change is a node of a merge tree; when it
+grows or merges at a lower step, its node closes with the contribution ``extent ** E *
+(Q[start] - Q[end])``, where ``Q[k] = sum_{j <= k} h_j ** H``, under the node of the
+cluster it became. A voxel's TFCE is the sum of the contributions along the tree's path
+from the cluster it joined at its own step to the root, added up once per map at the end.
+Every term of that sum is non-negative (no offsets that cancel).
 
 ``exact=True`` integrates instead of summing steps: ``TFCE(v) = ∫_0^value(v) e_v(h) ** E
 h ** H dh``, where ``e_v(h)`` is the extent of the component of ``{value >= h}`` holding
 ``v``. ``e_v`` is constant between consecutive distinct values ``u_1 > u_2 > ... > 0`` of
 the map, so the integral is ``sum_i e_i ** E (u_i ** (H+1) - u_{i+1} ** (H+1)) / (H+1)``
-(``u_{last+1} = 0``), the same sweep with ``Q`` replaced by ``u ** (H+1) / (H+1)``. It has
-no ``dh``-free scale: the stepped value is about ``n_steps / h_max`` times the exact one.
+(``u_{last+1} = 0``), the same sweep with ``Q`` replaced by ``u ** (H+1) / (H+1)``. As the
+stepped sum has no ``dh``, it is about ``n_steps / h_max`` times the integral.
 
 **Clusters** (:func:`clusters`, :func:`label`) follow nilearn's ``permuted_ols``
 (``calculate_cluster_measures``): a cluster is a connected component of the voxels with
@@ -92,7 +94,9 @@ class Graph:
     """An undirected graph in CSR form: the neighbours of node ``i`` are
     ``indices[indptr[i]:indptr[i + 1]]``.
 
-    Symmetric, without self loops; neighbour lists are sorted. The arrays are read-only.
+    The kernels need it symmetric (``j`` lists ``i`` when ``i`` lists ``j``) and without
+    self loops, which is not checked; :func:`voxel_graph` and :func:`mesh_graph` build it so,
+    with each neighbour list sorted. The arrays are read-only.
 
     Parameters
     ----------
