@@ -10,7 +10,8 @@ maps of a batch themselves; each map takes one pass over its voxels and edges.
 Conventions
 -----------
 **TFCE** (:func:`tfce`, default, stepped) follows ``fslmaths -tfce`` as nilearn's
-``calculate_tfce`` implements it (nilearn 0.11-0.14, ``mass_univariate/_utils.py``):
+``calculate_tfce`` implements it (``nilearn/mass_univariate/_utils.py``; the tests compare
+with nilearn 0.12 and 0.14):
 
 * ``n_steps`` heights ``h_k = k * h_max / n_steps``, ``k = 1..n_steps``
   (``np.linspace(0, h_max, n_steps + 1)[1:]``), where ``h_max`` is the map's largest value,
@@ -24,21 +25,22 @@ Conventions
   ``max |map|``), returned negative, as nilearn's ``two_sided_test=True``. One-sided
   scoring ignores negative values.
 
-All voxels of a map are scored in one sweep: voxels enter in decreasing order of their
-step (the step of voxel ``v`` is the number of heights ``<= value(v)``), joined to their
-neighbours by a union-find (union by size, path halving). Each time a cluster changes at
-some step, the cluster it was (a node of a merge tree) is closed with its contribution
-``extent ** E * (Q[start] - Q[end])``, where ``Q[k] = sum_{j <= k} h_j ** H``; a voxel's
-TFCE is the sum of the contributions along its path from the node it entered as to the
-tree's root, added up once at the end. There are no per-step labellings, and every term
-of the sum is non-negative (no offsets that cancel).
+All voxels of a map are scored in one sweep, not one labelling per step: voxels enter in
+decreasing order of their step (the step of voxel ``v`` is the number of heights ``<=
+value(v)``), joined to their neighbours by a union-find (union by size, path halving). A
+cluster over the steps during which it does not change is a node of a merge tree; when it
+grows or merges at a lower step, its node closes with the contribution ``extent ** E *
+(Q[start] - Q[end])``, where ``Q[k] = sum_{j <= k} h_j ** H``, under the node of the
+cluster it became. A voxel's TFCE is the sum of the contributions along the tree's path
+from the cluster it joined at its own step to the root, added up once per map at the end.
+Every term of that sum is non-negative (no offsets that cancel).
 
 ``exact=True`` integrates instead of summing steps: ``TFCE(v) = ∫_0^value(v) e_v(h) ** E
 h ** H dh``, where ``e_v(h)`` is the extent of the component of ``{value >= h}`` holding
 ``v``. ``e_v`` is constant between consecutive distinct values ``u_1 > u_2 > ... > 0`` of
 the map, so the integral is ``sum_i e_i ** E (u_i ** (H+1) - u_{i+1} ** (H+1)) / (H+1)``
-(``u_{last+1} = 0``), the same sweep with ``Q`` replaced by ``u ** (H+1) / (H+1)``. It has
-no ``dh``-free scale: the stepped value is about ``n_steps / h_max`` times the exact one.
+(``u_{last+1} = 0``), the same sweep with ``Q`` replaced by ``u ** (H+1) / (H+1)``. As the
+stepped sum has no ``dh``, it is about ``n_steps / h_max`` times the integral.
 
 **Clusters** (:func:`clusters`, :func:`label`) follow nilearn's ``permuted_ols``
 (``calculate_cluster_measures``): a cluster is a connected component of the voxels with
@@ -75,8 +77,8 @@ _Maps = NDArray[np.float32] | NDArray[np.float64]  # maps (rows) as the kernels 
 _Reals = NDArray[np.float64]
 _Ints = NDArray[np.int64]
 _Nodes = NDArray[np.int32]
-#: The merge tree's nodes: start key, score, size, parent node, closing order.
-_Tree = tuple[_Reals, _Reals, _Ints, _Ints, _Ints]
+#: The merge tree's nodes: start key, score, parent node; and the closing order.
+_Tree = tuple[_Reals, _Reals, _Nodes, _Nodes]
 
 #: The taxicab radius of each voxel neighbourhood (scipy's ``generate_binary_structure``).
 _RANK = {6: 1, 18: 2, 26: 3}
@@ -92,7 +94,9 @@ class Graph:
     """An undirected graph in CSR form: the neighbours of node ``i`` are
     ``indices[indptr[i]:indptr[i + 1]]``.
 
-    Symmetric, without self loops; neighbour lists are sorted. The arrays are read-only.
+    The kernels need it symmetric (``j`` lists ``i`` when ``i`` lists ``j``) and without
+    self loops, which is not checked; :func:`voxel_graph` and :func:`mesh_graph` build it so,
+    with each neighbour list sorted. The arrays are read-only.
 
     Parameters
     ----------
@@ -412,18 +416,11 @@ def _tfce_maps(
     """TFCE of each row of ``maps``; the workspace is allocated once for the batch."""
     n_maps, n = maps.shape
     out = np.zeros((n_maps, n))
-    order = np.empty(n, np.int64)
+    order = np.empty(n, np.int32)
     key = np.empty(n)
-    parent = np.full(n, -1, np.int64)
-    leaf = np.empty(n, np.int64)
-    current = np.empty(n, np.int64)
-    tree = (
-        np.empty(2 * n),
-        np.empty(2 * n),
-        np.empty(2 * n, np.int64),
-        np.empty(2 * n, np.int64),
-        np.empty(2 * n, np.int64),
-    )
+    sets = (np.full(n, -1, np.int32), np.empty(n, np.int32), np.empty(n, np.int32))
+    leaf = np.empty(n, np.int32)
+    tree = (np.empty(n), np.empty(n), np.empty(n, np.int32), np.empty(n, np.int32))
     for b in range(n_maps):
         for tail in range(2 if two_sided else 1):
             sign = 1.0 - 2.0 * tail
@@ -431,12 +428,11 @@ def _tfce_maps(
                 m = _by_value(maps[b], sign, H, order, key)
             else:
                 m = _by_step(maps[b], sign, heights[b], H, order, key)
-            _merge_tree(order, m, key, E, indptr, indices, parent, leaf, current, tree)
-            totals = tree[1]
-            for i in range(m):
-                v = order[i]
-                out[b, v] += sign * totals[leaf[v]]
-                parent[v] = -1
+            _merge_tree(order[:m], key, E, indptr, indices, sets, leaf, tree)
+            scores = tree[1]
+            for v in order[:m]:
+                out[b, v] += sign * scores[leaf[v]]
+                sets[0][v] = -1
         for v in range(n):
             if np.isnan(maps[b, v]):
                 out[b, v] = np.nan
@@ -444,7 +440,7 @@ def _tfce_maps(
 
 
 @numba.njit(cache=True, nogil=True)
-def _by_step(x: _Maps, sign: float, heights: _Reals, H: float, order: _Ints, key: _Reals) -> int:
+def _by_step(x: _Maps, sign: float, heights: _Reals, H: float, order: _Nodes, key: _Reals) -> int:
     """Voxels with ``sign * x >= heights[0]`` into ``order``, highest step first (a
     counting sort), with ``key[v] = Q[step]``, the sum of ``h ** H`` up to it; their count.
     """
@@ -452,7 +448,7 @@ def _by_step(x: _Maps, sign: float, heights: _Reals, H: float, order: _Ints, key
     q = np.zeros(n_steps + 1)
     for k in range(n_steps):
         q[k + 1] = q[k] + heights[k] ** H
-    step = np.zeros(x.shape[0], np.int64)
+    step = np.zeros(x.shape[0], np.int32)
     first = np.zeros(n_steps + 2, np.int64)
     for v in range(x.shape[0]):
         value = sign * x[v]
@@ -472,7 +468,7 @@ def _by_step(x: _Maps, sign: float, heights: _Reals, H: float, order: _Ints, key
 
 
 @numba.njit(cache=True, nogil=True)
-def _by_value(x: _Maps, sign: float, H: float, order: _Ints, key: _Reals) -> int:
+def _by_value(x: _Maps, sign: float, H: float, order: _Nodes, key: _Reals) -> int:
     """Voxels with ``sign * x > 0`` into ``order`` by decreasing value, with
     ``key[v] = value ** (H + 1) / (H + 1)``; their count."""
     m = 0
@@ -488,7 +484,7 @@ def _by_value(x: _Maps, sign: float, H: float, order: _Ints, key: _Reals) -> int
 
 
 @numba.njit(cache=True, nogil=True)
-def _find(parent: _Ints, v: int) -> int:
+def _find(parent: _Nodes, v: int) -> int:
     """The root of ``v``'s set, halving the path on the way."""
     while parent[v] != v:
         parent[v] = parent[parent[v]]
@@ -498,36 +494,30 @@ def _find(parent: _Ints, v: int) -> int:
 
 @numba.njit(cache=True, nogil=True)
 def _merge_tree(
-    order: _Ints,
-    m: int,
+    order: _Nodes,
     key: _Reals,
     E: float,
     indptr: _Ints,
     indices: _Nodes,
-    parent: _Ints,
-    leaf: _Ints,
-    current: _Ints,
+    sets: tuple[_Nodes, _Nodes, _Nodes],
+    leaf: _Nodes,
     tree: _Tree,
 ) -> None:
-    """Add the ``m`` voxels of ``order`` (non-increasing ``key``) with a union-find,
-    building the merge tree of their clusters; ``tree[1][leaf[v]]`` is then voxel ``v``'s
-    score.
+    """Add the voxels of ``order`` (non-increasing ``key``) with a union-find, building
+    the merge tree of their clusters; ``tree[1][leaf[v]]`` is then voxel ``v``'s score.
 
-    Node ``d`` is one cluster over one span of keys: ``start[d]`` (its key when it
-    formed), ``size[d]``, ``up[d]`` (the cluster it merged into). A cluster that grows at
-    a key it formed at keeps its node; otherwise a new node starts. ``current[r]`` is the
-    open node of root ``r``; ``closed`` lists nodes as they close (children first).
+    ``sets`` is the union-find (``parent``, -1 for voxels not added; ``size`` and
+    ``current``, the open tree node, of each root). A tree node is one cluster over a span
+    of keys, from ``start[d]`` down to where it merged into node ``up[d]``. A cluster that
+    grows at the key it formed at keeps its node; otherwise a new node starts. ``closed``
+    lists nodes as they close, children before parents.
     """
-    start, score, size, up, closed = tree
-    n_nodes = 0
-    n_closed = 0
-    for i in range(m):
-        v = order[i]
+    parent, size, current = sets
+    start, score, up, closed = tree
+    n_nodes = n_closed = 0
+    for v in order:
         here = key[v]
-        parent[v] = v
-        start[n_nodes], size[n_nodes] = here, 1
-        leaf[v] = current[v] = n_nodes
-        n_nodes += 1
+        parent[v], size[v], current[v] = v, 1, -1  # no node until it has a cluster
         root = v
         for e in range(indptr[v], indptr[v + 1]):
             u = indices[e]
@@ -536,24 +526,30 @@ def _merge_tree(
             other = _find(parent, u)
             if other == root:
                 continue
+            if size[root] < size[other]:
+                root, other = other, root
             a, b = current[root], current[other]
-            if size[a] < size[b]:
-                root, other, a, b = other, root, b, a
-            parent[other] = root
-            keep = a if start[a] == here else (b if start[b] == here else n_nodes)
-            if keep == n_nodes:
-                start[keep] = here
+            if a >= 0 and start[a] == here:
+                keep = a
+            elif b >= 0 and start[b] == here:
+                keep = b
+            else:  # a new node; at most one per voxel, as the next merges keep it
+                keep, start[n_nodes] = n_nodes, here
                 n_nodes += 1
-            total = size[a] + size[b]
-            for d in (a, b):
-                if d != keep:
-                    n_closed = _close(d, here, keep, E, tree, n_closed)
-            size[keep] = total
+            if a >= 0 and a != keep:
+                n_closed = _close(a, size[root], here, keep, E, tree, n_closed)
+            if b >= 0 and b != keep:
+                n_closed = _close(b, size[other], here, keep, E, tree, n_closed)
+            parent[other] = root
+            size[root] += size[other]
             current[root] = keep
-    for i in range(m):
-        v = order[i]
+        if current[root] < 0:  # a voxel on its own
+            current[root], start[n_nodes] = n_nodes, here
+            n_nodes += 1
+        leaf[v] = current[root]
+    for v in order:
         if parent[v] == v:
-            n_closed = _close(current[v], 0.0, -1, E, tree, n_closed)
+            n_closed = _close(current[v], size[v], 0.0, -1, E, tree, n_closed)
     for j in range(n_closed - 1, -1, -1):  # parents before children: sum down the tree
         d = closed[j]
         if up[d] >= 0:
@@ -561,10 +557,11 @@ def _merge_tree(
 
 
 @numba.njit(cache=True, nogil=True)
-def _close(d: int, end: float, into: int, E: float, tree: _Tree, n_closed: int) -> int:
-    """Close node ``d`` at key ``end``, under node ``into`` (-1: none); the new count."""
-    start, score, size, up, closed = tree
-    score[d] = size[d] ** E * (start[d] - end)
+def _close(d: int, extent: int, end: float, into: int, E: float, tree: _Tree, n_closed: int) -> int:
+    """Close node ``d`` (a cluster of ``extent`` voxels) at key ``end``, under node ``into``
+    (-1: none); the new count of closed nodes."""
+    start, score, up, closed = tree
+    score[d] = extent**E * (start[d] - end)
     up[d] = into
     closed[n_closed] = d
     return n_closed + 1
