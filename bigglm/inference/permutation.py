@@ -58,6 +58,9 @@ BATCH_BYTES = 64 * 2**20
 #: Bytes of one round of whole maps (rearrangements x voxels) for TFCE and clusters.
 ROUND_BYTES = 256 * 2**20
 
+#: Fewest rounds of whole maps a TFCE/cluster test is split into (parallelism).
+MIN_ROUNDS = 8
+
 #: Largest data (subjects x voxels in the product's float type) held in memory across
 #: the rounds of TFCE and cluster inference; larger data are read once per round.
 HOLD_BYTES = 4 * 2**30
@@ -634,7 +637,8 @@ def _spatialwise(
     observed = np.concatenate(first, axis=1)[0].astype(np.float64)
     floor = _floor(_tail(observed, two_sided), precision)
     width = np.dtype(model.dtype).itemsize * max(observed.size, 1)
-    step = max(1, min(plan.count, ROUND_BYTES // width))
+    # rounds of at most ROUND_BYTES, and at least MIN_ROUNDS of them to share the workers
+    step = max(1, min(ROUND_BYTES // width, -(-plan.count // MIN_ROUNDS)))
     rounds = []
     for lo in range(0, plan.count, step):
         blocks = held or _voxel_blocks(ds, model)  # not held: read again for each round
