@@ -84,9 +84,13 @@ def _write_group_inputs(folder: Path, mask: np.ndarray, affine: np.ndarray, rng:
             "participant_id": [f"sub-{s:02d}" for s in range(1, 9)],
             "age": [23, 35, 41, 29, 52, 33, 47, 38],
             "group": ["patient", "control"] * 4,
+            "site": ["a", "a", "b", "b", "c", "c", "d", "d"],
         }
     )
     participants.to_csv(folder / "participants.tsv", sep="\t", index=False)
+    z = rng.normal(0.0, 1.0, (12, 12, 12))
+    z[3:7, 3:7, 3:7] += 6.0  # a blob that survives FDR
+    nibabel.save(nibabel.Nifti1Image(z.astype(np.float32), affine), folder / "zmap.nii.gz")
 
 
 def test_the_readme_has_python_examples() -> None:
