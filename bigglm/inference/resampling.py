@@ -154,7 +154,9 @@ class Rearrangements:
                 for members in self.blocks:
                     order[:, members] = rng.permuted(np.tile(members, (DRAW, 1)), axis=1)
         if self.flips:
-            units = rng.integers(0, 2, size=(DRAW, self.n_sign_units))
+            count = DRAW * self.n_sign_units
+            raw = np.frombuffer(rng.bytes(-(-count // 8)), dtype=np.uint8)
+            units = np.unpackbits(raw, count=count).reshape(DRAW, self.n_sign_units)
             signs = self._unit_signs(1.0 - 2.0 * units)
         if index == 0:  # the identity comes first
             if order is not None:
