@@ -477,15 +477,27 @@ def _statistics(
     block: _Block, model: _Model, order: np.ndarray | None, signs: np.ndarray | None
 ) -> np.ndarray:
     """t of each rearrangement (rows) at each valid voxel of the block, float64."""
+    return _t_values(_products(block, model, order, signs), block)
+
+
+def _products(
+    block: _Block, model: _Model, order: np.ndarray | None, signs: np.ndarray | None
+) -> np.ndarray:
+    """``(B, k, v)``: the rearranged vectors' inner products with the block's residuals."""
     w = _rearranged(_weights(model), order, signs)
     rows, k, _ = w.shape
     products = w.reshape(rows * k, -1).astype(model.dtype) @ block.residuals
-    products = products.astype(np.float64).reshape(rows, k, -1)
+    return products.reshape(rows, k, -1)
+
+
+def _t_values(products: np.ndarray, block: _Block) -> np.ndarray:
+    """t from the products (the formula of the module docstring), float64."""
+    products = products.astype(np.float64)
     effect = products[:, 0] * block.scale
     if block.known is not None:
         return effect / np.sqrt(block.known)
     rss = block.rss - effect**2 / block.aa
-    if k > 1:
+    if products.shape[1] > 1:
         rss -= np.einsum("bkv,bkv->bv", products[:, 1:], products[:, 1:])
     np.maximum(rss, 0.0, out=rss)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -525,27 +537,95 @@ def _voxelwise(
 def _block_pass(
     block: _Block, model: _Model, plan: Rearrangements, two_sided: bool, precision: Precision
 ) -> dict[str, np.ndarray]:
-    """All rearrangements on one block: observed t, exceedance counts, maxima."""
-    step = _batch_rows(model, block.residuals.shape[1])
-    count = np.zeros(block.residuals.shape[1], dtype=np.int64)
+    """All rearrangements on one block: observed t, exceedance counts, maxima.
+
+    Each batch's products are reduced in one compiled pass (:func:`bigglm.inference.kernels.reduce_batch`):
+    the t values of a batch are never stored.
+    """
+    from bigglm.inference.kernels import reduce_batch
+
+    if model.nuisance.shape[1] == 0:
+        return _monotone_pass(block, model, plan, two_sided, precision)
+    n_valid = block.residuals.shape[1]
+    step = _batch_rows(model, n_valid)
+    count = np.zeros(n_valid, dtype=np.int64)
     maxima = np.full(plan.count, -np.inf)
+    known = np.empty(0) if block.known is None else block.known
     observed = floor = None
     for lo in range(0, plan.count, step):
         hi = min(lo + step, plan.count)
-        raw = _statistics(block, model, *plan.rows(lo, hi))
+        products = _products(block, model, *plan.rows(lo, hi))
         if observed is None:  # the identity comes first
-            observed = raw[0].copy()
+            observed = _t_values(products[:1], block)[0]
             floor = _floor(_tail(observed, two_sided), precision)
-        stat = _tail(raw, two_sided)
-        count += (stat >= floor).sum(axis=0)
-        if stat.shape[1]:
-            maxima[lo:hi] = stat.max(axis=1)
+        reduce_batch(
+            products, block.scale, block.rss, block.aa, block.dof, known, floor,
+            two_sided, count, maxima[lo:hi],
+        )  # fmt: skip
     assert observed is not None
     return {
         "t": _scatter(observed, block.valid),
         "count": _scatter(count.astype(np.float64), block.valid),
         "max_t": maxima,
     }
+
+
+def _monotone_pass(
+    block: _Block, model: _Model, plan: Rearrangements, two_sided: bool, precision: Precision
+) -> dict[str, np.ndarray]:
+    """:func:`_block_pass` without nuisance columns, in ``r = effect / sqrt(rss a'a)``.
+
+    t is ``r sqrt(dof) / sqrt(1 - r^2)``, increasing in ``r`` for each dof (the
+    mixed-effects score is ``r`` itself): counts and maxima are taken on ``r``
+    (:func:`bigglm.inference.kernels.reduce_monotone`), maxima turned into t per dof.
+    """
+    from bigglm.inference.kernels import reduce_monotone
+
+    if block.known is not None:
+        factor, dofs, group = block.scale / np.sqrt(block.known), np.ones(1), None
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            factor = block.scale / np.sqrt(block.rss * block.aa)
+        factor[~np.isfinite(factor)] = np.nan  # no residual variance: not tested
+        dofs, group = np.unique(block.dof, return_inverse=True)
+    group = np.zeros(factor.size, dtype=np.int64) if group is None else group.ravel()
+    count = np.zeros(factor.size, dtype=np.int64)
+    top = np.full((plan.count, max(dofs.size, 1)), -np.inf)
+    step = _batch_rows(model, factor.size)
+    observed = floor = None
+    for lo in range(0, plan.count, step):
+        hi = min(lo + step, plan.count)
+        products = _products(block, model, *plan.rows(lo, hi))
+        if observed is None:  # the identity comes first
+            observed = _t_values(products[:1], block)[0]
+            floor = _t_to_r(_floor(_tail(observed, two_sided), precision), block, group, dofs)
+        reduce_monotone(products[:, 0], factor, floor, group, two_sided, count, top[lo:hi])
+    assert observed is not None
+    maxima = _r_to_t(top, dofs, block.known is not None).max(axis=1) if factor.size else top[:, 0]
+    return {
+        "t": _scatter(observed, block.valid),
+        "count": _scatter(count.astype(np.float64), block.valid),
+        "max_t": maxima,
+    }
+
+
+def _t_to_r(t: np.ndarray, block: _Block, group: np.ndarray, dofs: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_r_to_t`, voxel by voxel (``±inf`` to ``±1``)."""
+    if block.known is not None:
+        return t
+    dof = dofs[group]
+    with np.errstate(invalid="ignore"):
+        r = t / np.sqrt(dof + t * t)
+    return np.where(np.isinf(t), np.sign(t), r)
+
+
+def _r_to_t(r: np.ndarray, dofs: np.ndarray, known: bool) -> np.ndarray:
+    """t of ``r`` for each dof group (columns); the mixed-effects score is ``r``."""
+    if known:
+        return r
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = r * np.sqrt(dofs) / np.sqrt(np.maximum(1.0 - r * r, 0.0))
+    return np.where(np.isneginf(r), -np.inf, t)
 
 
 def _floor(target: np.ndarray, precision: Precision) -> np.ndarray:
