@@ -18,9 +18,7 @@ __all__ = ["reduce_batch"]
 
 
 @numba.njit(cache=True, nogil=True)
-def reduce_batch(  # type: ignore[no-untyped-def]
-    products, scale, rss, aa, dof, known, floor, two_sided, count, maxima
-):
+def reduce_batch(products, scale, rss, aa, dof, known, floor, two_sided, count, maxima):
     """Add each voxel's rearrangements at least ``floor`` to ``count``; row maxima.
 
     Parameters
@@ -72,7 +70,7 @@ def reduce_batch(  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True)
-def reduce_monotone(products, factor, floor, group, two_sided, count, top):  # type: ignore[no-untyped-def]
+def reduce_monotone(products, factor, floor, group, two_sided, count, top):
     """:func:`reduce_batch` for statistics that are monotone in ``products * factor``.
 
     Without nuisance columns (``k = 1``) t is ``r sqrt(dof) / sqrt(1 - r^2)`` with

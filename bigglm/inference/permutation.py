@@ -539,8 +539,8 @@ def _block_pass(
 ) -> dict[str, np.ndarray]:
     """All rearrangements on one block: observed t, exceedance counts, maxima.
 
-    Each batch's products are reduced in one compiled pass (:func:`bigglm.inference.kernels.reduce_batch`):
-    the t values of a batch are never stored.
+    Each batch's products are reduced in one compiled pass
+    (:func:`bigglm.inference.kernels.reduce_batch`): its t values are never stored.
     """
     from bigglm.inference.kernels import reduce_batch
 
