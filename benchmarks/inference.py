@@ -16,7 +16,8 @@ nilearn's MNI152 2 mm mask, 235,375 voxels) and its group stores (built here wit
   maps, the same options (cluster threshold converted to t as nilearn does), Dask's
   threaded scheduler.
 - ``cohort``: 10,000 subjects x 235,375 voxels x 10,000 sign flips, voxel max-T, on a
-  LocalCluster of 2 single-threaded workers limited to 2 GB each; ``floor``: the same
+  LocalCluster of 2 single-threaded workers limited to 2 GB each, ``precision="single"``
+  (the comparisons with nilearn use the default, double); ``floor``: the same
   matrix products alone (float32, ``(batch x subjects) @ (subjects x 8192 voxels)`` for
   every batch and voxel block, on data in memory, numpy's BLAS on both cores).
 
@@ -128,7 +129,7 @@ def _cohort(args: argparse.Namespace) -> dict[str, Any]:
     _ensure_store(args.subjects)
     profile = ClusterConfig(n_workers=2, threads_per_worker=1, memory_limit=args.memory_limit)
     with client_from_profile(profile) as client:
-        return _bigglm(args, client=client)
+        return _bigglm(args, client=client, precision="single")
 
 
 def _floor(args: argparse.Namespace) -> dict[str, Any]:

@@ -58,10 +58,10 @@ def test_workers_give_the_same_result(store: Path, local_client) -> None:
     there = permutation_test(store, design, "age", n_perm=300, seed=2, client=local_client)
     for name in ("p", "p_fwe"):
         np.testing.assert_array_equal(here[name], there[name])
-    # float32 products: BLAS sums in an order that depends on its threads (2 here, 1 in
-    # a worker), so statistics agree to float32 rounding, and the p values exactly
+    # BLAS sums in an order that depends on its threads (2 here, 1 in a worker), so
+    # statistics agree to rounding, and the p values exactly
     for name in ("t", "max_t"):
-        np.testing.assert_allclose(here[name], there[name], rtol=2e-6)
+        np.testing.assert_allclose(here[name], there[name], rtol=1e-12)
 
 
 def test_maps_are_written_as_minus_log10_p_on_the_store_grid(store: Path, tmp_path: Path) -> None:

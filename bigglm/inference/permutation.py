@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +112,7 @@ def permutation_test(
     connectivity: int = 6,
     two_sided: bool = False,
     seed: int | None = None,
-    precision: Precision = "single",
+    precision: Precision = "double",
     min_subjects: int | None = None,
     model: GroupModel | None = None,
     client: Client | None = None,
@@ -153,10 +153,14 @@ def permutation_test(
     two_sided : bool
         Test ``|t|`` (both tails; clusters of either sign).
     seed : int, optional
-        Seeds the rearrangements; the same seed gives the same result whatever the
+        Seeds the rearrangements; the same seed gives the same p values whatever the
         chunking and the workers.
-    precision : {"single", "double"}
-        Float type of the products (statistics are assembled in float64).
+    precision : {"double", "single"}
+        Float type of the products (statistics are assembled in float64). "single"
+        halves the products' time and the data's memory at cohort scale; its rounding
+        (1e-7) depends on the BLAS's blocking, so a rearrangement within the tie
+        tolerance of the observed statistic (1e-5) may count or not with another
+        chunking: p values can then differ by one rearrangement at a rare voxel.
     min_subjects : int, optional
         One-sample designs: voxels with fewer subjects are not tested (default 3).
     model : {"ols", "mixed"}, optional
@@ -546,23 +550,16 @@ def _block_pass(
 
     if model.nuisance.shape[1] == 0:
         return _monotone_pass(block, model, plan, two_sided, precision)
-    n_valid = block.residuals.shape[1]
-    step = _batch_rows(model, n_valid)
-    count = np.zeros(n_valid, dtype=np.int64)
+    count = np.zeros(block.residuals.shape[1], dtype=np.int64)
     maxima = np.full(plan.count, -np.inf)
     known = np.empty(0) if block.known is None else block.known
-    observed = floor = None
-    for lo in range(0, plan.count, step):
-        hi = min(lo + step, plan.count)
-        products = _products(block, model, *plan.rows(lo, hi))
-        if observed is None:  # the identity comes first
-            observed = _t_values(products[:1], block)[0]
-            floor = _floor(_tail(observed, two_sided), precision)
+    observed = _t_values(_products(block, model, None, None), block)[0]
+    floor = _floor(_tail(observed, two_sided), precision)
+    for lo, hi, products in _batches(block, model, plan):
         reduce_batch(
             products, block.scale, block.rss, block.aa, block.dof, known, floor,
             two_sided, count, maxima[lo:hi],
         )  # fmt: skip
-    assert observed is not None
     return {
         "t": _scatter(observed, block.valid),
         "count": _scatter(count.astype(np.float64), block.valid),
@@ -591,22 +588,26 @@ def _monotone_pass(
     group = np.zeros(factor.size, dtype=np.int64) if group is None else group.ravel()
     count = np.zeros(factor.size, dtype=np.int64)
     top = np.full((plan.count, max(dofs.size, 1)), -np.inf)
-    step = _batch_rows(model, factor.size)
-    observed = floor = None
-    for lo in range(0, plan.count, step):
-        hi = min(lo + step, plan.count)
-        products = _products(block, model, *plan.rows(lo, hi))
-        if observed is None:  # the identity comes first
-            observed = _t_values(products[:1], block)[0]
-            floor = _t_to_r(_floor(_tail(observed, two_sided), precision), block, group, dofs)
+    observed = _t_values(_products(block, model, None, None), block)[0]
+    floor = _t_to_r(_floor(_tail(observed, two_sided), precision), block, group, dofs)
+    for lo, hi, products in _batches(block, model, plan):
         reduce_monotone(products[:, 0], factor, floor, group, two_sided, count, top[lo:hi])
-    assert observed is not None
     maxima = _r_to_t(top, dofs, block.known is not None).max(axis=1) if factor.size else top[:, 0]
     return {
         "t": _scatter(observed, block.valid),
         "count": _scatter(count.astype(np.float64), block.valid),
         "max_t": maxima,
     }
+
+
+def _batches(
+    block: _Block, model: _Model, plan: Rearrangements
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Each batch of rearrangements (rows ``lo:hi``) and its products with the block."""
+    step = _batch_rows(model, block.residuals.shape[1])
+    for lo in range(0, plan.count, step):
+        hi = min(lo + step, plan.count)
+        yield lo, hi, _products(block, model, *plan.rows(lo, hi))
 
 
 def _t_to_r(t: np.ndarray, block: _Block, group: np.ndarray, dofs: np.ndarray) -> np.ndarray:
