@@ -57,6 +57,19 @@ class GroupResult:
 
     def __init__(self, dataset: xr.Dataset) -> None:
         self._ds = dataset
+        self._inverse: np.ndarray | None = None  # gram^+ per voxel, on first contrast
+
+    def _pseudo_inverse(self) -> np.ndarray:
+        """Every voxel's ``gram^+`` (P x P x V), computed once for all contrasts."""
+        if self._inverse is None:
+            gram = self._ds["gram"].values
+
+            def piece(voxels: slice) -> np.ndarray:
+                return pinv_and_rank(np.nan_to_num(gram[:, :, voxels]))[0]
+
+            parts = over_voxel_slices(piece, self._ds.sizes["voxel"])
+            self._inverse = np.concatenate(parts, axis=-1)
+        return self._inverse
 
     @property
     def dataset(self) -> xr.Dataset:
@@ -167,9 +180,11 @@ class GroupResult:
         beta, gram = ds["beta"].values, ds["gram"].values
         sigma2, dof = ds["sigma2"].values, ds["dof"].values
 
+        pseudo_inverse = self._pseudo_inverse()
+
         def piece(voxels: slice) -> tuple[np.ndarray, ...]:
             g = np.nan_to_num(gram[:, :, voxels])
-            inverse, _ = pinv_and_rank(g)
+            inverse = pseudo_inverse[:, :, voxels]
             ok = estimable(weights, g, inverse) & np.isfinite(sigma2[voxels])
             unscaled = np.einsum("qi,ijv,rj->qrv", weights, inverse, weights)
             effect = weights @ np.nan_to_num(beta[:, voxels])
