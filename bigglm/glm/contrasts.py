@@ -743,7 +743,7 @@ def map_stat(name: str, kind: ContrastKind) -> str:
     if name == "stat":
         return kind
     if name in _KINDS and name != kind:
-        raise DesignError(f"map {name!r}: the contrast is a {kind} contrast; its map is {kind!r}")
+        raise DesignError(f"map {name!r}: the contrast's statistic is {kind!r}; ask for {kind!r}")
     return name
 
 
