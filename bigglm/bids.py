@@ -23,7 +23,7 @@ from typing import Any
 
 from bigglm.exceptions import ConfigError
 
-__all__ = ["Run", "find_runs", "parse_entities"]
+__all__ = ["Run", "find_runs", "map_prefix", "parse_entities"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,75 @@ def parse_entities(path: str | Path) -> dict[str, str]:
         else:
             entities["suffix"] = part
     return entities
+
+
+#: Entities of one run that runs fitted together do not share in their maps.
+_RUN_LEVEL = ("run",)
+
+
+def map_prefix(runs: Sequence[Sequence[str | Path]]) -> str | None:
+    """The BIDS entities of the maps of runs fitted together, from their bold file names.
+
+    A run's entities are those of its BIDS-named bold file, everything before the
+    ``_bold`` suffix, less ``desc`` (it describes the bold's preprocessing, not the map;
+    nilearn's ``save_glm_to_bids`` drops it too). Several runs fitted together keep the
+    entities all of them share with one value, and never the run-level ``run``: runs
+    ``sub-01_ses-2_task-faces_run-1_bold`` and ``..._run-2_bold`` give
+    ``sub-01_ses-2_task-faces``, and runs of sessions 1 and 2 give ``sub-01_task-faces``.
+
+    Parameters
+    ----------
+    runs : sequence of sequences of path
+        Per run, its source files (one 4D file, or its 3D volumes), as
+        :func:`bigglm.convert` records them in a store's ``sources`` attribute.
+
+    Returns
+    -------
+    str or None
+        The entities (``"sub-01_ses-2_task-faces_run-1"``); None when a source is not a
+        BIDS-named bold file (``sub-<label>[_<key>-<label>...]_bold.nii[.gz]``), when the
+        sources of one run disagree, or when no run is given.
+
+    Examples
+    --------
+    >>> map_prefix([["/d/sub-01_ses-2_task-faces_run-1_desc-preproc_bold.nii.gz"]])
+    'sub-01_ses-2_task-faces_run-1'
+    >>> map_prefix([["sub-01_ses-1_task-x_run-1_bold.nii"], ["sub-01_ses-2_task-x_run-1_bold.nii"]])
+    'sub-01_task-x'
+    >>> map_prefix([["bold.nii.gz"]]) is None
+    True
+    """
+    per_run = [_run_entities(sources) for sources in runs]
+    if not per_run or any(e is None for e in per_run):
+        return None
+    first, *others = [e for e in per_run if e is not None]
+    shared = {k: v for k, v in first.items() if all(o.get(k) == v for o in others)}
+    drop = ("desc", *_RUN_LEVEL) if others else ("desc",)
+    return _prefix(shared, drop=drop)
+
+
+def _run_entities(sources: Sequence[str | Path]) -> dict[str, str] | None:
+    """The entities of a run whose sources all have one BIDS bold name, else None."""
+    found = [_bold_entities(Path(source)) for source in sources]
+    if not found or found[0] is None or any(e != found[0] for e in found[1:]):
+        return None
+    return found[0]
+
+
+def _bold_entities(path: Path) -> dict[str, str] | None:
+    """The entities of ``sub-<label>[_<key>-<label>...]_bold.nii[.gz]``, else None."""
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return None
+    *parts, suffix = _stem(path).split("_")
+    pairs = [part.partition("-") for part in parts]
+    if suffix != "bold" or not pairs or pairs[0][0] != "sub":
+        return None
+    if not all(key.isalnum() and sep and value.isalnum() for key, sep, value in pairs):
+        return None
+    keys = [key for key, _, _ in pairs]
+    if len(set(keys)) != len(keys):
+        return None
+    return {key: value for key, _, value in pairs}
 
 
 def find_runs(

@@ -159,19 +159,25 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="bigglm",
         description="Out-of-core fMRI GLMs: NIfTI -> Zarr -> Dask -> statistical maps.",
     )
-    parser.add_argument("--version", action="version", version=f"bigglm {__version__}")
-    _add_verbosity(parser, default=0)
+    _add_global_options(parser, version=__version__, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _COMMANDS:
         register(sub)
     for command in sub.choices.values():  # also after the sub-command; SUPPRESS keeps
-        _add_verbosity(command, default=argparse.SUPPRESS)  # a -q/-v given before it
+        _add_global_options(command, version=__version__, default=argparse.SUPPRESS)
     return parser
 
 
-def _add_verbosity(parser: argparse.ArgumentParser, *, default: Any) -> None:
-    """``-q``/``-v``, accepted before the sub-command and after it."""
-    noise = parser.add_mutually_exclusive_group()
+def _add_global_options(parser: argparse.ArgumentParser, *, version: str, default: Any) -> None:
+    """The options of every command, accepted before the sub-command and after it:
+    ``--version`` and ``-q``/``-v``. With ``default=argparse.SUPPRESS`` (on a sub-command)
+    a ``-q``/``-v`` given before the sub-command is kept unless one is given after it, and
+    then the one after it counts."""
+    options = parser.add_argument_group("global options (before or after the command)")
+    options.add_argument(
+        "--version", action="version", version=f"bigglm {version}", help="print the version"
+    )
+    noise = options.add_mutually_exclusive_group()
     noise.add_argument(
         "-q",
         "--quiet",

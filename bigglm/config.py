@@ -68,7 +68,8 @@ __all__ = [
     "walltime_seconds",
 ]
 
-#: Statistical maps an analysis can write for each contrast.
+#: Statistical maps an analysis can write for each contrast; ``stat`` is the contrast's t or
+#: F map, written as ``stat-t`` or ``stat-F`` (:func:`bigglm.glm.contrasts.map_file_name`).
 MapName = Literal["effect", "variance", "stat", "p", "z"]
 
 _DEFAULT_MAPS: tuple[MapName, ...] = ("effect", "variance", "stat", "z")

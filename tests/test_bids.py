@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bigglm.bids import find_runs, parse_entities
+from bigglm.bids import find_runs, map_prefix, parse_entities
 from bigglm.exceptions import ConfigError
 
 
@@ -159,3 +159,53 @@ def test_the_no_match_message_names_the_space_filter(tmp_path: Path) -> None:
     deriv, raw = _layout(tmp_path)
     with pytest.raises(ConfigError, match=r"matches the filters \{\} in space 'MNI'; "):
         find_runs(deriv, raw=raw, space="MNI")
+
+
+@pytest.mark.parametrize(
+    ("runs", "expected"),
+    [
+        ([["sub-01_ses-2_task-faces_run-1_bold.nii.gz"]], "sub-01_ses-2_task-faces_run-1"),
+        (  # fMRIPrep: desc describes the bold's preprocessing, not the map
+            [["/d/sub-01_task-faces_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz"]],
+            "sub-01_task-faces_space-MNI152NLin2009cAsym",
+        ),
+        (  # runs fitted together: what they share, never the run
+            [
+                ["sub-01_ses-2_task-faces_run-1_bold.nii"],
+                ["sub-01_ses-2_task-faces_run-2_bold.nii"],
+            ],
+            "sub-01_ses-2_task-faces",
+        ),
+        (
+            [["sub-01_ses-1_task-x_run-1_bold.nii"], ["sub-01_ses-2_task-x_run-1_bold.nii"]],
+            "sub-01_task-x",
+        ),
+        ([["sub-01_task-x_bold.nii"], ["sub-01_task-x_acq-fast_bold.nii"]], "sub-01_task-x"),
+        ([["sub-01_task-x_bold.nii"], ["sub-02_task-x_bold.nii"]], "task-x"),
+        ([["a/sub-01_task-x_bold.nii", "b/sub-01_task-x_bold.nii"]], "sub-01_task-x"),  # 3D volumes
+    ],
+)
+def test_map_prefix_is_the_bids_entities_the_runs_share(
+    runs: list[list[str]], expected: str
+) -> None:
+    assert map_prefix(runs) == expected
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [],
+        [[]],
+        [["bold.nii.gz"]],
+        [["sub-01_task-x_bold.tsv"]],
+        [["task-x_sub-01_bold.nii"]],  # sub first
+        [["sub-01_task-x_desc-preproc_mask.nii.gz"]],  # not a bold file
+        [["sub-01_task-x_extra_bold.nii"]],  # a part that is not key-value
+        [["sub-01_task-x_task-y_bold.nii"]],  # an entity twice
+        [["sub-01_task-a b_bold.nii"]],
+        [["sub-01_task-x_bold.nii"], ["bold.nii"]],  # one run is not BIDS-named
+        [["sub-01_task-x_run-1_bold.nii", "sub-01_task-x_run-2_bold.nii"]],  # sources disagree
+    ],
+)
+def test_map_prefix_is_none_without_bids_bold_names(runs: list[list[str]]) -> None:
+    assert map_prefix(runs) is None

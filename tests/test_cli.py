@@ -106,7 +106,9 @@ def test_run_prints_a_summary_and_resumes(
     assert first.returncode == 0, first.stderr
     assert "sub-01_task-tiny: 1 run, 60 volumes, 512 voxels" in first.stdout
     assert "fit ran" in first.stdout
-    second = _bigglm("-q", "run", str(config))
+    second = _bigglm("run", str(config), "-q")  # a global flag after the sub-command
+    assert second.returncode == 0, second.stderr
+    assert " INFO " not in first.stderr + second.stderr
     assert (
         "fit reused" in second.stdout
         and "ran" not in second.stdout.split("steps:")[1].split("\n")[0]
@@ -129,7 +131,7 @@ def test_fit_command_writes_maps_without_yaml(tiny_bids: Path, tmp_path: Path) -
     out = ["--residuals", "raw", "--output", str(tmp_path / "maps")]
     done = _bigglm("fit", str(store), *options, *out)
     assert done.returncode == 0, done.stderr
-    assert "wrote 9 images" in done.stdout  # effect, variance, stat, z per contrast; residuals
+    assert "wrote 9 images" in done.stdout  # effect, variance, t or F, z per contrast; residuals
     residuals = np.asarray(nib.load(tmp_path / "maps/run_desc-residuals_bold.nii.gz").dataobj)
     inside = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0
     assert residuals.shape == (*inside.shape, 60)
@@ -137,7 +139,12 @@ def test_fit_command_writes_maps_without_yaml(tiny_bids: Path, tmp_path: Path) -
     assert np.all(np.abs(series.mean(axis=1)) <= 1e-4 * series.std(axis=1))
     assert np.isnan(residuals[~inside]).all()
     z = np.asarray(nib.load(tmp_path / "maps/contrast-aMinusB_stat-z_statmap.nii.gz").dataobj)
-    f = np.asarray(nib.load(tmp_path / "maps/contrast-any_stat-stat_statmap.nii.gz").dataobj)
+    f = np.asarray(nib.load(tmp_path / "maps/contrast-any_stat-F_statmap.nii.gz").dataobj)
+    assert sorted(p.name for p in (tmp_path / "maps").glob("*_statmap.nii.gz")) == sorted(
+        f"contrast-{label}_stat-{stat}_statmap.nii.gz"
+        for label, kind in (("aMinusB", "t"), ("any", "F"))
+        for stat in ("effect", "variance", kind, "z")
+    )  # the statistic named as the Python API names it, never stat-stat
     mask = np.asarray(nib.load(func / "sub-01_task-tiny_desc-brain_mask.nii.gz").dataobj) > 0
     # The tiny dataset's truth: condition a is active (effect 3, noise SD 1) in x < 5 only.
     assert np.median(z[:5][mask[:5]]) > 3 and abs(np.median(z[5:][mask[5:]])) < 1.5
@@ -445,6 +452,47 @@ def test_quiet_and_verbose_work_before_and_after_the_command(
     from bigglm.cli import _build_parser
 
     assert _build_parser().parse_args(args).verbosity == verbosity
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_global_flags_work_before_and_after_the_command_at_the_entry_point(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """``bigglm convert ... -q`` is ``bigglm -q convert ...``; the same for -v, --version."""
+    series = np.random.default_rng(0).normal(100, 1, (4, 4, 3, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(series, np.eye(4)), tmp_path / "bold.nii")
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 3), np.uint8), np.eye(4)), tmp_path / "mask.nii")
+
+    def bigglm(source: str, store: str, *flags: str) -> tuple[int, Any]:
+        command = ["convert", str(tmp_path / source), "--store", str(tmp_path / store)]
+        command += ["--mask", str(tmp_path / "mask.nii"), "--tr", "2"]
+        code = main([*flags, *command] if where == "before" else [*command, *flags])
+        return code, capsys.readouterr()
+
+    code, plain = bigglm("bold.nii", "plain.zarr")
+    assert code == 0 and " INFO convert plain.zarr: " in plain.err  # progress as log lines
+    code, quiet = bigglm("bold.nii", "quiet.zarr", "-q")
+    assert code == 0 and "INFO" not in quiet.err and quiet.out.strip().endswith("quiet.zarr")
+    code, verbose = bigglm("missing.nii", "x.zarr", "--verbose")
+    assert code == 2 and "Traceback" in verbose.err  # -v: tracebacks on errors
+    with pytest.raises(SystemExit) as info:
+        bigglm("bold.nii", "x.zarr", "--version")
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("bigglm ")
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["validate"], ["submit"], ["demo"], ["fit"], ["convert"]]
+)
+def test_help_lists_the_global_options_for_every_command(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "global options (before or after the command)" in out
+    for flag in ("-q, --quiet", "-v, --verbose", "--version"):
+        assert flag in out
 
 
 def test_tracebacks_of_a_closing_client_are_kept_off_stderr() -> None:

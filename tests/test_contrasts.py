@@ -182,6 +182,22 @@ def test_bids_labels(name: str, expected: str) -> None:
     assert con.label(name) == expected
 
 
+def test_map_names_name_the_statistic_never_stat() -> None:
+    """BIDS Stats Models derivatives: stat-t / stat-F, from the contrast's kind."""
+    names = {
+        kind: [con.map_file_name("sub-01", "a", con.map_stat(s, kind)) for s in ("stat", "z")]
+        for kind in ("t", "F")
+    }
+    assert names == {
+        "t": ["sub-01_contrast-a_stat-t_statmap.nii.gz", "sub-01_contrast-a_stat-z_statmap.nii.gz"],
+        "F": ["sub-01_contrast-a_stat-F_statmap.nii.gz", "sub-01_contrast-a_stat-z_statmap.nii.gz"],
+    }
+    with pytest.raises(DesignError, match="'stat' names no statistic"):
+        con.map_file_name("sub-01", "a", "stat")
+    with pytest.raises(DesignError, match="the contrast's statistic is 'F'"):
+        con.map_stat("t", "F")
+
+
 # --- one contrast specification (issue items 4, 5, 6) -------------------------------------
 
 

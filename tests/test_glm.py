@@ -354,6 +354,65 @@ def test_to_nifti_writes_a_weights_dict_as_one_contrast(tmp_path: Path) -> None:
     np.testing.assert_allclose(z, result.contrast("faces - houses")["z"].values, rtol=1e-6)
 
 
+def _bids_store(folder: Path, name: str, seed: int = 0) -> tuple[Path, pd.DataFrame]:
+    """A NIfTI run called ``name`` converted with bigglm.convert, and its design."""
+    design, y = make_data(n_vox=2 * 3 * 2, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(y.T.reshape(2, 3, 2, -1), np.eye(4)), folder / name)
+    store = bigglm.convert(
+        folder / name, folder / f"{seed}.zarr", mask=np.ones((2, 3, 2), bool), tr=2.0
+    )
+    return store, design
+
+
+def _entities(paths: list[Path]) -> set[str]:
+    return {p.name.split("_contrast-")[0] for p in paths}
+
+
+def test_to_nifti_names_maps_by_the_bids_entities_of_the_converted_source(
+    tmp_path: Path,
+) -> None:
+    one, design = _bids_store(tmp_path / "raw", "sub-01_ses-2_task-faces_run-1_bold.nii.gz")
+    two, _ = _bids_store(tmp_path / "raw", "sub-01_ses-2_task-faces_run-2_bold.nii.gz", seed=1)
+    single = bigglm.fit(one, design, noise="ols")
+    written = single.to_nifti(tmp_path / "single", "faces - houses")
+    assert sorted(p.name for p in written) == sorted(
+        f"sub-01_ses-2_task-faces_run-1_contrast-facesMinusHouses_stat-{s}_statmap.nii.gz"
+        for s in ("effect", "variance", "t", "p", "z")
+    )
+    # the same maps as with the prefix given
+    given = single.to_nifti(
+        tmp_path / "given", "faces - houses", prefix="sub-01_ses-2_task-faces_run-1"
+    )
+    assert [p.name for p in given] == [p.name for p in written]
+    np.testing.assert_array_equal(
+        nib.load(given[-1]).get_fdata(), nib.load(written[-1]).get_fdata()
+    )
+
+    both = bigglm.fit([one, two], [design, design], noise="ols").compute()
+    for result in (both, bigglm.GLMResult.from_zarr(both.to_zarr(tmp_path / "glm.zarr"))):
+        f_maps = result.to_nifti(
+            tmp_path / "both", {"any": ["faces", "houses"]}, kind="F", overwrite=True
+        )
+        assert _entities(f_maps) == {"sub-01_ses-2_task-faces"}  # shared, without run
+        assert {p.name.split("_stat-")[1] for p in f_maps} == {
+            f"{s}_statmap.nii.gz" for s in ("effect", "variance", "F", "p", "z")
+        }
+    named = both.to_nifti(tmp_path / "named", "faces", prefix="sub-01_task-faces")
+    assert _entities(named) == {"sub-01_task-faces"}  # a prefix given is used as given
+
+
+def test_to_nifti_without_a_prefix_needs_a_bids_named_source(tmp_path: Path) -> None:
+    result = _store_fit(tmp_path)  # converted from bold.nii
+    with pytest.raises(TypeError, match=r"needs prefix=.*\(bold\.nii\) are not BIDS-named"):
+        result.to_nifti(tmp_path / "out", "faces - houses")
+    design, y = make_data(n_vox=4)
+    in_memory = bigglm.fit(xr.Dataset({"bold": (("time", "voxel"), y)}), design)
+    with pytest.raises(TypeError, match=r"\(none recorded\)"):
+        in_memory.to_nifti(tmp_path / "out", "faces - houses")
+    assert not list(tmp_path.glob("**/*statmap*"))
+
+
 @pytest.mark.parametrize(
     ("contrasts", "kind", "message"),
     [

@@ -93,6 +93,32 @@ def test_rerun_reuses_every_step_and_changes_nothing(
     assert before == after and before
 
 
+def test_the_pipeline_and_the_api_name_the_maps_of_a_contrast_alike(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """stat-t for a t contrast, stat-F for an F one, from both; entities from the sources."""
+    from bigglm import GLMResult
+
+    maps = ["effect", "variance", "stat", "p", "z"]
+    cfg = tiny_config(tiny_bids, tmp_path / "out", inputs=_one_subject(tiny_bids))
+    config = parse_config({**cfg, "outputs": {**cfg["outputs"], "maps": maps}})
+    (outcome,) = run_analysis(config, client=local_client)
+    result = GLMResult.from_zarr(tmp_path / "out/sub-01/sub-01_task-tiny_glm.zarr")
+    for name, label, kind in (("a_minus_b", "aMinusB", "t"), ("any", "any", "F")):
+        api = result.to_nifti(tmp_path / "api", {name: config.contrasts[name]}, kind=kind)
+        ours = [p for p in outcome.maps if f"_contrast-{label}_" in p.name]
+        assert sorted(p.name for p in api) == sorted(p.name for p in ours)
+        stem = f"sub-01_task-tiny_contrast-{label}_stat-"
+        assert {p.name for p in ours} == {
+            f"{stem}{s}_statmap.nii.gz" for s in (*maps[:2], kind, "p", "z")
+        }
+        for path in ours:
+            np.testing.assert_array_equal(
+                nib.load(path).get_fdata(), nib.load(tmp_path / "api" / path.name).get_fdata()
+            )
+    assert not list((tmp_path / "out").rglob("*stat-stat*"))
+
+
 def test_changed_source_is_converted_again(
     tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
 ) -> None:
@@ -406,7 +432,7 @@ def test_python_recipe_gives_the_maps_of_bigglm_run(
     for stat in ("effect", "z"):
         ours = nib.load(map_path(config, "sub-01_task-tiny", "a_minus_b", stat)).get_fdata()
         theirs = nib.load(
-            tmp_path / "recipe" / f"sub-01_contrast-aMinusB_stat-{stat}_statmap.nii.gz"
+            tmp_path / "recipe" / f"sub-01_task-tiny_contrast-aMinusB_stat-{stat}_statmap.nii.gz"
         ).get_fdata()
         scale = float(np.nanmax(np.abs(ours)))
         np.testing.assert_allclose(theirs, ours, rtol=1e-12, atol=1e-12 * scale, equal_nan=True)

@@ -184,3 +184,41 @@ def test_analyses_sharing_a_store_folder_with_different_masks_keep_their_own_sto
     (again,) = run_analysis(first, client=local_client)
     assert again.steps["convert-sub-01_task-tiny"]["status"] == "reused"
     assert again.steps["fit"]["status"] == "reused"
+
+
+def test_maps_an_earlier_version_named_stat_stat_are_kept_and_the_new_names_written(
+    tiny_config: Any, tiny_bids: Path, tmp_path: Path, local_client: Any
+) -> None:
+    """Outputs and records of a version that wrote ``stat-stat``: a rerun reuses the stores
+    and the fit, writes ``stat-t``/``stat-F``, and leaves the old files as they are."""
+    import json
+
+    from bigglm.pipeline.records import _digest
+
+    cfg = tiny_config(tiny_bids, tmp_path / "out", inputs=_inputs(tiny_bids))
+    config = parse_config(cfg)
+    run_analysis(config, client=local_client)
+    unit, steps = tmp_path / "out/sub-01", tmp_path / "out/.bigglm/steps/sub-01_task-tiny"
+    old = {}
+    for path in sorted(unit.glob("*_stat-[tF]_statmap.nii.gz")):  # as the old version named them
+        stat = "_stat-t_" if "_stat-t_" in path.name else "_stat-F_"
+        old[path] = path.rename(path.with_name(path.name.replace(stat, "_stat-stat_")))
+    assert len(old) == 3  # a, a_minus_b (t) and any (F)
+    fit_key = json.loads((steps / "fit.json").read_text())["key"]
+    for name, spec in config.contrasts.items():  # the old contrast step's key: version 2,
+        kind = "F" if isinstance(spec, list) else "t"  # the config's map names
+        record = steps / f"contrast-{name}.json"
+        key = _digest("contrast", 2, fit_key, spec, kind, sorted(config.outputs.maps))
+        record.write_text(json.dumps({**json.loads(record.read_text()), "key": key}))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in old.values()}
+
+    (outcome,) = run_analysis(config, client=local_client)
+    assert {k: v["status"] for k, v in outcome.steps.items() if v["status"] == "ran"} == {
+        f"contrast-{name}": "ran" for name in config.contrasts
+    }
+    for new, stale in old.items():
+        np.testing.assert_array_equal(nib.load(new).get_fdata(), nib.load(stale).get_fdata())
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in old.values()} == before
+    assert not [p for p in outcome.maps if "stat-stat" in p.name]
+    (again,) = run_analysis(config, client=local_client)
+    assert {s["status"] for s in again.steps.values()} == {"reused"}

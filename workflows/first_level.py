@@ -55,13 +55,10 @@ def main() -> None:
     with client_from_profile(ClusterConfig()) as client:  # a LocalCluster sized to the machine
         result = bigglm.fit(stores, designs, noise=args.noise, client=client).compute()
     result.to_zarr(args.output / f"sub-{args.subject}_task-{args.task}_glm.zarr", overwrite=True)
-    for item in args.contrast:
-        name, expression = item.split("=", 1)
-        stats = result.contrast(expression)
-        for stat in ("effect", "variance", "z"):
-            path = args.output / f"sub-{args.subject}_contrast-{name}_stat-{stat}_statmap.nii.gz"
-            bigglm.to_nifti(stats[stat], stores[0], path)
-            print(path)
+    contrasts = dict(item.split("=", 1) for item in args.contrast)
+    # named by the runs' BIDS entities (sub-01_task-faces_contrast-..._stat-t_statmap.nii.gz)
+    for path in result.to_nifti(args.output, contrasts, overwrite=True):
+        print(path)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ __all__ = [
     "is_named",
     "label",
     "map_file_name",
+    "map_stat",
     "named_contrasts",
     "t_test",
 ]
@@ -671,6 +672,10 @@ def fixed_effects(
 def map_file_name(prefix: str, file_label: str, stat: str) -> str:
     """The BIDS-derivatives name of a contrast's map (the one builder of that name).
 
+    The names of BIDS Stats Models derivatives:
+    ``<entities>_contrast-<label>_stat-<stat>_statmap.nii.gz``, where the statistic is
+    named for what it is (``stat-t`` or ``stat-F``, never a generic ``stat-stat``).
+
     Parameters
     ----------
     prefix : str
@@ -678,17 +683,68 @@ def map_file_name(prefix: str, file_label: str, stat: str) -> str:
     file_label : str
         The contrast's label (:func:`label`).
     stat : str
-        ``effect``, ``variance``, ``t``/``F``/``stat``, ``p`` or ``z``.
+        The statistic: ``effect``, ``variance``, ``t``, ``F``, ``p``, ``z`` (or a
+        permutation map's, :mod:`bigglm.inference.outputs`). The generic ``"stat"`` of a
+        contrast's maps becomes ``t`` or ``F`` by :func:`map_stat` first.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    DesignError
+        For ``stat="stat"``, which names no statistic.
 
     Examples
     --------
     >>> map_file_name("sub-01", "facesMinusHouses", "z")
     'sub-01_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
-    >>> map_file_name("", "a", "effect")
-    'contrast-a_stat-effect_statmap.nii.gz'
+    >>> map_file_name("", "any", map_stat("stat", "F"))
+    'contrast-any_stat-F_statmap.nii.gz'
     """
+    if stat == "stat":
+        raise DesignError(
+            "map_file_name: 'stat' names no statistic; give 't' or 'F' (map_stat(name, kind))"
+        )
     entities = f"{prefix}_" if prefix else ""
     return f"{entities}contrast-{file_label}_stat-{stat}_statmap.nii.gz"
+
+
+def map_stat(name: str, kind: ContrastKind) -> str:
+    """The statistic a map of a contrast of ``kind`` holds: ``"stat"`` is ``t`` or ``F``.
+
+    ``stat`` is the generic name of the test statistic among a contrast's maps
+    (:func:`bigglm.glm.result.contrast_maps`, the YAML ``outputs.maps``); every other name
+    (``effect``, ``variance``, ``p``, ``z``) is the statistic already.
+
+    Parameters
+    ----------
+    name : str
+        A map's name.
+    kind : {"t", "F"}
+        The contrast's kind.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    DesignError
+        For ``t`` or ``F`` given with the other kind.
+
+    Examples
+    --------
+    >>> map_stat("stat", "t"), map_stat("stat", "F"), map_stat("z", "F")
+    ('t', 'F', 'z')
+    """
+    kind = check_kind(kind)
+    if name == "stat":
+        return kind
+    if name in _KINDS and name != kind:
+        raise DesignError(f"map {name!r}: the contrast's statistic is {kind!r}; ask for {kind!r}")
+    return name
 
 
 def label(name: str) -> str:

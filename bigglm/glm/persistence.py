@@ -168,7 +168,8 @@ def write_contrast_maps(
         As for :meth:`~bigglm.glm.result.GLMResult.to_nifti`.
     stats : sequence of str, optional
         The statistics ``maps_of`` gives (their paths are checked first); default
-        ``effect``, ``variance``, ``kind``, ``p`` and ``z``.
+        ``effect``, ``variance``, ``kind``, ``p`` and ``z``. ``stat``, here or among the
+        maps ``maps_of`` gives, is the file of ``kind`` (``stat-t`` or ``stat-F``).
 
     Returns
     -------
@@ -202,13 +203,12 @@ def write_contrast_maps(
     stats = ("effect", "variance", kind, "p", "z") if stats is None else tuple(stats)
     for name in named:
         for stat in stats:
-            path = out_dir / con.map_file_name(prefix, labels[name], stat)
+            path = out_dir / con.map_file_name(prefix, labels[name], con.map_stat(stat, kind))
             check_replaceable(path, "image", overwrite=overwrite)
     written = []
     for name, spec in named.items():
         for stat, values in maps_of(spec).items():
-            stat = kind if stat == "stat" else stat
-            path = out_dir / con.map_file_name(prefix, labels[name], stat)
+            path = out_dir / con.map_file_name(prefix, labels[name], con.map_stat(stat, kind))
             to_nifti(values, like, path, overwrite=overwrite)
             written.append(path)
     return written

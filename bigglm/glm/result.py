@@ -360,7 +360,7 @@ class GLMResult:
         directory: str | os.PathLike[str],
         contrasts: con.ContrastSpec | Mapping[str, con.ContrastSpec],
         *,
-        prefix: str,
+        prefix: str | None = None,
         kind: ContrastKind = "t",
         precision_weighted: bool = False,
         overwrite: bool = False,
@@ -381,10 +381,17 @@ class GLMResult:
         ----------
         directory : path-like
         contrasts : as for :meth:`contrast`
-        prefix : str
-            BIDS entities, e.g. ``"sub-01_task-faces"``.
+        prefix : str, optional
+            BIDS entities, e.g. ``"sub-01_task-faces"``. By default those of the bold
+            files the runs' stores were converted from (their ``sources``, as
+            :func:`bigglm.convert` records them), by :func:`bigglm.bids.map_prefix`:
+            everything before ``_bold`` but ``desc``
+            (``sub-01_ses-2_task-faces_run-1_bold.nii.gz`` gives
+            ``sub-01_ses-2_task-faces_run-1``); for several runs fitted together, the
+            entities all runs share, without ``run`` (``sub-01_ses-2_task-faces``).
         kind : {"t", "F"}
-            Exactly ``"t"`` or ``"F"``; it names the statistic's files (``stat-t``).
+            Exactly ``"t"`` or ``"F"``; it names the statistic's files (``stat-t``,
+            ``stat-F``).
         precision_weighted : bool
         overwrite : bool
             Replace maps bigglm wrote before; a file bigglm did not write is always
@@ -396,6 +403,9 @@ class GLMResult:
 
         Raises
         ------
+        TypeError
+            If ``prefix`` is not given and a run's source is not a BIDS-named bold file
+            (or the result does not record its sources: fitted from arrays in memory).
         DesignError
             As :meth:`contrast`, before any file is written.
         StoreError
@@ -420,6 +430,8 @@ class GLMResult:
         if like is None:
             raise StoreError("this result has no voxel grid; fit from a store to write NIfTI")
         kind = con.check_kind(kind)
+        if prefix is None:
+            prefix = self._bids_prefix()
 
         def maps_of(spec: con.ContrastSpec) -> dict[str, xr.DataArray]:
             maps = self.contrast(spec, kind=kind, precision_weighted=precision_weighted)
@@ -428,6 +440,21 @@ class GLMResult:
         return persistence.write_contrast_maps(
             directory, contrasts, maps_of, like=like, prefix=prefix, kind=kind, overwrite=overwrite
         )
+
+    def _bids_prefix(self) -> str:
+        """The BIDS entities of the runs' source files, for map names (:meth:`to_nifti`)."""
+        from bigglm.bids import map_prefix
+
+        sources = [[s.get("path", "") for s in ds.attrs.get("sources", [])] for ds in self.runs]
+        prefix = map_prefix(sources)
+        if prefix is None:
+            names = ", ".join(Path(p).name for run in sources for p in run[:1]) or "none recorded"
+            raise TypeError(
+                f"to_nifti() needs prefix=...: the runs' sources ({names}) are not BIDS-named "
+                "bold files (sub-<label>[_<key>-<label>...]_bold.nii[.gz]), so the maps' BIDS "
+                "entities are unknown; pass e.g. prefix='sub-01_task-faces'"
+            )
+        return prefix
 
     # --- residuals -------------------------------------------------------------
     def residuals(self, run: int | None = None, *, whitened: bool = False) -> xr.DataArray:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from bigglm.exceptions import ConfigError, DesignError
-from bigglm.glm.contrasts import default_kind, label, map_file_name
+from bigglm.glm.contrasts import default_kind, label, map_file_name, map_stat
 from bigglm.io.artefacts import check_outside_stores, check_replaceable
 from bigglm.typing import ContrastKind
 
@@ -111,9 +111,9 @@ def fit_stores(
 
     The ``bigglm fit`` command: designs are built from the stores' TR and length and the
     given events and confounds, the runs are fitted together, and for every contrast the
-    effect, variance, stat and z maps (for F, effect and variance with one volume per
-    row) are written to ``output``, with
-    the result store ``glm.zarr``.
+    effect, variance, t or F, and z maps (for F, effect and variance with one volume per
+    row) are written to ``output`` (``contrast-<label>_stat-<stat>_statmap.nii.gz``, by
+    :func:`bigglm.glm.contrasts.map_file_name`), with the result store ``glm.zarr``.
 
     Parameters
     ----------
@@ -208,18 +208,21 @@ def fit_stores(
     for name, expression in named.items():
         kind: ContrastKind = default_kind(expression)
         images = contrast_maps(result.contrast(expression, kind=kind))
-        for stat in _MAP_STATS:
-            path = _map_path(output, name, stat)
+        for stat, path in _map_paths(output, name, expression).items():
             written.append(to_nifti(images[stat], stores[0], path, overwrite=overwrite))
     return written
 
 
-#: The maps ``bigglm fit`` writes per contrast.
+#: The maps ``bigglm fit`` writes per contrast (``stat``: the t or F map).
 _MAP_STATS = ("effect", "variance", "stat", "z")
 
 
-def _map_path(output: Path, name: str, stat: str) -> Path:
-    return output / map_file_name("", label(name), stat)
+def _map_paths(output: Path, name: str, expression: str | list[str]) -> dict[str, Path]:
+    """A contrast's map files by map name, named as the Python API names them."""
+    kind = default_kind(expression)
+    return {
+        stat: output / map_file_name("", label(name), map_stat(stat, kind)) for stat in _MAP_STATS
+    }
 
 
 def _outputs(
@@ -229,7 +232,9 @@ def _outputs(
     from bigglm.glm.residuals import file_name
 
     paths = [(output / "glm.zarr", "glm-result")]
-    paths += [(_map_path(output, n, stat), "image") for n in named for stat in _MAP_STATS]
+    paths += [
+        (path, "image") for n, e in named.items() for path in _map_paths(output, n, e).values()
+    ]
     if residuals is not None:
         whitened = residuals == "whitened"
         paths += [

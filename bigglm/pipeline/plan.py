@@ -441,6 +441,9 @@ def unit_folder(config: AnalysisConfig, unit: str) -> Path:
 def map_path(config: AnalysisConfig, unit: str, contrast: str, stat: str) -> Path:
     """Where a contrast's map is written (BIDS-derivatives name).
 
+    Named by :func:`bigglm.glm.contrasts.map_file_name`, as the Python API names them:
+    the test statistic's map is ``stat-t`` or ``stat-F`` by the contrast's kind.
+
     Parameters
     ----------
     config : AnalysisConfig
@@ -450,20 +453,40 @@ def map_path(config: AnalysisConfig, unit: str, contrast: str, stat: str) -> Pat
     contrast : str
         The contrast's name in the config.
     stat : str
-        ``effect``, ``variance``, ``stat``, ``p`` or ``z``.
+        A name of ``outputs.maps``: ``effect``, ``variance``, ``stat`` (the contrast's t
+        or F), ``p`` or ``z``.
 
     Returns
     -------
     Path
 
+    Raises
+    ------
+    ConfigError
+        For ``stat="stat"`` and a contrast the configuration does not have.
+    DesignError
+        For ``t`` asked of an F contrast, or ``F`` of a t contrast.
+
     Examples
     --------
     >>> from bigglm.config import parse_config
-    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "b.nii"}]}, "outputs": {"folder": "/o"}})
-    >>> map_path(cfg, "sub-01_task-x", "faces_minus_houses", "z").name
-    'sub-01_task-x_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
+    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "b.nii"}]}, "outputs": {"folder": "/o"},
+    ...                     "contrasts": {"fh": "faces - houses", "any": ["faces", "houses"]}})
+    >>> map_path(cfg, "sub-01_task-x", "fh", "z").name
+    'sub-01_task-x_contrast-fh_stat-z_statmap.nii.gz'
+    >>> map_path(cfg, "sub-01_task-x", "fh", "stat").name
+    'sub-01_task-x_contrast-fh_stat-t_statmap.nii.gz'
+    >>> map_path(cfg, "sub-01_task-x", "any", "stat").name
+    'sub-01_task-x_contrast-any_stat-F_statmap.nii.gz'
     """
-    from bigglm.glm.contrasts import label, map_file_name
+    from bigglm.glm.contrasts import default_kind, label, map_file_name, map_stat
 
+    if contrast in config.contrasts:
+        stat = map_stat(stat, default_kind(config.contrasts[contrast]))
+    elif stat == "stat":
+        raise ConfigError(
+            f"contrasts: no contrast {contrast!r} in the configuration, so the kind of its "
+            f"statistic is unknown; use one of {', '.join(config.contrasts) or 'none'}"
+        )
     name = map_file_name(unit, label(contrast), stat)
     return unit_folder(config, unit) / name

@@ -64,7 +64,7 @@ STEP_VERSIONS: dict[str, int] = {
     "convert": 2,
     "designs": 2,
     "fit": 2,
-    "contrast": 2,
+    "contrast": 3,  # 3: stat-t / stat-F, not stat-stat
     "residuals": 2,
 }
 

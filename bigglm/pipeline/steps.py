@@ -377,7 +377,13 @@ def _set_aside(
 def maps_step(
     ctx: StepContext, unit: UnitPlan, result: Any, fit_key: str, outcome: UnitOutcome
 ) -> None:
-    """Each contrast's maps, from the stored fit ``result``."""
+    """Each contrast's maps, from the stored fit ``result``.
+
+    The step's key covers the maps' file names: maps an earlier version wrote under other
+    names (``stat-stat`` before bigglm named the statistic ``stat-t``/``stat-F``) do not
+    count as this step's outputs, so the maps are written under the new names, and the
+    old files are left where they are (bigglm deletes no output it no longer writes).
+    """
     from bigglm.glm.contrasts import default_kind
     from bigglm.glm.result import contrast_maps
     from bigglm.io import to_nifti
@@ -387,7 +393,9 @@ def maps_step(
     for name, expression in config.contrasts.items():
         kind: ContrastKind = default_kind(expression)
         paths = {stat: map_path(config, unit.name, name, stat) for stat in config.outputs.maps}
-        key = step_key("contrast", fit_key, expression, kind, sorted(paths))
+        key = step_key(
+            "contrast", fit_key, expression, kind, sorted(p.name for p in paths.values())
+        )
         outcome.maps.extend(paths.values())
         if steps.done(f"contrast-{name}", key, list(paths.values())):
             if "z" in paths:
