@@ -249,7 +249,7 @@ def rearrangements(
             "nothing to test against"
         )
     if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+        seed = int(np.random.SeedSequence().generate_state(2, np.uint32).view(np.uint64)[0]) >> 1
         logger.info("permutation seed %d (pass seed= to repeat)", seed)
     exact = total <= n_perm
     count = total if exact else int(n_perm)
