@@ -268,7 +268,7 @@ def _blocks(blocks: np.ndarray | None, n_subjects: int) -> list[np.ndarray]:
             f"blocks has {labels.size} labels for {n_subjects} subjects; give one per subject"
         )
     codes = np.unique(labels, return_inverse=True)[1].ravel()
-    return [np.flatnonzero(codes == b) for b in range(codes.max() + 1)]
+    return [np.flatnonzero(codes == b) for b in range(int(np.max(codes)) + 1)]
 
 
 def _n_orders(members: list[np.ndarray], whole: bool) -> int:

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numba
 import numpy as np
@@ -127,9 +127,9 @@ class Graph:
                 f"indptr has shape {indptr.shape} for n={n} nodes and {indices.size} indices; "
                 f"expected n + 1 offsets from 0 to {indices.size}"
             )
-        if indices.size and (indices.min() < 0 or indices.max() >= n):
+        if indices.size and (np.min(indices) < 0 or np.max(indices) >= n):
             raise ValueError(
-                f"indices run from {indices.min()} to {indices.max()}; expected 0..{n - 1}"
+                f"indices run from {np.min(indices)} to {np.max(indices)}; expected 0..{n - 1}"
             )
         for name, array in (("indptr", indptr), ("indices", indices)):
             array.setflags(write=False)
@@ -234,9 +234,10 @@ def mesh_graph(faces: ArrayLike, n_vertices: int) -> Graph:
     if tri.ndim != 2 or tri.shape[1] != 3:
         raise ValueError(f"faces has shape {tri.shape}; expected (F, 3) vertex indices")
     n = int(n_vertices)
-    if tri.size and (tri.min() < 0 or tri.max() >= n):
+    if tri.size and (np.min(tri) < 0 or np.max(tri) >= n):
         raise ValueError(
-            f"faces name vertices {tri.min()}..{tri.max()}; expected 0..{n - 1} for n_vertices={n}"
+            f"faces name vertices {np.min(tri)}..{np.max(tri)}; expected 0..{n - 1} "
+            f"for n_vertices={n}"
         )
     a, b, c = tri.T
     rows = np.concatenate([a, b, c, b, c, a])
@@ -321,9 +322,9 @@ def _step_heights(batch: NDArray[np.floating], n_steps: int, two_sided: bool) ->
 
     A map with nothing above 0 gets infinite heights, so that no voxel enters.
     """
-    top = np.fmax.reduce(batch, axis=1, initial=-np.inf)
+    top = cast(Any, np.fmax).reduce(batch, axis=1, initial=-np.inf)
     if two_sided:
-        top = np.fmax(top, -np.fmin.reduce(batch, axis=1, initial=np.inf))
+        top = np.fmax(top, -cast(Any, np.fmin).reduce(batch, axis=1, initial=np.inf))
     heights = np.full((len(batch), n_steps), np.inf)
     for b in np.flatnonzero(top > 0):
         heights[b] = np.linspace(0.0, float(top[b]), n_steps + 1)[1:]
