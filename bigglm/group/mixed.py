@@ -9,14 +9,15 @@ variance group (one group unless told otherwise; several give one ``tau2`` per g
 FSL FLAME's variance groups). It is the model of FSL FLAME1 and AFNI 3dMEMA. A subject is
 missing at a voxel when its effect or its variance is NaN there; it weighs nothing.
 
-Estimation, for a whole block of voxels at once (no loop over voxels):
+Estimation, per voxel, compiled (:mod:`bigglm.group.reml`; the start is vectorised over
+the block):
 
 * **REML.** ``tau2`` maximises the restricted log-likelihood
   ``-1/2 [sum_i log(tau2_g(i) + s_i) + log det(X'WX) + y'Py]`` (:func:`reml_loglik`) with
   ``W = diag(1 / (tau2_g(i) + s_i))`` and ``P = W - W X (X'WX)^+ X'W``, subject to
   ``tau2 >= 0``. Its score and its expected (Fisher) and observed informations come from
-  per-voxel ``P x P`` matrices ``X' W^k D_g X`` (:func:`bigglm.group.voxelwise.weighted_grams`,
-  one matrix product each) and sums over subjects.
+  the ``P x P`` matrices ``X' W^k D_g X`` and sums over the subjects, two passes over a
+  voxel's subjects per evaluation.
 * **Start.** Per group, the moment estimate ``max(0, mean OLS residual^2 * n / (n - rank) -
   mean s)`` of the group's present subjects.
 * **Steps.** Projected Newton. Groups at their bound whose score points below it are
@@ -34,7 +35,8 @@ Estimation, for a whole block of voxels at once (no loop over voxels):
   is at most ``tolerance * (tau2_g + median s)``, the median over the voxel's present
   subjects; its estimates are those of the point the step was proposed from. Converged
   voxels leave the active set, so later iterations cost only what is left. A voxel still
-  moving after ``max_iter`` keeps its last point and ``converged = False``.
+  moving after ``max_iter`` keeps its last point and ``converged = False``. The design's
+  rank at a voxel is that of its present subjects' rows, decided once.
 * **GLS.** At the estimate, ``beta = (X'WX)^+ X'W y``; the covariance of ``beta`` is
   ``scale * (X'WX)^+``, with ``scale = 1`` (FLAME1, 3dMEMA) or, with Knapp–Hartung, the
   weighted residual mean square ``q = sum_i w_i r_i^2 / (n - rank)``, which widens (or
@@ -61,7 +63,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bigglm.exceptions import DesignError
-from bigglm.group.voxelwise import outer_rows, pinv_and_rank, weighted_grams
+from bigglm.group.reml import fit_block, loglik_block, voxel_major
 
 __all__ = ["fit_mixed", "reml_loglik"]
 
@@ -71,58 +73,17 @@ Array = NDArray[np.float64]
 Ints = NDArray[np.int64]
 Bools = NDArray[np.bool_]
 
-#: Relative size of a REML log-likelihood drop that makes a step be halved.
-_ASCENT_SLACK = 1e-10
-
-#: A group's Fisher information below this fraction of ``1/2 sum w^2`` is no information.
-_NO_INFORMATION = 1e-10
-
-#: Lower bound of ``tau2``, relative to the voxel's scale, for groups with a zero variance.
-_ZERO_VARIANCE_FLOOR = 1e-10
-
-
-@dataclass
-class _Subjects:
-    """A block's data, rows sorted by variance group; a missing subject has effect 0 and
-    variance inf (so its weight is 0). The iteration shrinks it to its active voxels."""
-
-    effect: Array  # (n, v)
-    variance: Array  # (n, v)
-    design: Array  # (n, P)
-    outer: Array  # (n, P * P)
-    groups: tuple[slice, ...]  # the rows of each variance group
-
-    def keep_voxels(self, keep: Ints) -> None:
-        """Keep only the voxels ``keep`` lists, in place (the others' memory is freed)."""
-        self.effect = np.take(self.effect, keep, axis=1)  # 5x faster than [:, keep]
-        self.variance = np.take(self.variance, keep, axis=1)
-
-
-@dataclass
-class _Point:
-    """The REML fit at one ``tau2`` per voxel; derivatives only when asked for."""
-
-    loglik: Array  # (v,)
-    beta: Array  # (P, v)
-    gram: Array  # (P, P, v)
-    rank: Ints  # (v,)
-    quadratic: Array  # (v,) y'Py = sum w r^2
-    score: Array | None = None  # (k, v)
-    fisher: Array | None = None  # (k, k, v)
-    observed: Array | None = None  # (k, k, v)
-    squares: Array | None = None  # (k, v) sum over the group of w^2
-
 
 @dataclass(frozen=True)
-class _Start:
-    """Where the iteration starts and what bounds it, for every voxel of the block."""
+class _Subjects:
+    """A block's data, voxel-major (a voxel's subjects contiguous, as the compiled REML
+    reads them), subjects sorted by variance group; a missing subject has effect 0 and
+    variance inf (so its weight is 0)."""
 
-    tau2: Array  # (k, v)
-    floor: Array  # (k, v)
-    present: Ints  # (k, v) subjects of each group present
-    rank: Ints  # (v,) the design's rank over the present subjects
-    typical: Array  # (v,) median variance of the present subjects
-    fitted: Bools  # (v,) n - rank >= 1 and a scale
+    effect: Array  # (v, n)
+    variance: Array  # (v, n)
+    design: Array  # (n, P)
+    bounds: Ints  # (k + 1,) group g's subjects are bounds[g]:bounds[g + 1]
 
 
 def fit_mixed(
@@ -181,14 +142,7 @@ def fit_mixed(
     """
     _check_options(max_iter, tolerance)
     subjects = _as_subjects(effect, variance, design, groups)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        start = _start(subjects)
-        out = _empty_result(subjects, start)
-        active = np.flatnonzero(start.fitted)
-        if active.size:
-            _iterate(subjects, start, active, out, max_iter=max_iter, tolerance=tolerance)
-    _finish(out, start, knapp_hartung)
-    return out
+    return _fit(subjects, max_iter=max_iter, tolerance=tolerance, knapp_hartung=knapp_hartung)
 
 
 def reml_loglik(
@@ -204,7 +158,7 @@ def reml_loglik(
     ``-1/2 [sum_i log(tau2_g(i) + s_i) + log pdet(X'WX) + y'Py]`` over the present
     subjects, up to a constant (``pdet``: the product of the nonzero eigenvalues, so a
     rank-deficient design gives the likelihood of its column space). Where some
-    ``tau2_g + s_i <= 0`` the value is NaN or infinite.
+    ``tau2_g + s_i <= 0`` the value is NaN.
 
     Parameters
     ----------
@@ -232,7 +186,7 @@ def reml_loglik(
     1
     """
     subjects = _as_subjects(effect, variance, design, groups)
-    shape = (len(subjects.groups), subjects.effect.shape[1])
+    shape = (subjects.bounds.size - 1, subjects.effect.shape[0])
     try:
         values = np.broadcast_to(np.asarray(tau2, dtype=np.float64), shape)
     except ValueError:
@@ -240,8 +194,12 @@ def reml_loglik(
             f"tau2 has shape {np.shape(tau2)} but the data have {shape[0]} variance "
             f"group(s) and {shape[1]} voxels; pass one value per group and voxel"
         ) from None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return _evaluate(values, subjects, derivatives=False).loglik
+    loglik = np.empty(shape[1])
+    loglik_block(
+        subjects.effect, subjects.variance, subjects.design, subjects.bounds,
+        np.ascontiguousarray(values.T), loglik,
+    )  # fmt: skip
+    return loglik
 
 
 # --- input ---------------------------------------------------------------------------
@@ -258,20 +216,25 @@ def _check_options(max_iter: int, tolerance: float) -> None:
 def _as_subjects(
     effect: ArrayLike, variance: ArrayLike, design: ArrayLike, groups: ArrayLike | None
 ) -> _Subjects:
-    """Checked float64 copies, rows sorted by group, missing subjects neutralised."""
-    x = np.asarray(design, dtype=np.float64)
-    y_in, s_in = np.asarray(effect), np.asarray(variance)
+    """Checked voxel-major float64 copies, subjects sorted by group, missing ones
+    neutralised (effect 0, variance inf)."""
+    x = np.ascontiguousarray(design, dtype=np.float64)
+    y_in, s_in = (_floating(a) for a in (effect, variance))
     _check_shapes(y_in.shape, s_in.shape, x.shape)
-    order, slices = _group_rows(groups, x.shape[0])
-    if order is None:
-        y, s = np.array(y_in, dtype=np.float64), np.array(s_in, dtype=np.float64)
-    else:
-        y, s, x = (a[order].astype(np.float64, copy=False) for a in (y_in, s_in, x))
-    _check_values(y, s, x)
-    missing = np.isnan(y) | np.isnan(s)
-    y[missing] = 0.0
-    s[missing] = np.inf
-    return _Subjects(y, s, x, outer_rows(x), slices)
+    order, bounds = _group_rows(groups, x.shape[0])
+    if order is not None:
+        y_in, s_in, x = y_in[order], s_in[order], x[order]
+    _check_values(y_in, s_in, x)
+    y, s = np.empty(y_in.shape[::-1]), np.empty(y_in.shape[::-1])
+    voxel_major(y_in, s_in, y, s)
+    return _Subjects(y, s, x, bounds)
+
+
+def _floating(values: ArrayLike) -> NDArray[np.floating[Any]]:
+    """A C-contiguous float32 or float64 array (other types as float64)."""
+    array = np.asarray(values)
+    dtype = array.dtype if array.dtype in (np.float32, np.float64) else np.float64
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
 def _check_shapes(
@@ -290,10 +253,11 @@ def _check_shapes(
         )
 
 
-def _group_rows(groups: ArrayLike | None, n: int) -> tuple[Ints | None, tuple[slice, ...]]:
-    """The row order that sorts subjects by group (None: already sorted), each group's rows."""
+def _group_rows(groups: ArrayLike | None, n: int) -> tuple[Ints | None, Ints]:
+    """The row order that sorts subjects by group (None: already sorted) and the bounds
+    of each group's rows (``bounds[g]:bounds[g + 1]``)."""
     if groups is None:
-        return None, (slice(0, n),)
+        return None, np.array([0, n], dtype=np.int64)
     codes = np.asarray(groups)
     if codes.shape != (n,) or not np.issubdtype(codes.dtype, np.integer):
         raise DesignError(
@@ -307,13 +271,12 @@ def _group_rows(groups: ArrayLike | None, n: int) -> tuple[Ints | None, tuple[sl
             "0 .. k-1, each with at least one subject"
         )
     order = np.argsort(codes, kind="stable")
-    ends = np.cumsum(counts)
-    slices = tuple(slice(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True))
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     sorted_already = bool(np.all(order == np.arange(n)))
-    return (None if sorted_already else order), slices
+    return (None if sorted_already else order), bounds
 
 
-def _check_values(effect: Array, variance: Array, design: Array) -> None:
+def _check_values(effect: np.ndarray, variance: np.ndarray, design: Array) -> None:
     """No infinite effect or variance, no negative variance, a finite design."""
     for name, values in (("effect", effect), ("variance", variance)):
         infinite = int(np.count_nonzero(np.isinf(values)))
@@ -334,296 +297,55 @@ def _check_values(effect: Array, variance: Array, design: Array) -> None:
         raise DesignError("design has NaN or infinite entries; every entry must be finite")
 
 
-# --- the REML point ------------------------------------------------------------------
+def _median_present(variance: Array) -> Array:
+    """The median of each voxel's present (finite) variances, NaN where none: one
+    partition per number of subjects present (missing ones are inf, sorted last)."""
+    v = variance.shape[0]
+    present = np.count_nonzero(variance != np.inf, axis=1)
+    median = np.full(v, np.nan)
+    for m in np.unique(present[present > 0]).tolist():
+        rows = np.flatnonzero(present == m)
+        values = variance if rows.size == v else variance[rows]
+        middle = (m - 1) // 2
+        part = np.partition(values, middle, axis=1)
+        upper = part[:, middle] if m % 2 else part[:, middle + 1 :].min(axis=1)
+        median[rows] = 0.5 * (part[:, middle] + upper)
+    return median
 
 
-def _weights(tau2: Array, subjects: _Subjects) -> Array:
-    """``1 / (tau2_g(i) + s_i)`` for every subject and voxel (0 where missing)."""
-    weights = np.empty_like(subjects.variance)
-    for g, rows in enumerate(subjects.groups):
-        np.add(tau2[g], subjects.variance[rows], out=weights[rows])
-    return np.divide(1.0, weights, out=weights)
+# --- fit and output ------------------------------------------------------------------
 
 
-def _evaluate(tau2: Array, subjects: _Subjects, *, derivatives: bool) -> _Point:
-    """The GLS fit and REML log-likelihood at ``tau2`` (and its derivatives if asked)."""
-    w = _weights(tau2, subjects)
-    scratch = np.zeros_like(w)
-    np.log(w, out=scratch, where=w > 0)
-    log_weights = scratch.sum(axis=0)
-    beta, gram, inverse, rank, wr, quadratic = _gls(w, subjects, scratch)
-    loglik = -0.5 * (-log_weights + _log_pdet(gram, inverse) + quadratic)
-    point = _Point(loglik, beta, gram, rank, quadratic)
-    if derivatives:
-        _derivatives(point, w, wr, inverse, subjects, scratch)
-    return point
-
-
-def _gls(
-    w: Array, subjects: _Subjects, scratch: Array
-) -> tuple[Array, Array, Array, Ints, Array, Array]:
-    """``beta``, ``X'WX``, its pinv and rank, ``W r`` (= P y) and ``y'Py``, at weights ``w``."""
-    x = subjects.design
-    gram = weighted_grams(w, subjects.outer)
-    inverse, rank = pinv_and_rank(gram)
-    np.multiply(w, subjects.effect, out=scratch)
-    beta = np.einsum("ijv,jv->iv", inverse, x.T @ scratch)
-    residual = x @ beta
-    np.subtract(subjects.effect, residual, out=residual)
-    quadratic = np.einsum("iv,iv,iv->v", w, residual, residual)
-    return beta, gram, inverse, rank, np.multiply(w, residual, out=residual), quadratic
-
-
-def _log_pdet(gram: Array, inverse: Array) -> Array:
-    """Log of the product of the nonzero eigenvalues of each voxel's ``X'WX``."""
-    p = gram.shape[0]
-    null = np.eye(p)[:, :, None] - np.einsum("ijv,jkv->ikv", gram, inverse)
-    return np.linalg.slogdet((gram + null).transpose(2, 0, 1))[1]
-
-
-def _derivatives(
-    point: _Point, w: Array, wr: Array, inverse: Array, subjects: _Subjects, scratch: Array
-) -> None:
-    """REML score, Fisher and observed information for each group's ``tau2``.
-
-    With ``B_g = X'W^2 D_g X``, ``C_g = X'W^3 D_g X``, ``u_g = X'W D_g (W r)``::
-
-        tr(P D_g)         = sum_g w - tr(A+ B_g)
-        y'P D_g P y       = sum_g (w r)^2
-        tr(P D_g P D_h)   = delta_gh (sum_g w^2 - 2 tr(A+ C_g)) + tr(A+ B_g A+ B_h)
-        y'P D_g P D_h P y = delta_gh sum_g w (w r)^2 - u_g' A+ u_h
-    """
-    k, v = len(subjects.groups), w.shape[1]
-    # gap: tr(P D_g) - y'P D_g P y (-2 score); own: the delta_gh part of tr(P D_g P D_h)
-    own, squares, gap = np.empty((k, v)), np.empty((k, v)), np.empty((k, v))
-    cubic, products, pulls = np.empty((k, v)), [], []
-    for g, rows in enumerate(subjects.groups):
-        wg, ag, tmp, outer = w[rows], wr[rows], scratch[rows], subjects.outer[rows]
-        np.multiply(wg, wg, out=tmp)
-        squares[g] = tmp.sum(axis=0)
-        products.append(np.einsum("ijv,jkv->ikv", inverse, weighted_grams(tmp, outer)))
-        np.multiply(tmp, wg, out=tmp)
-        cubed = np.einsum("ijv,jiv->v", inverse, weighted_grams(tmp, outer))
-        own[g] = squares[g] - 2.0 * cubed
-        gap[g] = wg.sum(axis=0) - np.einsum("iiv->v", products[g])
-        gap[g] -= np.einsum("iv,iv->v", ag, ag)
-        cubic[g] = np.einsum("iv,iv,iv->v", wg, ag, ag)
-        pulls.append(subjects.design[rows].T @ np.multiply(wg, ag, out=tmp))
-    cross = np.einsum("gijv,hjiv->ghv", np.stack(products), np.stack(products))
-    pull = np.stack(pulls)
-    spread = np.einsum("giv,ijv,hjv->ghv", pull, inverse, pull)
-    diagonal = np.eye(k)[:, :, None]
-    point.fisher = 0.5 * (diagonal * own[:, None, :] + cross)
-    point.observed = -point.fisher + diagonal * cubic[:, None, :] - spread
-    point.score = -0.5 * gap
-    point.squares = squares
-
-
-# --- iteration -----------------------------------------------------------------------
-
-
-def _start(subjects: _Subjects) -> _Start:
-    """Moment estimates of ``tau2`` from OLS, the bounds, ranks and tolerance scales."""
-    rank, counts, squares, sums, zero = _ols_by_group(subjects)
-    n = counts.sum(axis=0)
-    dof = n - rank
-    moment = np.maximum(0.0, (squares * n / dof - sums) / counts)
-    scale = squares.sum(axis=0) / dof + sums.sum(axis=0) / n
-    floor = np.where(zero, _ZERO_VARIANCE_FLOOR * scale, 0.0)
-    fitted = (dof >= 1) & ~(zero.any(axis=0) & ~(scale > 0))
-    tau2 = np.where(counts > 0, np.maximum(moment, floor), 0.0)
-    typical = _median_present(subjects.variance, n)
-    return _Start(np.nan_to_num(tau2), np.nan_to_num(floor), counts, rank, typical, fitted)
-
-
-def _ols_by_group(subjects: _Subjects) -> tuple[Ints, Ints, Array, Array, Bools]:
-    """The design's rank at each voxel and, per group, the subjects present, their OLS
-    residual sum of squares, their sum of variances, and whether one variance is 0."""
-    present = np.isfinite(subjects.variance)
-    inverse, rank = pinv_and_rank(weighted_grams(present.astype(np.float64), subjects.outer))
-    beta = np.einsum("ijv,jv->iv", inverse, subjects.design.T @ subjects.effect)
-    residual = subjects.design @ beta
-    np.subtract(subjects.effect, residual, out=residual)
-    np.multiply(residual, present, out=residual)
-    rows = subjects.groups
-    counts = np.stack([present[r].sum(axis=0) for r in rows])
-    squares = np.stack([np.einsum("iv,iv->v", residual[r], residual[r]) for r in rows])
-    sums = np.stack([np.sum(subjects.variance[r], axis=0, where=present[r]) for r in rows])
-    zero = np.stack([(subjects.variance[r] == 0).any(axis=0) for r in rows])
-    return rank, counts, squares, sums, zero
-
-
-def _median_present(variance: Array, n: Ints) -> Array:
-    """Median of each voxel's present variances (missing ones are inf, sorted last)."""
-    if variance.shape[0] == 0:
-        return np.full(variance.shape[1], np.nan)
-    ordered = np.sort(variance, axis=0)
-    middle = np.stack([np.maximum(n - 1, 0) // 2, n // 2])
-    return np.asarray(np.take_along_axis(ordered, middle, axis=0).mean(axis=0))
-
-
-def _iterate(
-    subjects: _Subjects,
-    start: _Start,
-    active: Ints,
-    out: dict[str, np.ndarray],
-    *,
-    max_iter: int,
-    tolerance: float,
-) -> None:
-    """Projected Newton with step halving on the active voxels, writing into ``out``.
-
-    ``subjects`` shrinks as voxels finish, so that memory and work follow the active set.
-    """
-    if active.size < subjects.effect.shape[1]:
-        subjects.keep_voxels(active)
-    tau2, floor = start.tau2[:, active], start.floor[:, active]
-    typical = start.typical[active]
-    point = _evaluate(tau2, subjects, derivatives=True)
-    step = _step(point, tau2, floor)
-    for iteration in range(max_iter + 1):
-        small = np.all(np.abs(step) <= tolerance * (tau2 + typical), axis=0)
-        done = small | (iteration == max_iter)
-        if done.any():
-            _store(out, active[done], _select(point, done), tau2[:, done], small[done], iteration)
-            keep = ~done
-            if not keep.any():
-                return
-            subjects.keep_voxels(np.flatnonzero(keep))
-            active, point = active[keep], _select(point, keep)
-            tau2, floor, step, typical = tau2[:, keep], floor[:, keep], step[:, keep], typical[keep]
-        candidate = np.maximum(floor, tau2 + step)  # exactly on the bound when stepping to it
-        trial = _evaluate(candidate, subjects, derivatives=True)
-        better = trial.loglik >= point.loglik - _ASCENT_SLACK * (1.0 + np.abs(point.loglik))
-        tau2 = np.where(better, candidate, tau2)
-        point = _merge(better, trial, point)
-        step = np.where(better, _step(trial, tau2, floor), 0.5 * step)
-
-
-def _step(point: _Point, tau2: Array, floor: Array) -> Array:
-    """The projected Newton (or scoring) step from ``tau2``, never below the bound.
-
-    Groups at the bound whose score points below it, and groups without information,
-    are held. The step then climbs the quadratic model of the log-likelihood over the
-    box ``tau2 >= floor`` as a primal active-set method does: a Newton step of the free
-    groups, cut short where it meets a group's bound, that group held from there on, and
-    again from the point reached (at most ``k`` segments). The model rises along every
-    segment, so the step is an ascent direction and halving it can only help.
-    """
-    assert point.score is not None and point.fisher is not None and point.squares is not None
-    uninformed = np.einsum("ggv->gv", point.fisher) <= _NO_INFORMATION * 0.5 * point.squares
-    held = uninformed | ((tau2 <= floor) & (point.score <= 0))
-    information = _information(point, held)
-    room = floor - tau2  # how far each group may go down (<= 0)
-    step = np.zeros_like(tau2)
-    for _ in range(tau2.shape[0]):
-        slope = point.score - np.einsum("ghv,hv->gv", information, step)
-        segment = _face_newton(information, slope, held)
-        down = ~held & (segment < 0)
-        ratio = np.where(down, (room - step) / np.where(down, segment, -1.0), np.inf)
-        length = np.minimum(1.0, ratio.min(axis=0))
-        blocked = down & (ratio <= length) & (length < 1.0)
-        step = np.where(blocked, room, step + length * segment)
-        if not blocked.any():
-            break
-        held |= blocked
-    return np.maximum(floor, tau2 + step) - tau2
-
-
-def _information(point: _Point, held: Bools) -> Array:
-    """Per voxel the observed information where it is positive definite on the free
-    groups (exact Newton), else the Fisher information (scoring)."""
-    assert point.fisher is not None and point.observed is not None
-    free = ~held[:, None, :] & ~held[None, :, :]
-    eye = np.eye(held.shape[0])[:, :, None]
-    newton = _positive_definite(np.where(free, point.observed, eye))
-    return np.where(newton, point.observed, point.fisher)
-
-
-def _face_newton(information: Array, slope: Array, held: Bools) -> Array:
-    """The Newton step of the free groups, the held ones fixed: ``I_FF d_F = slope_F``."""
-    free = ~held[:, None, :] & ~held[None, :, :]
-    system = np.where(free, information, np.eye(held.shape[0])[:, :, None])
-    inverse, _ = pinv_and_rank(system)
-    return np.where(held, 0.0, np.einsum("ghv,hv->gv", inverse, np.where(held, 0.0, slope)))
-
-
-def _positive_definite(matrices: Array) -> Bools:
-    """Whether each voxel's ``k x k`` matrix is positive definite (after equilibration)."""
-    diagonal = np.einsum("ggv->gv", matrices)
-    root = np.sqrt(np.where(diagonal > 0, diagonal, 1.0))
-    scaled = matrices / root[:, None, :] / root[None, :, :]
-    smallest = np.linalg.eigvalsh(scaled.transpose(2, 0, 1))[:, 0]
-    return np.asarray(np.all(diagonal > 0, axis=0) & (smallest > 1e-8))
-
-
-def _select(point: _Point, keep: Bools) -> _Point:
-    """The point at the voxels (last axis) ``keep`` selects."""
-    fields: dict[str, Any] = {
-        name: None if value is None else value[..., keep] for name, value in vars(point).items()
-    }
-    return _Point(**fields)
-
-
-def _merge(better: Bools, trial: _Point, point: _Point) -> _Point:
-    """Per voxel, ``trial`` where ``better`` else ``point`` (both with derivatives)."""
-    fields: dict[str, Any] = {
-        name: np.where(better, value, getattr(point, name)) for name, value in vars(trial).items()
-    }
-    return _Point(**fields)
-
-
-# --- output --------------------------------------------------------------------------
-
-
-def _empty_result(subjects: _Subjects, start: _Start) -> dict[str, np.ndarray]:
-    """The output arrays, as for voxels that are not fitted."""
-    p, v = subjects.design.shape[1], subjects.effect.shape[1]
-    k = len(subjects.groups)
-    return {
-        "beta": np.full((p, v), np.nan),
-        "gram": np.zeros((p, p, v)),
-        "tau2": np.full((k, v), np.nan),
-        "n": start.present.sum(axis=0).astype(np.int64),
-        "rank": start.rank.copy(),
-        "dof": np.zeros(v),
-        "scale": np.full(v, np.nan),
-        "converged": np.zeros(v, dtype=bool),
-        "iterations": np.zeros(v, dtype=np.int64),
-    }
-
-
-def _store(
-    out: dict[str, np.ndarray],
-    voxels: Ints,
-    point: _Point,
-    tau2: Array,
-    converged: Bools,
-    iteration: int,
-) -> None:
-    """Write finished voxels' estimates (``scale`` holds ``y'Py`` until :func:`_finish`)."""
-    out["beta"][:, voxels] = point.beta
-    out["gram"][:, :, voxels] = point.gram
-    out["tau2"][:, voxels] = tau2
-    out["rank"][voxels] = point.rank
-    out["scale"][voxels] = point.quadratic
-    out["converged"][voxels] = converged
-    out["iterations"][voxels] = iteration
-
-
-def _finish(out: dict[str, np.ndarray], start: _Start, knapp_hartung: bool) -> None:
-    """Degrees of freedom, the Knapp–Hartung scale, NaN ``tau2`` for absent groups."""
-    out["dof"] = (out["n"] - out["rank"]).astype(np.float64)
-    fitted = start.fitted
+def _fit(
+    subjects: _Subjects, *, max_iter: int, tolerance: float, knapp_hartung: bool
+) -> dict[str, np.ndarray]:
+    """The compiled start, REML and GLS (:func:`bigglm.group.reml.fit_block`), as arrays."""
+    v, p, k = subjects.effect.shape[0], subjects.design.shape[1], subjects.bounds.size - 1
+    found = (
+        np.full((v, p), np.nan), np.zeros((v, p, p)), np.full((v, k), np.nan),
+        np.full(v, np.nan), np.zeros(v, dtype=np.bool_), np.zeros(v, dtype=np.int64),
+        np.zeros(v, dtype=np.int64), np.zeros((v, k), dtype=np.int64), np.zeros(v, dtype=np.bool_),
+    )  # fmt: skip
+    typical = _median_present(subjects.variance)
+    fit_block(
+        subjects.effect, subjects.variance, subjects.design, subjects.bounds, typical,
+        max_iter, tolerance, found,
+    )  # fmt: skip
+    beta, gram, tau2, quadratic, converged, iterations, rank, counts, fitted = found
+    n_present = counts.sum(axis=1)
+    dof = (n_present - rank).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = out["scale"] / out["dof"]
-    out["scale"] = np.where(fitted, q if knapp_hartung else 1.0, np.nan)
-    out["tau2"] = np.where(start.present > 0, out["tau2"], np.nan)
-    count = int(fitted.sum())
-    if count:
+        q = quadratic / dof
+    out = {
+        "beta": beta.T, "gram": gram.transpose(1, 2, 0),
+        "tau2": np.where(counts.T > 0, tau2.T, np.nan), "n": n_present, "rank": rank,
+        "dof": dof, "scale": np.where(fitted, q if knapp_hartung else 1.0, np.nan),
+        "converged": converged, "iterations": iterations,
+    }  # fmt: skip
+    if fitted.any():
         logger.debug(
             "mixed fit: %d voxels, median %g iterations, %d not converged",
-            count,
-            float(np.median(out["iterations"][fitted])),
-            int((fitted & ~out["converged"]).sum()),
-        )
+            int(fitted.sum()), float(np.median(iterations[fitted])),
+            int((fitted & ~converged).sum()),
+        )  # fmt: skip
+    return out
