@@ -47,8 +47,9 @@ logger = logging.getLogger(__name__)
 #: Bytes of per-voxel statistics an OLS task holds (``P x P`` float64 per voxel).
 OLS_BLOCK_BYTES = 64 * 2**20
 
-#: Bytes of subject x voxel data a mixed-effects task holds (effect and variance as
-#: float64 and the REML work arrays: about 7 float64 per subject and voxel).
+#: Bytes of subject x voxel data a mixed-effects task holds: effect and variance as read
+#: (float32) and gathered, then their voxel-major float64 copies for the compiled REML,
+#: about 24 bytes per subject and voxel; 56 are budgeted (:func:`_tasks`), for headroom.
 MIXED_BLOCK_BYTES = 256 * 2**20
 
 _MODELS: tuple[GroupModel, ...] = ("ols", "mixed")

@@ -131,7 +131,7 @@ def _rotate(work, vectors, p, i, j):
         vectors[r, j] = s * a + c * b
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _ascending(values, order, p):
     """``order[:p]``: the indices that sort ``values[:p]`` ascending (insertion sort)."""
     for i in range(p):
@@ -142,7 +142,7 @@ def _ascending(values, order, p):
             m -= 1
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _pinv_top(matrix, rank, inverse, eig):
     """Moore–Penrose inverse of ``matrix`` from its ``rank`` largest eigenpairs; the log
     of their product (NaN if one is not positive)."""
@@ -165,7 +165,7 @@ def _pinv_top(matrix, rank, inverse, eig):
     return log_pdet
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _equilibrated(matrix, eig):
     """The eigenvalues of ``D^-1/2 M D^-1/2`` (``D`` the diagonal where positive, else
     1), ascending in ``values[order[:p]]``; whether every diagonal entry is positive."""
@@ -178,12 +178,12 @@ def _equilibrated(matrix, eig):
         for j in range(p):
             rj = math.sqrt(matrix[j, j]) if matrix[j, j] > 0.0 else 1.0
             scaled[i, j] = matrix[i, j] / ri / rj
-    _eigh(scaled[:p, :p], values, vectors, work)
+    _eigh(scaled, values, vectors, work)
     _ascending(values, order, p)
     return positive
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _rank(matrix, eig):
     """:func:`bigglm.group.voxelwise.pinv_and_rank`'s rank of one PSD matrix."""
     values, order = eig[0], eig[3]
@@ -297,8 +297,8 @@ def _start(y, s, bounds, layout, space, tau2, floor):
                 zero[g] = zero[g] or s[i] == 0.0
     _grams(w, 0, n, layout, space.gram)
     _pulls(wy, 0, n, layout, space.xwy)
-    rank = _rank(space.gram, space.eig)
-    _pinv_top(space.gram, rank, space.inverse, space.eig)
+    rank = _rank(space.gram, space.eig_p)
+    _pinv_top(space.gram, rank, space.inverse, space.eig_p)
     _matvec(space.inverse, space.xwy, space.beta)
     _residuals(y, layout.design_t, space.beta, r)
     for g in range(k):
@@ -387,7 +387,7 @@ def _gls(y, s, bounds, tau2, rank, layout, space, gram, beta):
         logs += _log_sum(tau2[g], s[lo:hi])
     _grams(w, 0, y.size, layout, gram)
     _pulls(wy, 0, y.size, layout, space.xwy)
-    log_pdet = _pinv_top(gram, rank, space.inverse, space.eig)
+    log_pdet = _pinv_top(gram, rank, space.inverse, space.eig_p)
     _matvec(space.inverse, space.xwy, beta)
     return math.nan if bad else -logs - log_pdet
 
@@ -476,7 +476,7 @@ def _evaluate(y, s, bounds, tau2, rank, slot, layout, point, space, derivatives)
 # --- the projected Newton step -------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _free_system(matrix, held, system):
     """``matrix`` on the free groups, the identity on the held ones, into ``system``."""
     k = held.size
@@ -486,13 +486,13 @@ def _free_system(matrix, held, system):
             system[g, h] = matrix[g, h] if free else (1.0 if g == h else 0.0)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _face_newton(information, slope, held, segment, space):
     """The Newton step of the free groups, the held ones fixed: ``I_FF d_F = slope_F``."""
     k = held.size
-    system, inverse = space.system[:k, :k], space.system_inverse[:k, :k]
+    system, inverse = space.system, space.system_inverse
     _free_system(information, held, system)
-    _pinv_top(system, _rank(system, space.eig), inverse, space.eig)
+    _pinv_top(system, _rank(system, space.eig_k), inverse, space.eig_k)
     for g in range(k):
         total = 0.0
         if not held[g]:
@@ -502,7 +502,7 @@ def _face_newton(information, slope, held, segment, space):
         segment[g] = total
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _step(point, slot, tau2, floor, step, space):
     """The projected Newton (or scoring) step from ``tau2`` into ``step``.
 
@@ -521,9 +521,10 @@ def _step(point, slot, tau2, floor, step, space):
     for g in range(k):
         uninformed = fisher[g, g] <= NO_INFORMATION * 0.5 * point.squares[slot, g]
         held[g] = uninformed or (tau2[g] <= floor[g] and score[g] <= 0.0)
-    system = space.system[:k, :k]
+    system = space.system
     _free_system(observed, held, system)
-    definite = _equilibrated(system, space.eig) and space.eig[0][space.eig[3][0]] > _DEFINITE
+    values, order = space.eig_k[0], space.eig_k[3]
+    definite = _equilibrated(system, space.eig_k) and values[order[0]] > _DEFINITE
     information = observed if definite else fisher
     step[:] = 0.0
     for _ in range(k):
@@ -558,7 +559,7 @@ def _step(point, slot, tau2, floor, step, space):
 _Workspace = namedtuple(
     "_Workspace",
     "w wy r moments gram inverse xwy beta sums second third pull products counts "
-    "squares variances zero held slope segment ratio system system_inverse eig",
+    "squares variances zero held slope segment ratio system system_inverse eig_p eig_k",
 )
 
 #: The design as the sums read it: ``design_t`` (P, n) is ``X'``; ``outer`` (Q, n) the
@@ -572,11 +573,8 @@ _Point = namedtuple("_Point", "loglik quadratic beta gram score fisher observed 
 
 @numba.njit(cache=True, nogil=True)
 def _workspace(n, p, k):
-    """A :data:`_Workspace` (``eig``: values, vectors, work, order and a scaled copy of
-    the largest small matrix, ``max(P, k)`` square)."""
-    m = max(p, k)
-    square = (m, m)
-    eig = (np.empty(m), np.empty(square), np.empty(square), np.empty(m, np.int64), np.empty(square))
+    """A :data:`_Workspace` (``eig_p``, ``eig_k``: values, vectors, work, order and a
+    scaled copy, for the ``P x P`` and ``k x k`` matrices)."""
     moments = (np.empty(n), np.empty(n), np.empty(n))
     return _Workspace(
         np.empty(n), np.empty(n), np.empty(n), moments, np.empty((p, p)),
@@ -584,8 +582,15 @@ def _workspace(n, p, k):
         np.empty((k, 4)), np.empty((k, p, p)), np.empty((k, p, p)), np.empty((k, p)),
         np.empty((k, p, p)), np.empty(k, dtype=np.int64), np.empty(k), np.empty(k),
         np.empty(k, dtype=np.bool_), np.empty(k, dtype=np.bool_), np.empty(k), np.empty(k),
-        np.empty(k), np.empty((k, k)), np.empty((k, k)), eig,
+        np.empty(k), np.empty((k, k)), np.empty((k, k)), _eigen_space(p), _eigen_space(k),
     )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def _eigen_space(m):
+    """Work arrays of :func:`_eigh` and its callers for ``m x m`` matrices."""
+    square = (m, m)
+    return np.empty(m), np.empty(square), np.empty(square), np.empty(m, np.int64), np.empty(square)
 
 
 @numba.njit(cache=True, nogil=True)
