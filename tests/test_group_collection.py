@@ -207,7 +207,7 @@ def test_collect_on_a_local_cluster_equals_collect_in_process(tmp_path: Path, lo
 
 
 def test_glm_result_stores_give_the_same_store_as_their_nifti_maps(
-    tmp_path: Path, functional_nii: Path
+    tmp_path: Path, functional_nii: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pandas as pd
 
@@ -234,6 +234,18 @@ def test_glm_result_stores_give_the_same_store_as_their_nifti_maps(
     assert len(from_results.attrs["sources"][0]["effect"]["sha256"]) == 64
     with pytest.raises(DesignError, match="pass contrast="):
         collect(results, tmp_path / "x.zarr")
+    # a result's contrast is computed once for its effect and variance (it was twice)
+    calls = []
+    original = bigglm.GLMResult.contrast
+
+    def counted(self, *args, **kwargs):
+        calls.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(bigglm.GLMResult, "contrast", counted)
+    masked = open_group(collect(results, tmp_path / "k.zarr", contrast="a - b", mask=mask))
+    assert len(calls) == len(results)
+    np.testing.assert_array_equal(masked.variance.values, from_maps.variance.values)
 
 
 def test_collect_leaves_zarr_configuration_as_it_found_it(tmp_path: Path) -> None:

@@ -87,7 +87,18 @@ class _Map:
         """The map's float32 values over the whole grid (Fortran order), and its record."""
         if self.contrast is None:
             return read_map(self.grid, checksum=checksum)
-        return _result_map(self.path, self.contrast, self.stat, self.grid, checksum=checksum)
+        ((values, record),) = _result_maps(
+            self.path, self.contrast, (self.stat,), self.grid, checksum=checksum
+        )
+        return values, record
+
+    def shares_contrast(self, other: _Map | None) -> bool:
+        """Whether ``other`` is another statistic of this map's GLM result contrast."""
+        return (
+            other is not None
+            and self.contrast is not None
+            and (other.path, other.contrast) == (self.path, self.contrast)
+        )
 
 
 @dataclass(frozen=True)
@@ -288,22 +299,28 @@ def _result_grid(path: Path) -> SourceSeries:
     )
 
 
-def _result_map(
-    path: Path, contrast: str, stat: str, grid: SourceSeries, *, checksum: bool
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """A result's contrast statistic scattered onto its run's grid, and the result's record."""
+def _result_maps(
+    path: Path, contrast: str, stats: Sequence[str], grid: SourceSeries, *, checksum: bool
+) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """Statistics of one contrast of a result (computed once), each scattered onto its
+    run's grid, with its record."""
     from bigglm.glm.result import GLMResult
     from bigglm.io.store import open_run
 
     result = GLMResult.from_zarr(path)
-    values = result.contrast(contrast)[stat].values
+    out = result.contrast(contrast)
     mask = np.asarray(open_run(result.runs[0].attrs["store"])["mask"].values, dtype=bool)
-    volume = np.full(grid.voxels_per_volume, np.nan, dtype=np.float32)
-    volume[np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")] = values
-    record = {"path": str(path), "contrast": contrast, "statistic": stat}
-    if checksum:
-        record["sha256"] = _folder_sha256(path)
-    return volume, record
+    where = np.ravel_multi_index(np.nonzero(mask), mask.shape, order="F")
+    digest = _folder_sha256(path) if checksum else None
+    maps = []
+    for stat in stats:
+        volume = np.full(grid.voxels_per_volume, np.nan, dtype=np.float32)
+        volume[where] = out[stat].values
+        record: dict[str, Any] = {"path": str(path), "contrast": contrast, "statistic": stat}
+        if digest is not None:
+            record["sha256"] = digest
+        maps.append((volume, record))
+    return maps
 
 
 def _folder_sha256(folder: Path) -> str:
@@ -408,21 +425,35 @@ def _subject_values(
     entry: _Subject, columns: np.ndarray | None, missing: MissingRule, *, checksum: bool
 ) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]]]:
     """A subject's effect (and variance) at ``columns`` (all voxels if None), NaN where missing."""
-    effect, effect_record = entry.effect.read(checksum=checksum)
-    records = [effect_record]
+    maps = _read_maps(entry, checksum=checksum)
+    effect, records = maps[0][0], [record for _, record in maps]
     effect = effect if columns is None else effect[columns]
     absent = ~np.isfinite(effect)
     if missing == "nan-or-zero":
         absent |= effect == 0
     variance = None
     if entry.variance is not None:
-        variance, variance_record = entry.variance.read(checksum=checksum)
-        records.append(variance_record)
+        variance = maps[1][0]
         variance = variance if columns is None else variance[columns]
         absent |= ~np.isfinite(variance)
         _check_variance(variance, absent, entry)
         variance = np.where(absent, np.float32(np.nan), variance)
     return np.where(absent, np.float32(np.nan), effect), variance, records
+
+
+def _read_maps(entry: _Subject, *, checksum: bool) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """The subject's effect (and variance) over the grid with their records; a GLM
+    result's contrast is computed once for both."""
+    if entry.effect.shares_contrast(entry.variance):
+        assert entry.effect.contrast is not None and entry.variance is not None
+        stats = (entry.effect.stat, entry.variance.stat)
+        return _result_maps(
+            entry.effect.path, entry.effect.contrast, stats, entry.effect.grid, checksum=checksum
+        )
+    maps = [entry.effect.read(checksum=checksum)]
+    if entry.variance is not None:
+        maps.append(entry.variance.read(checksum=checksum))
+    return maps
 
 
 def _check_variance(variance: np.ndarray, absent: np.ndarray, entry: _Subject) -> None:
