@@ -227,17 +227,12 @@ def _residuals(y, design_t, beta, r):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_SUMS)
-def _weighted_moments(w, r, lo, hi, w2, w3, w2r):
-    """``w^2``, ``w^3`` and ``w^2 r`` into the arrays over ``lo:hi``; returns
-    ``(sum w r^2, sum w, sum w^2, sum (w r)^2, sum w (w r)^2)`` there."""
-    w, r, w2, w3, w2r = w[lo:hi], r[lo:hi], w2[lo:hi], w3[lo:hi], w2r[lo:hi]
+def _weighted_moments(w, r):
+    """``(sum w r^2, sum w, sum w^2, sum (w r)^2, sum w (w r)^2)``."""
     quadratic, s1, s2, s3, s4 = 0.0, 0.0, 0.0, 0.0, 0.0
     for i in range(w.size):
         wi, ri = w[i], r[i]
         square = wi * wi
-        w2[i] = square
-        w3[i] = square * wi
-        w2r[i] = square * ri
         wr2 = wi * ri * ri
         quadratic += wr2
         s1 += wi
@@ -245,6 +240,26 @@ def _weighted_moments(w, r, lo, hi, w2, w3, w2r):
         s3 += square * ri * ri
         s4 += square * wr2
     return quadratic, s1, s2, s3, s4
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_SUMS)
+def _power_dots(w, u):
+    """``(sum w^2 u, sum w^3 u)``."""
+    second, third = 0.0, 0.0
+    for i in range(w.size):
+        square = w[i] * w[i]
+        second += square * u[i]
+        third += square * w[i] * u[i]
+    return second, third
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_SUMS)
+def _pull_dot(w, r, x):
+    """``sum w^2 r x``."""
+    total = 0.0
+    for i in range(w.size):
+        total += w[i] * w[i] * r[i] * x[i]
+    return total
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_SUMS)
@@ -302,7 +317,7 @@ def _start(y, s, bounds, layout, space, tau2, floor):
     _matvec(space.inverse, space.xwy, space.beta)
     _residuals(y, layout.design_t, space.beta, r)
     for g in range(k):
-        squares[g] = _weighted_moments(w, r, bounds[g], bounds[g + 1], *space.moments)[0]
+        squares[g] = _quadratic(w[bounds[g] : bounds[g + 1]], r[bounds[g] : bounds[g + 1]])
     return _moment_start(counts, squares, sums, zero, rank, tau2, floor), rank
 
 
@@ -398,21 +413,23 @@ def _residual_sums(y, bounds, beta, layout, space, derivatives):
     ``sums[g] = (sum w, sum w^2, sum (w r)^2, sum w (w r)^2)``, ``second[g] = X'W^2 D_g X``,
     ``third[g] = X'W^3 D_g X`` and ``pull[g] = X'W D_g (W r)``."""
     w, r, sums = space.w, space.r, space.sums
-    w2, w3, w2r = space.moments
-    _residuals(y, layout.design_t, beta, r)
+    outer, rows, cols, design_t = layout.outer, layout.rows, layout.cols, layout.design_t
+    _residuals(y, design_t, beta, r)
     quadratic = 0.0
     for g in range(bounds.size - 1):
-        lo, hi = bounds[g], bounds[g + 1]
+        wg, rg = w[bounds[g] : bounds[g + 1]], r[bounds[g] : bounds[g + 1]]
         if not derivatives:
-            quadratic += _quadratic(w[lo:hi], r[lo:hi])
+            quadratic += _quadratic(wg, rg)
             continue
-        part, sums[g, 0], sums[g, 1], sums[g, 2], sums[g, 3] = _weighted_moments(
-            w, r, lo, hi, w2, w3, w2r
-        )
+        part, sums[g, 0], sums[g, 1], sums[g, 2], sums[g, 3] = _weighted_moments(wg, rg)
         quadratic += part
-        _grams(w2, lo, hi, layout, space.second[g])
-        _grams(w3, lo, hi, layout, space.third[g])
-        _pulls(w2r, lo, hi, layout, space.pull[g])
+        second, third = space.second[g], space.third[g]
+        for q in range(rows.size):
+            a, b = rows[q], cols[q]
+            second[a, b], third[a, b] = _power_dots(wg, outer[q, bounds[g] : bounds[g + 1]])
+            second[b, a], third[b, a] = second[a, b], third[a, b]
+        for a in range(design_t.shape[0]):
+            space.pull[g, a] = _pull_dot(wg, rg, design_t[a, bounds[g] : bounds[g + 1]])
     return quadratic
 
 
@@ -558,7 +575,7 @@ def _step(point, slot, tau2, floor, step, space):
 #: Work arrays of one block's voxels (``n`` subjects, ``P`` columns, ``k`` groups).
 _Workspace = namedtuple(
     "_Workspace",
-    "w wy r moments gram inverse xwy beta sums second third pull products counts "
+    "w wy r gram inverse xwy beta sums second third pull products counts "
     "squares variances zero held slope segment ratio system system_inverse eig_p eig_k",
 )
 
@@ -575,9 +592,8 @@ _Point = namedtuple("_Point", "loglik quadratic beta gram score fisher observed 
 def _workspace(n, p, k):
     """A :data:`_Workspace` (``eig_p``, ``eig_k``: values, vectors, work, order and a
     scaled copy, for the ``P x P`` and ``k x k`` matrices)."""
-    moments = (np.empty(n), np.empty(n), np.empty(n))
     return _Workspace(
-        np.empty(n), np.empty(n), np.empty(n), moments, np.empty((p, p)),
+        np.empty(n), np.empty(n), np.empty(n), np.empty((p, p)),
         np.empty((p, p)), np.empty(p), np.empty(p),
         np.empty((k, 4)), np.empty((k, p, p)), np.empty((k, p, p)), np.empty((k, p)),
         np.empty((k, p, p)), np.empty(k, dtype=np.int64), np.empty(k), np.empty(k),
