@@ -9,9 +9,9 @@ residuals and, for the derivatives, ``X'W^2 D_g X``, ``X'W^3 D_g X`` and ``X'W D
 per variance group. The same iteration vectorised over a voxel block in numpy makes
 about twenty passes over the whole ``(subject, voxel)`` block per step, memory-bound.
 
-``sum_i log(tau2 + s_i)`` is the log of a running product, renormalised whenever it
-leaves ``[1e-200, 1e200]`` (a log per subject costs more than the rest of the pass);
-factors outside ``[1e-100, 1e100]`` go to the sum directly.
+``sum_i log(tau2 + s_i)`` is a sum of logs of products of 16 factors, factor by factor
+where a product leaves ``[1e-300, 1e300]`` (a log per subject costs more than the rest of
+the pass).
 
 Small symmetric matrices (``P x P`` and ``k x k``) are diagonalised by cyclic Jacobi
 rotations, accurate to the last digits at these sizes and free of LAPACK's per-call
@@ -49,11 +49,6 @@ _DEFINITE = 1e-8
 #: Jacobi sweeps stop when the off-diagonal mass is below this fraction of the diagonal's.
 _JACOBI_OFF = 1e-32
 _JACOBI_SWEEPS = 60
-
-#: Running products of ``tau2 + s`` stay within ``[1 / _PRODUCT, _PRODUCT]``; factors
-#: beyond ``_FACTOR`` either way are logged one by one.
-_PRODUCT = 1e200
-_FACTOR = 1e100
 
 _TILE = 64
 
