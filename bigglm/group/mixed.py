@@ -9,8 +9,8 @@ variance group (one group unless told otherwise; several give one ``tau2`` per g
 FSL FLAME's variance groups). It is the model of FSL FLAME1 and AFNI 3dMEMA. A subject is
 missing at a voxel when its effect or its variance is NaN there; it weighs nothing.
 
-Estimation, per voxel, compiled (:mod:`bigglm.group.reml`; the start is vectorised over
-the block):
+Estimation, one voxel at a time, compiled (:mod:`bigglm.group.reml`; only the median
+variance of the convergence rule is taken over the whole block in numpy):
 
 * **REML.** ``tau2`` maximises the restricted log-likelihood
   ``-1/2 [sum_i log(tau2_g(i) + s_i) + log det(X'WX) + y'Py]`` (:func:`reml_loglik`) with
@@ -33,9 +33,8 @@ the block):
   ``n - rank`` is small), and the one reached from the start is reported.
 * **Convergence**, per voxel: a voxel stops when every group's proposed (clamped) step
   is at most ``tolerance * (tau2_g + median s)``, the median over the voxel's present
-  subjects; its estimates are those of the point the step was proposed from. Converged
-  voxels leave the active set, so later iterations cost only what is left. A voxel still
-  moving after ``max_iter`` keeps its last point and ``converged = False``. The design's
+  subjects; its estimates are those of the point the step was proposed from. A voxel
+  still moving after ``max_iter`` keeps its last point and ``converged = False``. The design's
   rank at a voxel is that of its present subjects' rows, decided once.
 * **GLS.** At the estimate, ``beta = (X'WX)^+ X'W y``; the covariance of ``beta`` is
   ``scale * (X'WX)^+``, with ``scale = 1`` (FLAME1, 3dMEMA) or, with Knapp–Hartung, the
@@ -71,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 Array = NDArray[np.float64]
 Ints = NDArray[np.int64]
-Bools = NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
