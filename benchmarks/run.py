@@ -46,6 +46,7 @@ COMPARISONS = (
     "read_store",
     "bigglm_ols",
     "bigglm_ar1",
+    "bigglm_spm_ar1",
     "bigglm_ols_memory",
     "bigglm_ar1_memory",
     "nilearn_ols",
@@ -64,6 +65,7 @@ RATIOS = (
     ("nilearn AR(1) / bigglm AR(1) end to end", "nilearn_ar1", "bigglm_e2e_ar1", "-"),
     ("bigglm OLS / bare store read", "bigglm_ols", "read_store", "<= 2"),
     ("bigglm AR(1) / bare store read", "bigglm_ar1", "read_store", "<= 2"),
+    ("bigglm SPM AR(0.2) / bigglm OLS (from store)", "bigglm_spm_ar1", "bigglm_ols", "<= 2.5"),
     ("bigglm OLS, data in memory / bare store read", "bigglm_ols_memory", "read_store", "-"),
     ("bigglm AR(1), data in memory / bare store read", "bigglm_ar1_memory", "read_store", "-"),
 )

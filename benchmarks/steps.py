@@ -173,6 +173,12 @@ def bigglm_ar1(args: argparse.Namespace) -> dict[str, float]:
     return _fit(args, "ar1", _store(args))
 
 
+@step
+def bigglm_spm_ar1(args: argparse.Namespace) -> dict[str, float]:
+    """Fit + one t contrast from an existing store, SPM's pooled AR(0.2) (two passes)."""
+    return _fit(args, "spm-ar1", _store(args))
+
+
 def _in_memory(args: argparse.Namespace) -> Any:
     """The store's run read into memory (same chunks), before the clock starts."""
     import bigglm

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the names' homes; at run time each loads on first use
     from bigglm.glm.engine import fit
     from bigglm.glm.result import GLMResult
     from bigglm.io.conversion import convert, convert_many
-    from bigglm.io.export import to_nifti
+    from bigglm.io.export import to_cifti, to_gifti, to_nifti
     from bigglm.io.store import open_run
 else:
     from bigglm import _lazy
@@ -29,7 +29,7 @@ else:
             "bigglm.glm.engine": ["fit"],
             "bigglm.glm.result": ["GLMResult"],
             "bigglm.io.conversion": ["convert", "convert_many"],
-            "bigglm.io.export": ["to_nifti"],
+            "bigglm.io.export": ["to_cifti", "to_gifti", "to_nifti"],
             "bigglm.io.store": ["open_run"],
         },
     )
@@ -48,6 +48,8 @@ __all__ = [  # noqa: RUF022 - grouped by kind (STYLE.md), sorted within each gro
     "group",
     "inference",
     "open_run",
+    "to_cifti",
+    "to_gifti",
     "to_nifti",
     # classes
     "GLMResult",

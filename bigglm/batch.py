@@ -7,10 +7,14 @@ Two modes:
   (dask-jobqueue), otherwise it computes on a local cluster inside its own allocation.
 - ``array``: one array task per subject, each running ``bigglm run CONFIG --subject S
   --profile local`` on a local cluster sized to the task's cores. Subjects write to their
-  own output folders, so tasks never share a lock.
+  own output folders, so tasks never share a lock. With a ``group`` section, one more
+  job runs ``bigglm run CONFIG --level group`` after every task succeeded (SLURM
+  ``--dependency=afterok``, PBS ``depend=afterokarray``, SGE ``-hold_jid``).
 
 Scripts and the subject list are written to ``<outputs>/.bigglm/jobs/`` and job logs to
-``<outputs>/logs/``; the scripts can be read, edited and submitted by hand.
+``<outputs>/logs/``, both folders readable by the user only (mode 0700); the scripts can
+be read, edited and submitted by hand. A driver job's Dask cluster writes its per-run
+TLS credentials under ``<outputs>/.bigglm/credentials/`` (:mod:`bigglm.security`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 Scheduler = Literal["slurm", "pbs", "sge"]
 SubmitMode = Literal["driver", "array"]
+#: What a job script runs: the two submit modes, and the group level after an array.
+ScriptMode = Literal["driver", "array", "group"]
 
 _SUBMIT_COMMAND = {"slurm": ["sbatch", "--parsable"], "pbs": ["qsub"], "sge": ["qsub", "-terse"]}
 #: Shell expression of the 0-based array index, per scheduler.
@@ -47,12 +53,18 @@ _INDEX = {
 
 @dataclass(frozen=True)
 class Submission:
-    """A submitted job: its id, the script, and what it runs."""
+    """A submitted job: its id, the script, and what it runs.
+
+    ``group`` is the group-level job of an ``array`` submission whose configuration has
+    a ``group`` section: it runs ``bigglm run CONFIG --level group`` once every array task
+    succeeded (``afterok``), or ``None``.
+    """
 
     job_id: str
     script: Path
     mode: SubmitMode
     tasks: int
+    group: Submission | None = None
 
 
 def scheduler_of(config: AnalysisConfig, given: str | None = None) -> Scheduler:
@@ -135,7 +147,7 @@ def job_script(
     config: AnalysisConfig,
     *,
     scheduler: Scheduler,
-    mode: SubmitMode,
+    mode: ScriptMode,
     subjects_file: Path | None = None,
     n_tasks: int | None = None,
 ) -> str:
@@ -149,7 +161,8 @@ def job_script(
         Its contents (resources come from ``cluster.submit``, queue and account from
         ``cluster``).
     scheduler : {"slurm", "pbs", "sge"}
-    mode : {"driver", "array"}
+    mode : {"driver", "array", "group"}
+        ``group``: ``bigglm run CONFIG --level group``, the job that follows an array.
     subjects_file : Path, optional
         For ``array``: one subject label per line, task i runs line i + 1.
     n_tasks : int, optional
@@ -172,7 +185,7 @@ def job_script(
     cluster, resources = config.cluster, config.cluster.submit
     logs = config.outputs.folder / "logs"
     array = mode == "array"
-    name = "bigglm-subject" if array else "bigglm-run"
+    name = {"array": "bigglm-subject", "driver": "bigglm-run", "group": "bigglm-group"}[mode]
     head = _directives(
         scheduler,
         name,
@@ -193,6 +206,8 @@ def job_script(
         body.append(f'subject="$(sed -n "$(({index} + 1))p" {shlex.quote(str(subjects_file))})"')
         body.append('echo "bigglm: array task for subject ${subject}"')
         command_text = shlex.join(command) + ' --subject "${subject}" --profile local'
+    elif mode == "group":
+        command_text = shlex.join([*command, "--level", "group"])
     else:
         command_text = shlex.join(command)
     prefix = {"slurm": "#SBATCH", "pbs": "#PBS", "sge": "#$"}[scheduler]
@@ -244,14 +259,16 @@ def submit(
     bigglm.exceptions.ConfigError: inputs: /nope.nii.gz does not exist; check the path
     """
     from bigglm.io.artefacts import replace_atomically
-    from bigglm.pipeline import STATE, plan
+    from bigglm.pipeline import plan, state_folder
+    from bigglm.pipeline.group import plan_group
+    from bigglm.security import private_folder
 
     kind = scheduler_of(config, scheduler)
     chosen: SubmitMode = mode or config.cluster.submit.mode
     units = plan(config)
-    jobs = config.outputs.folder / STATE / "jobs"
-    jobs.mkdir(parents=True, exist_ok=True)
-    (config.outputs.folder / "logs").mkdir(exist_ok=True)
+    plan_group(config, units)  # a group section is checked before anything is submitted
+    jobs = private_folder(state_folder(config.outputs.folder) / "jobs")
+    private_folder(config.outputs.folder / "logs")
     subjects = sorted({u.subject for u in units})
     subjects_file = jobs / "subjects.txt"
     replace_atomically(subjects_file, "".join(f"{s}\n" for s in subjects))
@@ -265,13 +282,43 @@ def submit(
         n_tasks=tasks,
     )
     script = jobs / f"{chosen}.{kind}.sh"
-    replace_atomically(script, text).chmod(0o755)
+    replace_atomically(script, text).chmod(0o700)  # private, as its folder
     job_id = "" if dry_run else _submit_script(kind, script)
-    return Submission(job_id, script, chosen, tasks)
+    group = None
+    if chosen == "array" and config.group is not None:
+        group = _submit_group(config_path, config, kind, jobs, job_id, dry_run)
+    return Submission(job_id, script, chosen, tasks, group)
 
 
-def _submit_script(kind: Scheduler, script: Path) -> str:
-    command = [*_SUBMIT_COMMAND[kind], str(script)]
+def _submit_group(
+    config_path: str | Path,
+    config: AnalysisConfig,
+    kind: Scheduler,
+    jobs: Path,
+    after: str,
+    dry_run: bool,
+) -> Submission:
+    """The group level as one job that starts once every array task succeeded."""
+    from bigglm.io.artefacts import replace_atomically
+
+    text = job_script(Path(config_path).resolve(), config, scheduler=kind, mode="group")
+    script = jobs / f"group.{kind}.sh"
+    replace_atomically(script, text).chmod(0o700)
+    job_id = "" if dry_run else _submit_script(kind, script, dependency=_after(kind, after))
+    return Submission(job_id, script, "driver", 1)
+
+
+def _after(kind: Scheduler, job_id: str) -> list[str]:
+    """The submit options that hold a job until ``job_id`` (an array) succeeded."""
+    if kind == "slurm":
+        return [f"--dependency=afterok:{job_id}"]
+    if kind == "pbs":
+        return ["-W", f"depend=afterokarray:{job_id}"]
+    return ["-hold_jid", job_id.split(".")[0]]  # SGE: "123.1-4:1" is array job 123
+
+
+def _submit_script(kind: Scheduler, script: Path, dependency: list[str] | None = None) -> str:
+    command = [*_SUBMIT_COMMAND[kind], *(dependency or []), str(script)]
     if shutil.which(command[0]) is None:
         raise ConfigError(
             f"{command[0]} is not on PATH: submit from a {kind.upper()} login node, "

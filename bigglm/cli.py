@@ -17,9 +17,12 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bigglm.exceptions import ConfigError, DesignError, StoreError
+
+if TYPE_CHECKING:
+    from bigglm.config import ClusterConfig
 
 __all__ = ["main"]
 
@@ -240,6 +243,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         subjects=args.subject,
         progress=_progress_factory(args),
         overwrite=args.overwrite,
+        level=args.level,
     )
     print(format_summary(outcomes))
     return 0
@@ -248,12 +252,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _add_run(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "run",
-        help="run a first-level analysis from a YAML config (resumes finished steps)",
+        help="run an analysis from a YAML config: first level, then group (resumes)",
         description="Validate, convert, build designs, fit, write contrast maps, provenance "
         "and a summary. Finished steps are skipped when the command is run again.",
     )
     parser.add_argument("config", type=Path, help="the analysis YAML")
     _add_subject_option(parser)
+    parser.add_argument(
+        "--level",
+        choices=["all", "first", "group"],
+        default="all",
+        help="run the first level, the group level (from the first level's maps), or both "
+        "(default)",
+    )
     parser.add_argument(
         "--profile",
         choices=["local"],
@@ -270,9 +281,11 @@ def _add_run(sub: SubParsers) -> None:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = _load(args)  # before the pipeline's imports: a bad config fails in a blink
+    from bigglm.pipeline.group import plan_group
     from bigglm.pipeline.plan import plan  # the function: doctest collection binds the module
 
     units = plan(config, args.subject)
+    group = plan_group(config, units) if args.subject is None else None
     runs = sum(len(u.runs) for u in units)
     for unit in units:
         for rp in unit.runs:
@@ -281,12 +294,27 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 f"{unit.name}: {rp.run.name}: {rp.n_scans} volumes, TR {rp.tr:g} s, "
                 f"{columns} regressors"
             )
+    if group is not None:
+        names = ", ".join(str(c) for c in group.design.columns)
+        where = group.participants or "no participants table: intercept only"
+        print(
+            f"group: {len(group.subjects)} subjects ({where}), design columns {names}, "
+            f"model {config.group.model}, contrasts: {', '.join(config.group.contrasts)}; "
+            f"takes up: {', '.join(config.group_inputs)}"
+        )
     contrasts = ", ".join(config.contrasts) or "none"
     print(
         f"{args.config}: valid: {len(units)} units, {runs} runs, contrasts: {contrasts}; "
-        f"cluster: {config.cluster.profile}"
+        f"cluster: {config.cluster.profile} ({_transport(config.cluster)})"
     )
     return 0
+
+
+def _transport(cluster: ClusterConfig) -> str:
+    """How bigglm's Dask traffic will travel, in words for ``validate``."""
+    if cluster.profile == "address":
+        return "TLS" if (cluster.address or "").startswith("tls://") else "no TLS"
+    return "TLS, per-run credentials" if cluster.security.tls else "no TLS: security.tls is false"
 
 
 def _add_validate(sub: SubParsers) -> None:
@@ -313,6 +341,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print(f"wrote {done.script} ({what}); not submitted")
     else:
         print(f"submitted job {done.job_id} ({what}); script {done.script}")
+    if done.group is not None and args.dry_run:
+        print(f"wrote {done.group.script} (the group level, after the array); not submitted")
+    elif done.group is not None:
+        print(
+            f"submitted job {done.group.job_id} (the group level, after job {done.job_id} "
+            f"succeeds); script {done.group.script}"
+        )
     return 0
 
 
@@ -340,7 +375,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from bigglm.report import format_summary
 
     report = run_demo(
-        args.output, n_scans=args.scans, seed=args.seed, progress=_progress_factory(args)
+        args.output,
+        n_scans=args.scans,
+        n_subjects=args.subjects,
+        seed=args.seed,
+        progress=_progress_factory(args),
     )
     print(format_summary(report.outcomes))
     print(format_report(report))
@@ -350,15 +389,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_demo(sub: SubParsers) -> None:
     parser = sub.add_parser(
         "demo",
-        help="synthetic subject with known activations: run the pipeline, score the recovery",
-        description="Writes a BIDS-derivatives subject (4 mm MNI brain mask, AR(1) noise, "
-        "faces and houses blocks), runs the whole pipeline, and prints how well the true "
-        "effects were recovered.",
+        help="a synthetic study with known activations: run it, score the recovery",
+        description="Writes a BIDS-derivatives study (12 subjects on a 4 mm MNI brain mask, "
+        "AR(1) noise, faces and houses blocks, subject-varying effects and noise), runs the "
+        "first and group levels, and prints how well the true effects were recovered and "
+        "whether family-wise error control held where there is no effect.",
     )
     parser.add_argument(
         "--output", type=Path, default=Path("bigglm-demo"), help="working folder (bigglm-demo)"
     )
-    parser.add_argument("--scans", type=int, default=160, help="volumes in the run (160)")
+    parser.add_argument("--scans", type=int, default=160, help="volumes per run (160)")
+    parser.add_argument(
+        "--subjects", type=int, default=12, help="subjects (12); 1: the first level only"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.set_defaults(func=_cmd_demo)
 
@@ -379,11 +422,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         high_pass=args.high_pass,
         slice_time_ref=args.slice_time_ref,
         address=args.address,
+        tls=_tls_options(args),
         residuals=args.residuals,
         overwrite=args.overwrite,
     )
     print(f"wrote {len(written)} images to {args.output}")
     return 0
+
+
+def _tls_options(args: argparse.Namespace) -> dict[str, str]:
+    given = {"ca_file": args.tls_ca_file, "cert": args.tls_cert, "key": args.tls_key}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _add_fit(sub: SubParsers) -> None:
@@ -412,6 +461,14 @@ def _add_fit(sub: SubParsers) -> None:
     parser.add_argument("--high-pass", type=float, default=0.01, help="Hz (default 0.01)")
     parser.add_argument("--slice-time-ref", type=float, default=0.0, help="0..1 (default 0)")
     parser.add_argument("--address", help="a Dask scheduler address (default: local cluster)")
+    for option, what in (
+        ("ca-file", "the certificate authority"),
+        ("cert", "the client's certificate"),
+        ("key", "the client's private key"),
+    ):
+        parser.add_argument(
+            f"--tls-{option}", metavar="PEM", help=f"for a tls:// --address: {what} (PEM file)"
+        )
     parser.add_argument(
         "--residuals",
         choices=["raw", "whitened"],
@@ -484,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    with _logging_to_stderr(args.verbosity):
+    with _logging_to_stderr(args.verbosity), _termination_unwinds():
         try:
             return int(args.func(args) or 0)
         except USER_ERRORS as err:
@@ -492,10 +549,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                 logger.exception("failed")
             print(f"bigglm {args.command}: error: {_one_line(err, args.command)}", file=sys.stderr)
             return 2
+        except _Terminated:
+            _quiet_shutdown()
+            print(f"bigglm {args.command}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         except KeyboardInterrupt:
             _quiet_shutdown()
             print(f"bigglm {args.command}: interrupted", file=sys.stderr)
             return 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, as an interrupt: what ``scancel``, ``qdel`` and a job's walltime send."""
+
+
+@contextmanager
+def _termination_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` while a command runs, so that it unwinds as
+    Ctrl-C does: the cluster bigglm started is closed (its batch jobs cancelled), the
+    run's TLS credentials removed, and the locks released, instead of the process dying
+    with all of them left behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_shutdown() -> None:

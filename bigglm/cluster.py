@@ -12,6 +12,10 @@ a :class:`~bigglm.config.ClusterConfig` describes and closes what it started on 
 The worker processes of the clusters it starts (not of an ``address`` scheduler) begin with
 the glibc malloc thresholds of :mod:`bigglm.worker_memory` and run its pressure valve,
 unless the profile's ``tune_malloc`` is false.
+
+Every cluster it starts uses TLS with mutual authentication and credentials made for the
+run (:mod:`bigglm.security`); a local cluster listens on loopback only, and every
+dashboard on 127.0.0.1 unless the profile's ``dashboard_address`` says otherwise.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from bigglm.config import ClusterConfig, walltime_seconds
@@ -94,8 +100,9 @@ def local_options(profile: ClusterConfig) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``n_workers``, ``threads_per_worker``, ``memory_limit``, ``processes``, and
-        ``dashboard_address`` (``":0"``: any free port).
+        ``n_workers``, ``threads_per_worker``, ``memory_limit``, ``processes``, ``host``
+        (loopback) and ``dashboard_address`` (default ``"127.0.0.1:0"``: loopback, any
+        free port).
 
     Examples
     --------
@@ -111,17 +118,21 @@ def local_options(profile: ClusterConfig) -> dict[str, Any]:
         "threads_per_worker": threads,
         "memory_limit": profile.memory_limit or "auto",
         "processes": True,
-        "dashboard_address": ":0",
+        "host": "127.0.0.1",
+        "dashboard_address": profile.dashboard_address,
     }
 
 
-def jobqueue_options(profile: ClusterConfig) -> dict[str, Any]:
+def jobqueue_options(profile: ClusterConfig, security: Any = None) -> dict[str, Any]:
     """Keyword arguments for a dask-jobqueue cluster class from a batch profile.
 
     Parameters
     ----------
     profile : ClusterConfig
         A profile with ``profile`` ``slurm``, ``pbs`` or ``sge``.
+    security : distributed.Security, optional
+        File-based credentials (:func:`bigglm.security.batch_security`): the scheduler
+        and the workers then speak ``tls://``, and the job script names the files.
 
     Returns
     -------
@@ -147,8 +158,10 @@ def jobqueue_options(profile: ClusterConfig) -> dict[str, Any]:
         "worker_extra_args": lifetime_options(profile.walltime),
         "python": profile.python or sys.executable,
         # No fixed dashboard port: several clusters may share a login node.
-        "scheduler_options": {"dashboard_address": ":0"},
+        "scheduler_options": {"dashboard_address": profile.dashboard_address},
     }
+    if security is not None:
+        options.update(security=security, protocol="tls://")
     if profile.profile == "sge":
         # SGE has no walltime keyword of its own in dask-jobqueue's template; it is h_rt.
         options["resource_spec"] = f"h_rt={profile.walltime}"
@@ -194,7 +207,10 @@ def _configured_prologue(kind: str) -> list[str]:
 
 @contextmanager
 def client_from_profile(
-    profile: ClusterConfig | None = None, *, tune_malloc: bool | None = None
+    profile: ClusterConfig | None = None,
+    *,
+    tune_malloc: bool | None = None,
+    credentials: str | os.PathLike[str] | None = None,
 ) -> Iterator[Any]:
     """Start or join the Dask cluster a profile describes; yield a connected client.
 
@@ -206,6 +222,10 @@ def client_from_profile(
         Overrides the profile's ``tune_malloc``: whether the worker processes of a
         cluster started here run with bigglm's malloc thresholds and pressure valve
         (:mod:`bigglm.worker_memory`). A scheduler joined by ``address`` is never changed.
+    credentials : path, optional
+        For a batch cluster: the folder on the shared filesystem under which this run's
+        TLS credentials are written (and removed at exit). Default: the profile's
+        ``security.directory``, else ``~/.bigglm/credentials``.
 
     Yields
     ------
@@ -231,14 +251,14 @@ def client_from_profile(
     if tune_malloc is not None:
         profile = profile.model_copy(update={"tune_malloc": tune_malloc})
     if profile.profile == "address":
-        with _connect(profile.address or "") as client:
+        with _connect(profile) as client:
             yield client
         return
     tuned = bool(_malloc_environ(profile))
     with (
         _distributed_level_restored(),
-        _start_cluster(profile) as cluster,
-        Client(cluster) as client,
+        _start_cluster(profile, _credentials_parent(profile, credentials)) as cluster,
+        Client(cluster, security=cluster.security) as client,
     ):
         if profile.profile != "local":
             _wait_for_batch_workers(client, profile)
@@ -267,12 +287,23 @@ def _distributed_level_restored() -> Iterator[None]:
         log.setLevel(level)
 
 
+def _credentials_parent(profile: ClusterConfig, given: str | os.PathLike[str] | None) -> Path:
+    from bigglm.security import DEFAULT_CREDENTIALS
+
+    chosen = profile.security.directory or given or DEFAULT_CREDENTIALS
+    return Path(chosen).expanduser()
+
+
 @contextmanager
-def _connect(address: str) -> Iterator[Any]:
+def _connect(profile: ClusterConfig) -> Iterator[Any]:
     from distributed import Client
 
+    from bigglm.security import address_security
+
+    address, given = profile.address or "", profile.security
+    security = address_security(address, ca_file=given.ca_file, cert=given.cert, key=given.key)
     try:
-        client = Client(address, timeout=CONNECT_TIMEOUT)
+        client = Client(address, timeout=CONNECT_TIMEOUT, security=security)
     except (OSError, TimeoutError) as err:
         raise ConfigError(
             f"cluster.address: cannot reach a Dask scheduler at {address!r} ({err}); "
@@ -284,7 +315,16 @@ def _connect(address: str) -> Iterator[Any]:
 
 
 @contextmanager
-def _start_cluster(profile: ClusterConfig) -> Iterator[Any]:
+def _start_cluster(profile: ClusterConfig, credentials: Path) -> Iterator[Any]:
+    from bigglm.security import batch_security, local_security
+
+    tls = profile.security.tls
+    if not tls:
+        logger.warning(
+            "cluster.security.tls is false: the %s cluster's scheduler accepts any client "
+            "that reaches its port",
+            profile.profile,
+        )
     if profile.profile == "local":
         from distributed import LocalCluster
 
@@ -292,7 +332,7 @@ def _start_cluster(profile: ClusterConfig) -> Iterator[Any]:
 
         # the worker processes inherit SIGINT blocked, and start with the malloc thresholds
         with _interrupts_held(), spawn_environ(_malloc_environ(profile)):
-            cluster = LocalCluster(**local_options(profile))
+            cluster = LocalCluster(**local_options(profile), security=local_security(tls))
         with cluster:
             yield cluster
         return
@@ -303,7 +343,15 @@ def _start_cluster(profile: ClusterConfig) -> Iterator[Any]:
             "can be submitted; run on a login node of that cluster, or use profile 'local'"
         )
     cls = _jobqueue_class(profile.profile)
-    with cls(**jobqueue_options(profile)) as cluster:
+    logs = Path(profile.log_directory).expanduser() if profile.log_directory else None
+    if logs is not None and not logs.exists():  # a folder of yours keeps its mode
+        from bigglm.security import private_folder
+
+        private_folder(logs)
+    with (
+        batch_security(tls, credentials) as security,
+        cls(**jobqueue_options(profile, security)) as cluster,
+    ):
         logger.debug("batch job script:\n%s", cluster.job_script())
         cluster.scale(jobs=profile.jobs)
         yield cluster
@@ -393,7 +441,21 @@ def _wait_for_batch_workers(client: Any, profile: ClusterConfig) -> None:
 def _describe(client: Any) -> str:
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     threads = sum(w.get("nthreads", 0) for w in workers.values())
-    return f"{len(workers)} workers, {threads} threads, dashboard {client.dashboard_link}"
+    link = client.dashboard_link
+    scheduler = client.scheduler.address
+    hint = _tunnel_hint(link)
+    return f"{scheduler}, {len(workers)} workers, {threads} threads, dashboard {link}{hint}"
+
+
+def _tunnel_hint(link: str) -> str:
+    """How to open a loopback dashboard from another machine (an ssh tunnel)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(link)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1") or parts.port is None:
+        return ""
+    host = socket.gethostname()
+    return f" (from your own machine: ssh -L {parts.port}:localhost:{parts.port} {host})"
 
 
 def _available_cores() -> int:

@@ -18,6 +18,7 @@ did-you-mean. Relative paths are resolved against the folder of the YAML file.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 import typing
@@ -49,7 +50,14 @@ from bigglm.design.options import (
 )
 from bigglm.exceptions import ConfigError, not_a_regular_file
 from bigglm.glm.noise import noise_order
-from bigglm.typing import ClusterKind, DriftModel, HRFName, ResidualFormat
+from bigglm.typing import (
+    ClusterKind,
+    DesignConvention,
+    DriftModel,
+    GlobalScaling,
+    HRFName,
+    ResidualFormat,
+)
 
 __all__ = [
     "AnalysisConfig",
@@ -85,6 +93,23 @@ _DESIGN_CHECKS: dict[str, typing.Callable[[Any], Any]] = {
     "oversampling": check_oversampling,
     "min_onset": check_min_onset,
 }
+
+
+_NILEARN_ONLY = ("drift", "drift_order", "fir_delays", "oversampling", "min_onset")
+_SPM_ONLY = ("microtime_resolution", "microtime_onset", "units", "modulators")
+
+
+def _spm_cutoff(value: Any) -> float:
+    """An SPM high-pass cut-off: a period in seconds, so a value below 1 is surely Hz."""
+    cutoff = float(value)
+    if not math.isfinite(cutoff) or cutoff <= 0:
+        raise ValueError(f"high_pass {value!r} must be a positive cut-off period in seconds")
+    if cutoff < 1:
+        raise ValueError(
+            f"high_pass {value!r}: in an SPM convention high_pass is the cut-off period in "
+            f"seconds (SPM's default 128), not Hz; did you mean {1 / cutoff:g}?"
+        )
+    return cutoff
 
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
@@ -213,6 +238,7 @@ class ModelConfig(_Section):
     (grid size, drift order, AR order against the scans) run in ``bigglm validate``.
     """
 
+    convention: DesignConvention = "nilearn"
     hrf: HRFName = "glover"
     drift: DriftModel | None = "cosine"
     high_pass: float = 0.01
@@ -222,6 +248,11 @@ class ModelConfig(_Section):
     slice_time_ref: float | None = Field(default=None, ge=0.0, le=1.0)
     oversampling: int = 50
     min_onset: float = -24.0
+    microtime_resolution: PositiveInt = 16
+    microtime_onset: PositiveInt | None = None
+    units: Literal["secs", "scans"] = "secs"
+    modulators: list[str] = Field(default_factory=list)
+    scaling: GlobalScaling | None = None
 
     @field_validator("noise", mode="before")
     @classmethod
@@ -232,7 +263,53 @@ class ModelConfig(_Section):
     @field_validator("high_pass", "drift_order", "fir_delays", "oversampling", "min_onset")
     @classmethod
     def _design_option(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "high_pass" and str(info.data.get("convention")).startswith("spm"):
+            return _spm_cutoff(value)
         return _DESIGN_CHECKS[str(info.field_name)](value)
+
+    @model_validator(mode="after")
+    def _one_convention(self) -> ModelConfig:
+        """Options of the other convention are refused, not silently ignored."""
+        spm = self.convention.startswith("spm")
+        other = _NILEARN_ONLY if spm else _SPM_ONLY
+        given = sorted(set(other) & self.model_fields_set)
+        if given:
+            raise ValueError(
+                f"{given[0]!r} is not an option of the {self.convention} convention "
+                f"(options of {'nilearn' if spm else 'an SPM'} convention: {list(other)}); "
+                "remove it or change 'convention'"
+            )
+        if spm and "hrf" in self.model_fields_set and not self.hrf.startswith("spm"):
+            raise ValueError(
+                f"hrf {self.hrf!r} is not an SPM basis; the {self.convention} convention "
+                "builds 'spm', 'spm + derivative' or 'spm + derivative + dispersion'"
+            )
+        return self
+
+    def design_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`bigglm.design.make_run_design` for this model."""
+        if self.convention == "nilearn":
+            names: tuple[str, ...] = ("hrf", *_NILEARN_ONLY, "high_pass")
+            return {"convention": "nilearn", **{n: getattr(self, n) for n in names}}
+        options = {"hrf": self.basis, **{n: getattr(self, n) for n in _SPM_ONLY}}
+        options["high_pass"] = self.high_pass if "high_pass" in self.model_fields_set else 128.0
+        return {"convention": self.convention, **options}
+
+    @property
+    def basis(self) -> str:
+        """``hrf`` as given, else the convention's canonical response (``glover`` for
+        nilearn, ``spm`` for SPM)."""
+        if self.convention.startswith("spm") and "hrf" not in self.model_fields_set:
+            return "spm"
+        return str(self.hrf)
+
+    @property
+    def global_scaling(self) -> GlobalScaling:
+        """``scaling`` as given, else SPM's session-wise grand mean scaling in an SPM
+        convention (SPM always applies it) and none in nilearn's."""
+        if self.scaling is not None:
+            return self.scaling
+        return "session" if self.convention.startswith("spm") else "none"
 
 
 class ResidualsConfig(_Section):
@@ -291,6 +368,31 @@ class SubmitConfig(_Section):
         return value
 
 
+class SecurityConfig(_Section):
+    """TLS for the Dask clusters bigglm starts or joins (:mod:`bigglm.security`).
+
+    Clusters bigglm starts (``local``, ``slurm``, ``pbs``, ``sge``) use TLS with mutual
+    authentication and per-run credentials unless ``tls`` is false, the documented opt-out
+    for sites that keep the network private otherwise. ``directory`` (batch profiles) is
+    where the per-run credentials folder is made: on a filesystem the workers share
+    (default: the outputs' ``.bigglm`` folder in a workflow run, else ``~/.bigglm/credentials``).
+    ``ca_file``, ``cert`` and ``key`` (``address`` profile) are the PEM files to join a TLS
+    scheduler with; without them Dask's own ``distributed.comm.tls`` configuration applies.
+    """
+
+    tls: bool = True
+    directory: ConfigPath | None = None
+    ca_file: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> SecurityConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give 'cert' and 'key' together (a certificate and its private key)")
+        return self
+
+
 class ClusterConfig(_Section):
     """A Dask cluster profile: ``local``, ``address``, or a batch system via dask-jobqueue.
 
@@ -321,7 +423,16 @@ class ClusterConfig(_Section):
     interface: str | None = None
     python: str | None = None
     submit: SubmitConfig = Field(default_factory=SubmitConfig)
+    # every profile: TLS (started clusters: on by default; address: the client's files)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     # local and batch: the clusters bigglm starts
+    dashboard_address: str = Field(
+        default="127.0.0.1:0",
+        description=(
+            "Where the scheduler's dashboard listens: loopback and any free port by default "
+            "(reach it with ssh -L); ':8787' would open it to the whole network."
+        ),
+    )
     tune_malloc: bool = Field(
         default=True,
         description=(
@@ -355,6 +466,7 @@ class ClusterConfig(_Section):
                 "tune_malloc only applies to clusters bigglm starts (local, slurm, pbs, sge); "
                 "a scheduler joined by 'address' keeps its workers' settings; remove it"
             )
+        self._security_fits_profile()
         batch = {"jobs", "cores", "processes", "memory", "walltime", "queue", "account"}
         batch |= {"job_extra_directives", "interface", "python"}
         misplaced = sorted(batch & self.model_fields_set) if self.profile == "local" else []
@@ -365,9 +477,98 @@ class ClusterConfig(_Section):
             )
         return self
 
+    def _security_fits_profile(self) -> None:
+        given = self.security.model_fields_set
+        if self.profile == "address":
+            started = sorted(given & {"tls", "directory"})
+            if started or "dashboard_address" in self.model_fields_set:
+                names = ", ".join(f"security.{n}" for n in started) or "dashboard_address"
+                raise ValueError(
+                    f"{names} only apply to clusters bigglm starts; a scheduler joined by "
+                    "'address' uses a tls:// address and security's ca_file, cert and key"
+                )
+            return
+        joined = sorted(given & {"ca_file", "cert", "key"})
+        if joined:
+            raise ValueError(
+                f"security.{', security.'.join(joined)} only apply to profile 'address'; "
+                f"a {self.profile} cluster makes its own credentials for each run"
+            )
+        if self.profile == "local" and "directory" in given:
+            raise ValueError(
+                "security.directory only applies to batch profiles (slurm, pbs, sge); a "
+                "local cluster keeps its credentials in memory"
+            )
+
+
+class PermutationConfig(_Section):
+    """Permutation inference of each group contrast (:func:`bigglm.inference.permutation_test`).
+
+    ``cluster_threshold`` is the cluster-forming threshold as an uncorrected one-sided p
+    value (converted to t with each test's degrees of freedom), for cluster extent and
+    mass FWE p values; ``seed`` is fixed by default so that a rerun gives the same p
+    values (and a resumed workflow reuses them).
+    """
+
+    n_perm: PositiveInt = 10000
+    tfce: bool = False
+    cluster_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    two_sided: bool = False
+    seed: int = 0
+
+
+class GroupInferenceConfig(_Section):
+    """How group maps are thresholded: parametric (``height_control``, ``alpha``,
+    ``cluster_threshold`` in voxels, as nilearn's ``threshold_stats_img``) and, when
+    ``permutation`` is given, permutation tests with FWE-corrected maps."""
+
+    height_control: Literal["fpr", "fdr", "bonferroni"] | None = "fpr"
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.001
+    cluster_threshold: Annotated[int, Field(ge=0)] = 0
+    two_sided: bool = True
+    permutation: PermutationConfig | None = None
+
+
+class GroupConfig(_Section):
+    """The group level of a study: which first-level contrasts go up, the design, the model.
+
+    ``participants``: the table of subjects (default: ``participants.tsv`` of the BIDS
+    raw folder, else of the derivatives folder); not needed for an intercept-only design.
+    ``design``: columns of that table (``intercept`` is the column of ones) or a Wilkinson
+    formula (``"1 + age + C(group)"``), by :func:`bigglm.group.design`. ``inputs``: the
+    first-level t contrasts taken to the group level (default: every t contrast).
+    ``contrasts``: over the design's columns (default: ``mean: intercept``). ``report``:
+    an HTML report per first-level contrast (``group_report.html``).
+    """
+
+    participants: ConfigPath | None = None
+    design: str | list[str] = Field(default_factory=lambda: ["intercept"])
+    model: Literal["ols", "mixed"] = "ols"
+    min_subjects: PositiveInt | None = None
+    inputs: list[str] | None = None
+    contrasts: dict[str, str] = Field(default_factory=lambda: {"mean": "intercept"})
+    inference: GroupInferenceConfig = Field(default_factory=GroupInferenceConfig)
+    report: bool = True
+
+    @field_validator("contrasts")
+    @classmethod
+    def _contrast_names(cls, value: dict[str, str]) -> dict[str, str]:
+        from bigglm.glm.contrasts import check_names
+
+        if not value:
+            raise ValueError("give at least one group contrast, e.g. {mean: intercept}")
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"group contrast name {name!r} is used in file names; use letters, "
+                    "digits and '_' only, starting with a letter (e.g. 'patients_minus_controls')"
+                )
+        check_names(value)
+        return value
+
 
 class AnalysisConfig(_Section):
-    """A whole first-level analysis, as read from YAML."""
+    """A whole study, as read from YAML: the first level and, optionally, the group level."""
 
     inputs: Inputs
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -375,6 +576,7 @@ class AnalysisConfig(_Section):
     outputs: OutputsConfig
     store: StoreConfig = Field(default_factory=StoreConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    group: GroupConfig | None = None
     #: The YAML file it was read from (:func:`load_config`); None when built in Python.
     _source: Path | None = PrivateAttr(default=None)
 
@@ -399,6 +601,45 @@ class AnalysisConfig(_Section):
                 raise ValueError(f"contrast {name!r} is empty; give an expression like 'a - b'")
         check_names(value)  # labels that collide (faces_minus_houses, facesMinusHouses)
         return value
+
+    @model_validator(mode="after")
+    def _group_inputs(self) -> AnalysisConfig:
+        if self.group is None:
+            return self
+        from bigglm.glm.contrasts import default_kind
+
+        for name in self.group.inputs or []:
+            if name not in self.contrasts:
+                known = ", ".join(self.contrasts) or "none"
+                raise ValueError(
+                    f"group.inputs: {name!r} is not a first-level contrast (contrasts: {known})"
+                )
+            if default_kind(self.contrasts[name]) != "t":
+                raise ValueError(
+                    f"group.inputs: {name!r} is an F contrast; the group level takes t "
+                    "contrasts (one effect per subject)"
+                )
+        missing = [m for m in ("effect", "variance") if m not in self.outputs.maps]
+        if missing:
+            raise ValueError(
+                f"the group level reads each subject's effect and variance maps; add "
+                f"{' and '.join(missing)} to outputs.maps"
+            )
+        if not self.group_inputs:
+            raise ValueError("group: no first-level t contrast to take up; add one to contrasts")
+        return self
+
+    @property
+    def group_inputs(self) -> list[str]:
+        """The first-level contrasts the group level takes: ``group.inputs``, else every
+        t contrast (none without a ``group`` section)."""
+        from bigglm.glm.contrasts import default_kind
+
+        if self.group is None:
+            return []
+        if self.group.inputs is not None:
+            return list(self.group.inputs)
+        return [n for n, e in self.contrasts.items() if default_kind(e) == "t"]
 
     @property
     def store_folder(self) -> Path:

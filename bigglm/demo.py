@@ -29,7 +29,18 @@ import pandas as pd
 from bigglm.config import AnalysisConfig, parse_config
 from bigglm.exceptions import DesignError
 
-__all__ = ["DemoTruth", "Recovery", "load_brain_mask", "make_dataset", "recovery", "run_demo"]
+__all__ = [
+    "DemoTruth",
+    "GroupRecovery",
+    "Recovery",
+    "StudyTruth",
+    "group_recovery",
+    "load_brain_mask",
+    "make_dataset",
+    "make_study",
+    "recovery",
+    "run_demo",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +56,9 @@ ACTIVE_FRACTION = 0.25
 #: Shortest demo run (s): room for a faces block and a houses block, whatever the seed.
 MIN_DURATION = 80.0
 Z_THRESHOLD = 3.1
+#: Sign flips of the demo's group permutation test, and its family-wise alpha.
+GROUP_PERMUTATIONS = 1000
+FWE_ALPHA = 0.05
 _SUBJECT, _TASK = "01", "demo"
 
 
@@ -134,13 +148,15 @@ def make_dataset(
     tr: float = 2.0,
     noise_sd: float = 10.0,
     seed: int = 0,
+    subject: str = _SUBJECT,
+    scale: float = 1.0,
 ) -> DemoTruth:
-    """Write the synthetic subject in fMRIPrep's layout and return the truth.
+    """Write one synthetic subject in fMRIPrep's layout and return the truth.
 
     Parameters
     ----------
     folder : str or Path
-        The derivatives folder to create (``sub-01/func/...`` inside).
+        The derivatives folder to create (``sub-<subject>/func/...`` inside).
     n_scans : int
         Volumes in the run.
     tr : float
@@ -149,6 +165,10 @@ def make_dataset(
         Noise standard deviation (baseline is about 1000).
     seed : int
         Seed of the random generator; the same seed gives the same files.
+    subject : str
+        The subject label (``"01"``).
+    scale : float
+        This subject's effects are the population's (:data:`BLOBS`) times ``scale``.
 
     Returns
     -------
@@ -170,16 +190,16 @@ def make_dataset(
     from bigglm.design import frame_times, make_design
 
     _check_length(n_scans, tr)
-    logger.info("demo: writing a synthetic subject to %s", folder)
+    logger.info("demo: writing synthetic subject %s to %s", subject, folder)
     rng = np.random.default_rng(seed)
     mask, affine = load_brain_mask()
-    func = Path(folder) / f"sub-{_SUBJECT}" / "func"
+    func = Path(folder) / f"sub-{subject}" / "func"
     func.mkdir(parents=True, exist_ok=True)
-    prefix = func / f"sub-{_SUBJECT}_task-{_TASK}"
+    prefix = func / f"sub-{subject}_task-{_TASK}"
     events = _events(n_scans, tr, rng)
     events.to_csv(f"{prefix}_events.tsv", sep="\t", index=False)
     design = make_design(frame_times(n_scans, tr), events, hrf="glover", drift=None)
-    effects = _true_effects(mask, affine)
+    effects = {c: scale * e for c, e in _true_effects(mask, affine).items()}
     inside = np.flatnonzero(mask.ravel())
     baseline = 1000.0 + 200.0 * _blob_map(mask, affine, [((0.0, -20.0, 10.0), 40.0, 1.0)])
     rho = 0.2 + 0.2 * rng.random(inside.size)
@@ -203,7 +223,62 @@ def make_dataset(
     return DemoTruth(Path(folder), bold, mask, affine, effects, tr, n_scans)
 
 
-def demo_config(truth: DemoTruth, outputs: str | Path, **cluster: Any) -> AnalysisConfig:
+@dataclass
+class StudyTruth:
+    """The demo study: its subjects' data and the population's true effects."""
+
+    root: Path
+    subjects: list[DemoTruth]
+    effects: dict[str, np.ndarray]  # condition -> the population's true effect volume
+    scales: list[float]  # each subject's effect amplitude relative to the population's
+    noise_sds: list[float]
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.subjects[0].mask
+
+
+def make_study(
+    folder: str | Path, *, n_subjects: int = 12, n_scans: int = 160, seed: int = 0
+) -> StudyTruth:
+    """Write a small study: ``n_subjects`` synthetic subjects that differ as people do.
+
+    Subject ``s`` has the population's effects (:data:`BLOBS`) times an amplitude drawn
+    from N(1, 0.3²) (at least 0.2), noise of standard deviation 10 × U(0.7, 1.5), and its
+    own events' jitter and noise; a ``participants.tsv`` lists them. The group truth is the
+    population's effect: a one-sample group test of ``faces - houses`` should find the
+    face- and house-selective blobs, and nothing where faces and houses are equal.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> study = make_study(tempfile.mkdtemp(), n_subjects=2, n_scans=40)
+    >>> [t.bold.name for t in study.subjects][1]
+    'sub-02_task-demo_desc-preproc_bold.nii.gz'
+    """
+    if n_subjects < 1:
+        raise DesignError(f"the demo needs at least 1 subject, got {n_subjects}")
+    rng = np.random.default_rng(seed)
+    scales = np.maximum(rng.normal(1.0, 0.3, n_subjects), 0.2).round(3).tolist()
+    noise = (10.0 * rng.uniform(0.7, 1.5, n_subjects)).round(2).tolist()
+    labels = [f"{i + 1:02d}" for i in range(n_subjects)]
+    subjects = [
+        make_dataset(
+            folder, n_scans=n_scans, noise_sd=sd, seed=seed * 1000 + i, subject=label, scale=k
+        )
+        for i, (label, k, sd) in enumerate(zip(labels, scales, noise, strict=True))
+    ]
+    table = pd.DataFrame(
+        {"participant_id": [f"sub-{s}" for s in labels], "amplitude": scales, "noise_sd": noise}
+    )
+    table.to_csv(Path(folder) / "participants.tsv", sep="\t", index=False)
+    mask, affine = subjects[0].mask, subjects[0].affine
+    return StudyTruth(Path(folder), subjects, _true_effects(mask, affine), scales, noise)
+
+
+def demo_config(
+    truth: DemoTruth | StudyTruth, outputs: str | Path, **cluster: Any
+) -> AnalysisConfig:
     """The analysis the demo runs: AR(1), both conditions, their difference and an F test.
 
     Parameters
@@ -225,21 +300,34 @@ def demo_config(truth: DemoTruth, outputs: str | Path, **cluster: Any) -> Analys
     >>> truth = make_dataset(tempfile.mkdtemp(), n_scans=40)
     >>> sorted(demo_config(truth, "out").contrasts)
     ['effects_of_interest', 'faces', 'faces_minus_houses', 'houses']
+
+    A study of several subjects also has a group level: a one-sample test of
+    ``faces_minus_houses``, with permutation FWE inference.
     """
-    return parse_config(
-        {
-            "inputs": {"bids": {"derivatives": str(truth.root), "tasks": [_TASK]}},
-            "model": {"hrf": "glover", "drift": "cosine", "high_pass": 0.01, "noise": "ar1"},
-            "contrasts": {
-                "faces": "faces",
-                "houses": "houses",
-                "faces_minus_houses": "faces - houses",
-                "effects_of_interest": ["faces", "houses"],
+    config: dict[str, Any] = {
+        "inputs": {"bids": {"derivatives": str(truth.root), "tasks": [_TASK]}},
+        "model": {"hrf": "glover", "drift": "cosine", "high_pass": 0.01, "noise": "ar1"},
+        "contrasts": {
+            "faces": "faces",
+            "houses": "houses",
+            "faces_minus_houses": "faces - houses",
+            "effects_of_interest": ["faces", "houses"],
+        },
+        "outputs": {"folder": str(outputs), "maps": ["effect", "variance", "stat", "z"]},
+        "cluster": cluster or {"profile": "local"},
+    }
+    if isinstance(truth, StudyTruth) and len(truth.subjects) > 1:
+        config["outputs"]["report"] = False  # one report per subject would double the time;
+        # the group level's report is written
+        config["group"] = {
+            "inputs": ["faces_minus_houses"],
+            "contrasts": {"mean": "intercept"},
+            "inference": {
+                "height_control": None,
+                "permutation": {"n_perm": GROUP_PERMUTATIONS, "seed": 0, "two_sided": True},
             },
-            "outputs": {"folder": str(outputs), "maps": ["effect", "variance", "stat", "z"]},
-            "cluster": cluster or {"profile": "local"},
         }
-    )
+    return parse_config(config)
 
 
 @dataclass
@@ -266,6 +354,7 @@ class DemoReport:
     n_voxels: int = 0
     n_scans: int = 0
     outcomes: list[Any] = field(default_factory=list)
+    group: GroupRecovery | None = None
 
 
 def recovery(
@@ -334,18 +423,21 @@ def run_demo(
     folder: str | Path,
     *,
     n_scans: int = 160,
+    n_subjects: int = 12,
     seed: int = 0,
     client: Any = None,
     progress: Any = None,
 ) -> DemoReport:
-    """Make the synthetic dataset, run the whole pipeline on it, and score the recovery.
+    """Make the synthetic study, run the whole pipeline on it, and score the recovery.
 
     Parameters
     ----------
     folder : str or Path
         Working folder: ``data/`` (the dataset) and ``results/`` (the analysis) go in it.
     n_scans : int
-        Volumes in the synthetic run.
+        Volumes in each subject's run.
+    n_subjects : int
+        Subjects (:func:`make_study`); with more than one, the group level runs too.
     seed : int
         Random seed.
     client : distributed.Client, optional
@@ -356,11 +448,13 @@ def run_demo(
     Returns
     -------
     DemoReport
-        Paths and the recovery of ``faces``, ``houses`` and ``faces_minus_houses``.
+        Paths, the first level's recovery of ``faces``, ``houses`` and
+        ``faces_minus_houses`` in subject 01, and the group level's of
+        ``faces_minus_houses`` (:class:`GroupRecovery`).
 
     Examples
     --------
-    A whole run starts a local cluster and takes seconds (``tests/test_demo.py``
+    A whole run starts a local cluster and takes about a minute (``tests/test_demo.py``
     runs it):
 
     >>> import tempfile
@@ -368,27 +462,86 @@ def run_demo(
     >>> [r.contrast for r in report.recoveries]  # doctest: +SKIP
     ['faces', 'houses', 'faces_minus_houses']
     """
-    from bigglm.pipeline import run_analysis
+    from bigglm.pipeline import UnitOutcome, map_path, run_analysis
 
     folder = Path(folder)
-    truth = make_dataset(folder / "data", n_scans=n_scans, seed=seed)
-    config = demo_config(truth, folder / "results")
-    (outcome,) = run_analysis(config, client=client, progress=progress)
-    report = DemoReport(folder / "data", folder / "results", n_scans=n_scans, outcomes=[outcome])
-    report.n_voxels = int(truth.mask.sum())
-    effects = {
-        "faces": truth.effects["faces"],
-        "houses": truth.effects["houses"],
-        "faces_minus_houses": truth.effects["faces"] - truth.effects["houses"],
-    }
-    from bigglm.pipeline import map_path
-
-    for name, true_effect in effects.items():
-        paths = {stat: map_path(config, outcome.name, name, stat) for stat in ("effect", "z")}
+    study = make_study(folder / "data", n_subjects=n_subjects, n_scans=n_scans, seed=seed)
+    config = demo_config(study, folder / "results")
+    outcomes = run_analysis(config, client=client, progress=progress)
+    report = DemoReport(folder / "data", folder / "results", n_scans=n_scans, outcomes=outcomes)
+    report.n_voxels = int(study.mask.sum())
+    first = study.subjects[0]
+    unit = outcomes[0]
+    assert isinstance(unit, UnitOutcome)
+    for name, true_effect in _contrast_truths(first.effects).items():
+        paths = {stat: map_path(config, unit.name, name, stat) for stat in ("effect", "z")}
         report.recoveries.append(
-            recovery(name, true_effect, paths["effect"], paths["z"], truth.mask)
+            recovery(name, true_effect, paths["effect"], paths["z"], study.mask)
         )
+    if config.group is not None:
+        folder_of = config.outputs.folder / "group" / "contrast-facesMinusHouses"
+        truth = _contrast_truths(study.effects)["faces_minus_houses"]
+        report.group = group_recovery(truth, folder_of, study.mask, n_subjects)
     return report
+
+
+def _contrast_truths(effects: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        "faces": effects["faces"],
+        "houses": effects["houses"],
+        "faces_minus_houses": effects["faces"] - effects["houses"],
+    }
+
+
+@dataclass
+class GroupRecovery:
+    """How well the group level recovered the population's ``faces - houses``."""
+
+    n_subjects: int
+    correlation: float
+    sensitivity: float  # active voxels with p(FWE) < alpha, in the right direction
+    n_active: int
+    n_null: int
+    false_positives: int  # null voxels with p(FWE) < alpha
+
+    @property
+    def fwe_held(self) -> bool:
+        """No null voxel reached p(FWE) < alpha (which happens in 5% of null studies)."""
+        return self.false_positives == 0
+
+
+def group_recovery(
+    truth: np.ndarray, folder: Path, mask: np.ndarray, n_subjects: int
+) -> GroupRecovery:
+    """Score the group maps of one contrast against the population's true effect.
+
+    Active voxels: ``|truth| > 0.25`` of its peak; null voxels: ``|truth| <= 1e-3`` of its
+    peak (faces and houses equal there). Detected: permutation p(FWE) (max-T, two-sided)
+    below :data:`FWE_ALPHA` with the t of the true sign.
+    """
+    from bigglm.glm.contrasts import map_file_name
+
+    def values(prefix: str, stat: str) -> np.ndarray:
+        return np.asarray(_image(folder / map_file_name(prefix, "mean", stat)).dataobj)
+
+    effect = values("group", "effect")
+    t = values("group_desc-permutation", "t")
+    logp = values("group_desc-permutation", "logpmaxt")
+    true, estimate = truth[mask], effect[mask]
+    significant = logp[mask] > -np.log10(FWE_ALPHA)
+    peak = np.abs(true).max()
+    active = np.abs(true) > ACTIVE_FRACTION * peak
+    null = np.abs(true) <= 1e-3 * peak
+    detected = significant & (np.sign(t[mask]) == np.sign(true))
+    ok = np.isfinite(estimate)
+    return GroupRecovery(
+        n_subjects=n_subjects,
+        correlation=round(float(np.corrcoef(estimate[ok], true[ok])[0, 1]), 6),
+        sensitivity=round(float(detected[active].mean()), 6),
+        n_active=int(active.sum()),
+        n_null=int(null.sum()),
+        false_positives=int((significant & null).sum()),
+    )
 
 
 def format_report(report: DemoReport) -> str:
@@ -422,4 +575,14 @@ def format_report(report: DemoReport) -> str:
             f"{r.specificity:>13.2%} {r.n_detected:>7}/{r.n_active:<3} {r.false_positives:>4} "
             f"{r.expected_false_positives:>8.0f}"
         )
+    g = report.group
+    if g is not None:
+        held = "held" if g.fwe_held else "NOT held (this happens in 5% of null studies)"
+        lines += [
+            f"group level ({g.n_subjects} subjects, one-sample faces_minus_houses, "
+            f"{GROUP_PERMUTATIONS} sign flips, max-T p(FWE) < {FWE_ALPHA:g}):",
+            f"  corr(group effect, population truth) {g.correlation:.3f}; sensitivity "
+            f"{g.sensitivity:.1%} of {g.n_active} active voxels",
+            f"  FWE control {held}: {g.false_positives} of {g.n_null} null voxels significant",
+        ]
     return "\n".join(lines)

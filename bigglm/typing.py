@@ -9,7 +9,9 @@ __all__ = [
     "ClusterKind",
     "Connectivity",
     "ContrastKind",
+    "DesignConvention",
     "DriftModel",
+    "GlobalScaling",
     "GroupModel",
     "HRFName",
     "HeightControl",
@@ -21,9 +23,12 @@ __all__ = [
     "ResidualFormat",
 ]
 
-#: Noise models for :func:`bigglm.fit`: ordinary least squares or AR(p) prewhitening.
-#: Any ``"arN"`` with N >= 1 is accepted at run time; these are the documented ones.
-NoiseModel = Literal["ols", "ar1", "ar2", "ar3", "ar4", "ar5", "ar6"]
+#: SPM's global scaling of the data: none, each session's mean global to 100 (SPM's
+#: default grand mean scaling), or each scan's global to 100 (SPM's 'Scaling').
+GlobalScaling = Literal["none", "session", "scan"]
+#: Noise models for :func:`bigglm.fit`: ordinary least squares, AR(p) prewhitening, or
+#: SPM's pooled AR(0.2). Any ``"arN"`` with N >= 1 is accepted at run time.
+NoiseModel = Literal["ols", "ar1", "ar2", "ar3", "ar4", "ar5", "ar6", "spm-ar1"]
 
 #: Named haemodynamic response models (as in nilearn).
 HRFName = Literal[
@@ -35,6 +40,10 @@ HRFName = Literal[
     "glover + derivative + dispersion",
     "fir",
 ]
+
+#: Whose rules build a first-level design: nilearn's, or an SPM release's
+#: (:mod:`bigglm.design.spm`).
+DesignConvention = Literal["nilearn", "spm12", "spm8", "spm5"]
 
 #: Low-frequency drift models (as in nilearn).
 DriftModel = Literal["cosine", "polynomial"]

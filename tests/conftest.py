@@ -162,8 +162,29 @@ def tiny_bids(tmp_path: Path) -> Path:
     return write_tiny_bids(tmp_path / "dataset")
 
 
-def _tiny_config(dataset: Path, outputs: Path, **sections: object) -> dict[str, Any]:
-    """The configuration mapping of an analysis of :func:`write_tiny_bids` data."""
+@pytest.fixture
+def tiny_store(tiny_bids: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Subject 01's run of the tiny dataset converted to ``tmp_path/run.zarr`` (with its
+    brain mask), and its events file."""
+    import bigglm
+
+    func = tiny_bids / "derivatives/sub-01/func"
+    store = bigglm.convert(
+        func / "sub-01_task-tiny_desc-preproc_bold.nii.gz",
+        tmp_path / "run.zarr",
+        mask=func / "sub-01_task-tiny_desc-brain_mask.nii.gz",
+    )
+    return store, tiny_bids / "raw/sub-01/func/sub-01_task-tiny_events.tsv"
+
+
+def _tiny_config(
+    dataset: Path, outputs: Path, *, report: bool = False, **sections: object
+) -> dict[str, Any]:
+    """The configuration mapping of an analysis of :func:`write_tiny_bids` data.
+
+    Without the HTML reports unless ``report`` (their template views take seconds per
+    contrast; the reports are tested where they are asked for, e.g. test_report_browser).
+    """
     config: dict[str, Any] = {
         "inputs": {
             "bids": {"derivatives": str(dataset / "derivatives"), "raw": str(dataset / "raw")},
@@ -171,7 +192,11 @@ def _tiny_config(dataset: Path, outputs: Path, **sections: object) -> dict[str, 
         },
         "model": {"noise": "ar1", "hrf": "glover", "drift": "cosine"},
         "contrasts": {"a": "a", "a_minus_b": "a - b", "any": ["a", "b"]},
-        "outputs": {"folder": str(outputs), "maps": ["effect", "variance", "stat", "z"]},
+        "outputs": {
+            "folder": str(outputs),
+            "maps": ["effect", "variance", "stat", "z"],
+            "report": report,
+        },
         "store": {"time_chunk": 16},
     }
     config.update(sections)
@@ -208,7 +233,7 @@ def local_client():
     from distributed import Client, LocalCluster
 
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
         yield client
@@ -247,3 +272,42 @@ def _assert_same_maps(a: Path, b: Path) -> None:
 def assert_same_maps() -> Callable[[Path, Path], None]:
     """``assert_same_maps(a, b)``: the statistical maps under two outputs folders agree."""
     return _assert_same_maps
+
+
+def _foreign_credentials(folder: Path, trusted_ca: str) -> dict[str, str]:
+    """A certificate and key from another authority, as files in ``folder``, with the
+    cluster's own CA file: an impostor that trusts the scheduler but is not of the run."""
+    from distributed import Security
+
+    other = Security.temporary()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cert.pem").write_text(other.tls_client_cert)
+    (folder / "key.pem").write_text(other.tls_client_key)
+    return {"ca": trusted_ca, "cert": str(folder / "cert.pem"), "key": str(folder / "key.pem")}
+
+
+@pytest.fixture(scope="session")
+def foreign_credentials() -> Callable[[Path, str], dict[str, str]]:
+    """``foreign_credentials(folder, ca_file)``: files ``ca``, ``cert``, ``key`` of an impostor."""
+    return _foreign_credentials
+
+
+def _hand_started_worker(address: str, credentials: dict[str, str] | None) -> Any:
+    """Run ``dask worker ADDRESS`` (with the given TLS files, if any) until it gives up
+    (``--death-timeout 6``); return the finished process."""
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).with_name("dask")), "worker", address, "--no-nanny"]
+    if credentials is not None:
+        command += ["--tls-ca-file", credentials["ca"], "--tls-cert", credentials["cert"]]
+        command += ["--tls-key", credentials["key"]]
+    return subprocess.run(
+        [*command, "--death-timeout", "6"], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def hand_started_worker() -> Callable[[str, dict[str, str] | None], Any]:
+    """``hand_started_worker(address, credentials)``: a ``dask worker`` run to its end."""
+    return _hand_started_worker

@@ -67,7 +67,7 @@ def test_bad_config_is_one_line_with_the_field_and_fix(tmp_path: Path) -> None:
     )
     line = _one_line_error(_bigglm("validate", str(config)), "validate")
     assert line.endswith(
-        "model.noise: 'ar 1' is not a noise model; use 'ols' or 'arN' (e.g. 'ar1')"
+        "model.noise: 'ar 1' is not a noise model; use 'ols', 'arN' (e.g. 'ar1') or 'spm-ar1'"
     )
 
 
@@ -116,16 +116,11 @@ def test_run_prints_a_summary_and_resumes(
 
 
 @pytest.mark.cluster
-def test_fit_command_writes_maps_without_yaml(tiny_bids: Path, tmp_path: Path) -> None:
-    import bigglm
-
+def test_fit_command_writes_maps_without_yaml(
+    tiny_bids: Path, tiny_store: tuple[Path, Path], tmp_path: Path
+) -> None:
     func = tiny_bids / "derivatives/sub-01/func"
-    store = bigglm.convert(
-        func / "sub-01_task-tiny_desc-preproc_bold.nii.gz",
-        tmp_path / "run.zarr",
-        mask=func / "sub-01_task-tiny_desc-brain_mask.nii.gz",
-    )
-    events = tiny_bids / "raw/sub-01/func/sub-01_task-tiny_events.tsv"
+    store, events = tiny_store
     contrasts = ["--contrast", "a_minus_b=a - b", "--contrast", "any=a; b"]
     options = ["--events", str(events), "--noise", "ols", *contrasts]
     out = ["--residuals", "raw", "--output", str(tmp_path / "maps")]

@@ -38,7 +38,9 @@ def test_malloc_tuning_can_be_turned_off() -> None:
 
 def test_noise_error_names_the_field_and_the_fix() -> None:
     message = _error(model={"noise": "ar 1"})
-    assert message == "model.noise: 'ar 1' is not a noise model; use 'ols' or 'arN' (e.g. 'ar1')"
+    assert message == (
+        "model.noise: 'ar 1' is not a noise model; use 'ols', 'arN' (e.g. 'ar1') or 'spm-ar1'"
+    )
 
 
 @pytest.mark.parametrize("noise", ["ols", "ar1", "ar2", "ar12"])

@@ -40,7 +40,7 @@ def client() -> Iterator[Client]:
     """Two single-threaded worker processes (started and closed by this module)."""
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster) as client,
     ):

@@ -192,7 +192,7 @@ def test_convert_many_on_a_local_cluster(write_nifti, brain_series, tmp_path: Pa
     done: list[tuple[int, int]] = []
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster) as client,
     ):

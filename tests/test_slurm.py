@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -67,10 +68,11 @@ def local_reference(
 
 
 def _maps(folder: Path) -> dict[str, np.ndarray]:
+    """The first-level maps under an outputs folder (not the group level's)."""
     return {
         p.name: np.asarray(nib.load(p).dataobj)
         for p in sorted(folder.rglob("*_statmap.nii.gz"))
-        if ".bigglm" not in p.parts
+        if ".bigglm" not in p.parts and (folder / "group") not in p.parents
     }
 
 
@@ -96,20 +98,52 @@ def _slurm_cluster(logs: Path) -> dict[str, Any]:
     }
 
 
-def test_fit_with_workers_that_are_slurm_jobs_matches_local(
-    local_reference: tuple[Path, Path], tiny_config: Any, tmp_path: Path
+def _files_without(secret: str, *folders: Path) -> None:
+    """No file under ``folders`` holds a private key or the given key's text."""
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                text = path.read_bytes().decode("utf-8", "replace")
+                assert "PRIVATE KEY" not in text and secret not in text, path
+
+
+def test_fit_with_workers_that_are_slurm_jobs_speaks_tls_and_matches_local(
+    local_reference: tuple[Path, Path],
+    tiny_config: Any,
+    tmp_path: Path,
+    foreign_credentials: Any,
+    hand_started_worker: Any,
 ) -> None:
+    """The issue's checks on a real SLURM: the fit succeeds over TLS, a client and a
+    worker without the run's credentials are refused, the credentials go at the end, and
+    no file written outside their folder holds them."""
+    from distributed import Client
+
     from bigglm.cluster import client_from_profile
 
     dataset, reference = local_reference
-    config = parse_config(
-        tiny_config(dataset, tmp_path / "out", cluster=_slurm_cluster(tmp_path / "logs"))
-    )
-    with client_from_profile(config.cluster) as client:
+    logs, credentials = tmp_path / "logs", tmp_path / "credentials"
+    config = parse_config(tiny_config(dataset, tmp_path / "out", cluster=_slurm_cluster(logs)))
+    with client_from_profile(config.cluster, credentials=credentials) as client:
+        address = client.scheduler.address
+        assert address.startswith("tls://")
         job_ids = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
         assert job_ids and all(job_ids.values()), job_ids  # every worker runs inside a job
+        assert all(worker.startswith("tls://") for worker in job_ids)
+        folder = Path(client.security.tls_ca_file).parent
+        assert folder.parent == credentials and oct(folder.stat().st_mode & 0o777) == "0o700"
+        key = Path(client.security.tls_client_key).read_text().splitlines()[1]
+        with pytest.raises(OSError):
+            Client(address.replace("tls://", "tcp://"), timeout="5s")
+        impostor = foreign_credentials(tmp_path / "impostor", client.security.tls_ca_file)
+        for files in (None, impostor):
+            assert hand_started_worker(address, files).returncode != 0
+        assert len(client.scheduler_info()["workers"]) == len(job_ids)  # none joined
         run_analysis(config, client=client)
     _assert_same_maps(reference, tmp_path / "out")
+    assert not folder.exists() and list(credentials.iterdir()) == []
+    assert oct(logs.stat().st_mode & 0o777) == "0o700"  # the worker jobs' logs are private
+    _files_without(key, tmp_path / "out", logs)
 
 
 def _wait_for_job(job_id: str, timeout: float = 300.0) -> str:
@@ -164,6 +198,99 @@ def test_submit_end_to_end_matches_local(
     _assert_same_maps(reference, out)
     if mode == "array":  # one task per subject, each on its own local cluster
         assert len(list((out / "logs").glob("bigglm-subject-*.out"))) == 2
+    else:  # the driver's SLURM workers had per-run credentials, gone once it finished
+        assert list((out / ".bigglm" / "credentials").iterdir()) == []
+        assert "tls://" in _logs(out / "logs") + _logs(tmp_path / "worker-logs")
+    worker_logs = [tmp_path / "worker-logs"] if mode == "driver" else []
+    private = [out / ".bigglm", out / ".bigglm" / "jobs", out / "logs", *worker_logs]
+    private += list((out / ".bigglm" / "jobs").glob("*.sh"))
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in private} == {
+        p.name: "0o700" for p in private
+    }
+    _files_without("-----BEGIN", out, *worker_logs)
+
+
+def test_submit_array_then_the_group_level_after_it(
+    local_reference: tuple[Path, Path], tiny_config: Any, tmp_path: Path
+) -> None:
+    """``--mode array`` with a group section: one task per subject, then the group job,
+    held by SLURM until the array succeeded (afterok), fitting both subjects' maps."""
+    dataset, reference = local_reference
+    out, config = tmp_path / "out", tmp_path / "analysis.yaml"
+    cluster = _slurm_cluster(tmp_path / "worker-logs")
+    group = {"min_subjects": 2, "inference": {"height_control": None}}
+    sections = {"cluster": cluster, "group": group}
+    config.write_text(yaml.safe_dump(tiny_config(dataset, out, **sections)))
+    done = subprocess.run(
+        [sys.executable, "-m", "bigglm.cli", "submit", str(config), "--mode", "array"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    array_id, group_id = re.findall(r"submitted job (\d+)", done.stdout)
+    assert f"after job {array_id} succeeds" in done.stdout
+    shown = subprocess.run(["scontrol", "show", "job", group_id], capture_output=True, text=True)
+    assert f"Dependency=afterok:{array_id}" in shown.stdout or "JobState=COMPLETED" in shown.stdout
+    assert set(_wait_for_job(array_id).split()) == {"COMPLETED"}, _logs(out / "logs")
+    assert _wait_for_job(group_id) == "COMPLETED", _logs(out / "logs")
+    _assert_same_maps(reference, out)  # the first level, as a local run
+    effects = np.stack(
+        [
+            np.asarray(nib.load(p).dataobj, dtype=np.float64)
+            for p in sorted(out.glob("sub-*/*_contrast-a_stat-effect_statmap.nii.gz"))
+        ]
+    )
+    t = nib.load(out / "group/contrast-a/group_contrast-mean_stat-t_statmap.nii.gz")
+    expected = effects.mean(axis=0) / (effects.std(axis=0, ddof=1) / np.sqrt(2))
+    inside = np.isfinite(expected)
+    # Compared as 1/t: the one-pass RSS (y'y - b'X'y in float64) has an absolute error
+    # of order eps * y'y, so 1/t, proportional to the residual SD, is accurate to ~1e-7
+    # absolutely, while t's relative error grows as t^2 (4e-5 at |t| = 2700, reached
+    # where the two subjects' effects agree to 4 digits).
+    np.testing.assert_allclose(
+        1 / np.asarray(t.dataobj)[inside], 1 / expected[inside], rtol=1e-5, atol=1e-6
+    )
+
+
+def _worker_jobs() -> list[str]:
+    shown = subprocess.run(
+        ["squeue", "-h", "-n", "dask-worker", "-o", "%i"], capture_output=True, text=True
+    )
+    return shown.stdout.split()
+
+
+def test_sigterm_cancels_the_worker_jobs_and_removes_the_credentials(
+    local_reference: tuple[Path, Path], tiny_config: Any, tmp_path: Path
+) -> None:
+    """What ``scancel`` of a driver job (or its walltime) does to ``bigglm run``: SIGTERM.
+    The run unwinds as after Ctrl-C: one line, the worker jobs cancelled, the key gone."""
+    dataset, _ = local_reference
+    out, config = tmp_path / "out", tmp_path / "analysis.yaml"
+    cluster = _slurm_cluster(tmp_path / "worker-logs")
+    config.write_text(yaml.safe_dump(tiny_config(dataset, out, cluster=cluster)))
+    assert _worker_jobs() == []  # no other test's workers left
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bigglm.cli", "run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not _worker_jobs() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the credentials are written and the worker job submitted
+    keys = list((out / ".bigglm" / "credentials").glob("bigglm-tls-*/key.pem"))
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert keys and run.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "bigglm run: terminated (SIGTERM)"
+    assert "Traceback" not in stderr
+    assert not keys[0].exists() and list(keys[0].parent.parent.iterdir()) == []
+    for _ in range(60):  # scancel's effect shows in squeue within a few seconds
+        if not _worker_jobs():
+            break
+        time.sleep(0.5)
+    assert _worker_jobs() == []
 
 
 def test_submit_dry_run_writes_a_script_only(

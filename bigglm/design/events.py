@@ -67,7 +67,7 @@ def read_table(source: str | Path | pd.DataFrame, kind: str) -> tuple[pd.DataFra
     return table, str(path)
 
 
-def _numeric_column(table: pd.DataFrame, column: str, label: str) -> NDArray[np.float64]:
+def numeric_column(table: pd.DataFrame, column: str, label: str) -> NDArray[np.float64]:
     """A column as float, with an error naming the first bad row."""
     values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
@@ -120,8 +120,8 @@ def read_events(source: str | Path | pd.DataFrame) -> pd.DataFrame:
             f"{label} has no column {missing[0]!r} (found {list(table.columns)}); "
             "BIDS events need 'onset' and 'duration' in seconds"
         )
-    onset = _numeric_column(table, "onset", label)
-    duration = _numeric_column(table, "duration", label)
+    onset = numeric_column(table, "onset", label)
+    duration = numeric_column(table, "duration", label)
     negative = np.flatnonzero(duration < 0)
     if negative.size:
         row = int(negative[0])
@@ -129,12 +129,12 @@ def read_events(source: str | Path | pd.DataFrame) -> pd.DataFrame:
             f"{label}: negative duration {duration[row]} in row {row}; durations are >= 0 s"
         )
     if "modulation" in table.columns:
-        modulation = _numeric_column(table, "modulation", label)
+        modulation = numeric_column(table, "modulation", label)
     else:
         modulation = np.ones_like(onset)
     events = pd.DataFrame(
         {
-            "trial_type": _trial_types(table, label),
+            "trial_type": trial_types(table, label),
             "onset": onset,
             "duration": duration,
             "modulation": modulation,
@@ -143,7 +143,7 @@ def read_events(source: str | Path | pd.DataFrame) -> pd.DataFrame:
     return _merge_duplicates(events, label)
 
 
-def _trial_types(table: pd.DataFrame, label: str) -> NDArray[np.str_] | str:
+def trial_types(table: pd.DataFrame, label: str) -> NDArray[np.str_] | str:
     """Trial types as strings, 'dummy' when the column is absent."""
     if "trial_type" not in table.columns:
         logger.info("%s has no 'trial_type' column: all events are condition 'dummy'", label)

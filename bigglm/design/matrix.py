@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,7 @@ from bigglm.design.options import (
     check_tr,
 )
 from bigglm.exceptions import DesignError
+from bigglm.typing import DesignConvention
 
 __all__ = ["frame_times", "make_design", "make_run_design"]
 
@@ -261,6 +262,7 @@ def make_run_design(
     sample_mask: ArrayLike | None = None,
     slice_time_ref: float = 0.0,
     fill_na: FillNA = "mean",
+    convention: DesignConvention = "nilearn",
     **model: Any,
 ) -> pd.DataFrame:
     """The design of one run from its files: what a YAML config's run entry needs.
@@ -283,9 +285,17 @@ def make_run_design(
         See :func:`frame_times`.
     fill_na : {"mean", "zero", "next"}, default="mean"
         Leading ``n/a`` filling, see :func:`bigglm.design.load_confounds`.
+    convention : {"nilearn", "spm12", "spm8", "spm5"}, default="nilearn"
+        Whose rules build the event and drift columns: nilearn's
+        (:func:`make_design`), or an SPM release's (:func:`bigglm.design.spm.spm_design`:
+        microtime grid, ``spm_hrf`` basis, DCT high-pass with ``high_pass`` a cut-off
+        period in seconds, 128 by default). Confounds and spike columns go before the
+        drift columns either way.
     **model
         Keyword arguments of :func:`make_design` (``hrf``, ``drift``, ``high_pass``,
-        ``drift_order``, ``fir_delays``, ``oversampling``, ``min_onset``).
+        ``drift_order``, ``fir_delays``, ``oversampling``, ``min_onset``), or in an SPM
+        convention of :func:`~bigglm.design.spm.spm_design` (``hrf``, ``high_pass``,
+        ``microtime_resolution``, ``microtime_onset``, ``units``, ``modulators``).
 
     Returns
     -------
@@ -307,22 +317,75 @@ def make_run_design(
     >>> list(X.columns)
     ['go', 'scrub_7', 'constant']
     """
-    allowed = {
-        "hrf",
-        "drift",
-        "high_pass",
-        "drift_order",
-        "fir_delays",
-        "oversampling",
-        "min_onset",
-    }
-    unknown = sorted(set(model) - allowed)
-    if unknown:
-        raise DesignError(f"unknown design option(s) {unknown}; allowed: {sorted(allowed)}")
+    spm = convention != "nilearn"
+    _check_model_options(model, convention, slice_time_ref)
     blocks = []
     if confounds is not None:
         blocks.append(load_confounds(confounds, confound_columns, n_scans=n_scans, fill_na=fill_na))
     if sample_mask is not None:
         blocks.append(scrubbing_regressors(sample_mask, n_scans))
     extra = pd.concat(blocks, axis=1) if blocks else None
-    return make_design(frame_times(n_scans, tr, slice_time_ref), events, confounds=extra, **model)
+    if not spm:
+        times = frame_times(n_scans, tr, slice_time_ref)
+        return make_design(times, events, confounds=extra, **model)
+    from bigglm.design.spm import spm_design
+
+    frame_times(n_scans, tr)  # the same checks of n_scans and tr as the nilearn path
+    design = spm_design(n_scans, check_tr(tr), events, convention=convention, **model)
+    return _with_confounds(design, extra)
+
+
+_NILEARN_OPTIONS = (
+    "hrf",
+    "drift",
+    "high_pass",
+    "drift_order",
+    "fir_delays",
+    "oversampling",
+    "min_onset",
+)
+_SPM_OPTIONS = (
+    "hrf",
+    "high_pass",
+    "microtime_resolution",
+    "microtime_onset",
+    "units",
+    "modulators",
+)
+
+
+def _check_model_options(model: dict[str, Any], convention: str, slice_time_ref: float) -> None:
+    """Refuse the options another convention understands, naming the convention."""
+    if convention not in get_args(DesignConvention):
+        raise DesignError(
+            f"convention={convention!r} is not known; use one of {list(get_args(DesignConvention))}"
+        )
+    allowed = _NILEARN_OPTIONS if convention == "nilearn" else _SPM_OPTIONS
+    unknown = sorted(set(model) - set(allowed))
+    if unknown:
+        raise DesignError(
+            f"unknown design option(s) {unknown} for the {convention} convention; "
+            f"allowed: {list(allowed)}"
+        )
+    if convention != "nilearn" and slice_time_ref:
+        raise DesignError(
+            f"slice_time_ref={slice_time_ref} is nilearn's option; in the {convention} "
+            "convention the sampling time within a scan is microtime_onset (SPM's fmri_t0)"
+        )
+
+
+def _with_confounds(design: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataFrame:
+    """Confound and spike columns inserted before the drift columns."""
+    if extra is None:
+        return design
+    first_drift = next(
+        i for i, c in enumerate(design.columns) if c.startswith("drift_") or c == "constant"
+    )
+    extra = extra.set_axis(design.index, axis=0)
+    out = pd.concat([design.iloc[:, :first_drift], extra, design.iloc[:, first_drift:]], axis=1)
+    duplicated = out.columns[out.columns.duplicated()].unique().tolist()
+    if duplicated:
+        raise DesignError(f"design columns {duplicated} appear twice; rename the confound")
+    _check_columns_fit(out)
+    _warn_if_rank_deficient(out)
+    return out.astype(np.float64)

@@ -669,7 +669,7 @@ def fixed_effects(
     return effect, covariance.transpose(1, 2, 0), dof
 
 
-def map_file_name(prefix: str, file_label: str, stat: str) -> str:
+def map_file_name(prefix: str, file_label: str, stat: str, *, extension: str = ".nii.gz") -> str:
     """The BIDS-derivatives name of a contrast's map (the one builder of that name).
 
     The names of BIDS Stats Models derivatives:
@@ -686,6 +686,9 @@ def map_file_name(prefix: str, file_label: str, stat: str) -> str:
         The statistic: ``effect``, ``variance``, ``t``, ``F``, ``p``, ``z`` (or a
         permutation map's, :mod:`bigglm.inference.outputs`). The generic ``"stat"`` of a
         contrast's maps becomes ``t`` or ``F`` by :func:`map_stat` first.
+    extension : str
+        The file's extension: ``.nii.gz`` (volumes), ``.shape.gii`` (GIFTI, one file per
+        hemisphere, the ``hemi`` entity in ``prefix``) or ``.dscalar.nii`` (CIFTI-2).
 
     Returns
     -------
@@ -702,13 +705,15 @@ def map_file_name(prefix: str, file_label: str, stat: str) -> str:
     'sub-01_contrast-facesMinusHouses_stat-z_statmap.nii.gz'
     >>> map_file_name("", "any", map_stat("stat", "F"))
     'contrast-any_stat-F_statmap.nii.gz'
+    >>> map_file_name("sub-01_hemi-L", "a", "z", extension=".shape.gii")
+    'sub-01_hemi-L_contrast-a_stat-z_statmap.shape.gii'
     """
     if stat == "stat":
         raise DesignError(
             "map_file_name: 'stat' names no statistic; give 't' or 'F' (map_stat(name, kind))"
         )
     entities = f"{prefix}_" if prefix else ""
-    return f"{entities}contrast-{file_label}_stat-{stat}_statmap.nii.gz"
+    return f"{entities}contrast-{file_label}_stat-{stat}_statmap{extension}"
 
 
 def map_stat(name: str, kind: ContrastKind) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from operator import getitem
 from os import PathLike
@@ -31,7 +32,8 @@ from bigglm.glm.graphs import with_inputs
 from bigglm.glm.noise import check_fit_size, noise_order
 from bigglm.glm.result import GLMResult
 from bigglm.glm.stats import DesignTerms, chunk_statistics, combine
-from bigglm.typing import NoiseModel
+from bigglm.io.geometry import COLUMN_COORDS, GEOMETRY_ATTRS
+from bigglm.typing import GlobalScaling, NoiseModel
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -46,6 +48,7 @@ def fit(
     designs: pd.DataFrame | np.ndarray | Sequence[pd.DataFrame | np.ndarray],
     *,
     noise: NoiseModel | str = "ols",
+    scaling: GlobalScaling = "none",
     client: Client | None = None,
     split_every: int = 4,
 ) -> GLMResult:
@@ -59,10 +62,23 @@ def fit(
     designs : pandas.DataFrame or list of them
         One design matrix (scans x regressors, named columns) per run. A bare array
         gets columns ``x0, x1, ...``.
-    noise : {"ols", "ar1", "ar2", ...}
+    noise : {"ols", "ar1", "ar2", ..., "spm-ar1"}
         Ordinary least squares, or GLS with per-voxel AR(p) noise estimated by
         Yule–Walker from the OLS residuals (see :mod:`bigglm.glm.ar` for the exact
-        whitening convention and how it compares with nilearn and statsmodels).
+        whitening convention and how it compares with nilearn and statsmodels), or
+        SPM12's AR(0.2) model: one covariance for all voxels, estimated by ReML from the
+        voxels the effects of interest drive (:mod:`bigglm.glm.pooled`; the high-pass
+        set is the columns named ``drift_*``). That estimate is a first pass over the
+        data, computed when ``fit`` is called; the whitened fit stays lazy.
+    scaling : {"none", "session", "scan"}
+        SPM's global scaling of the data before the fit: ``"session"`` multiplies each
+        run by ``100 / mean(global)`` (SPM's grand mean scaling, which it always
+        applies), ``"scan"`` each scan by ``100 / global`` (SPM's 'Scaling' global
+        normalisation). A scan's global is SPM's: the mean of the voxels above an eighth
+        of the scan's mean over the whole volume, recorded per scan by
+        :func:`bigglm.convert` (``spm_global`` in the store). Session scaling changes
+        betas and variances, not t or z of one run; the factors are kept in the result's
+        attributes (``global_scaling``).
     client : distributed.Client, optional
         Where to compute. Without one, Dask's default is used: an active
         ``distributed`` client if there is one, otherwise the threaded scheduler
@@ -107,13 +123,75 @@ def fit(
         )
     datasets = [_open(run) for run in run_list]
     _check_distinct(run_list, datasets)
+    scaled = [_globally_scaled(ds, scaling, index) for index, ds in enumerate(datasets)]
+    datasets = [ds for ds, _ in scaled]
+    notes = [note for _, note in scaled]
     _check_same_voxels(datasets)
     frames = [_as_frame(d) for d in design_list]
-    built = [
-        _run_graph(ds, frame, order, noise, split_every, index)
-        for index, (ds, frame) in enumerate(zip(datasets, frames, strict=True))
-    ]
+    if noise == "spm-ar1":
+        built = _spm_ar1_graphs(datasets, frames, split_every, client, notes)
+    else:
+        built = [
+            _run_graph(ds, frame, order, noise, split_every, index, notes=note)
+            for index, (ds, frame, note) in enumerate(zip(datasets, frames, notes, strict=True))
+        ]
     return GLMResult([b[0] for b in built], [b[1] for b in built], client=client, like=run_list)
+
+
+def _spm_ar1_graphs(
+    datasets: list[xr.Dataset],
+    frames: list[pd.DataFrame],
+    split_every: int,
+    client: Client | None,
+    notes: list[dict[str, Any]],
+) -> list[tuple[xr.Dataset, list[tuple[slice, Delayed]]]]:
+    """SPM's AR(0.2) model: the pooled covariance pass now, the whitened fits lazily."""
+    from bigglm.glm.pooled import spm_ar1_runs
+
+    for index, (ds, frame) in enumerate(zip(datasets, frames, strict=True)):
+        _check(ds, frame, 0, index)
+    whitened = spm_ar1_runs(datasets, frames, client=client)
+    built = [
+        _run_graph(
+            run.dataset,
+            run.design,
+            0,
+            "spm-ar1",
+            split_every,
+            index,
+            residual_dof=run.residual_dof,
+            dof=run.dof,
+            notes={**note, "spm_ar1": run.summary, "whitening": "SPM AR(0.2), pooled ReML"},
+        )
+        for index, (run, note) in enumerate(zip(whitened, notes, strict=True))
+    ]
+    for (dataset, _), frame in zip(built, frames, strict=True):
+        dataset["model_design"] = (("time", "regressor"), frame.to_numpy(dtype=np.float64))
+    return built
+
+
+def _globally_scaled(ds: xr.Dataset, scaling: str, index: int) -> tuple[xr.Dataset, dict[str, Any]]:
+    """The run scaled as SPM does (lazily), and the note recording the factors."""
+    if scaling == "none":
+        return ds, {}
+    if scaling not in ("session", "scan"):
+        raise DesignError(f"scaling={scaling!r} is not known; use 'none', 'session' or 'scan'")
+    recorded = ds.attrs.get("spm_global")
+    values = np.asarray([np.nan if g is None else g for g in recorded or []], dtype=np.float64)
+    if values.shape != (ds.sizes["time"],) or not (np.isfinite(values).all() and values.min() > 0):
+        raise DesignError(
+            f"run {index} has no usable per-scan globals for scaling={scaling!r} (found "
+            f"{values.size} for {ds.sizes['time']} scans); stores converted by this bigglm "
+            "record them (attribute 'spm_global'): convert the run again, or use "
+            "scaling='none'"
+        )
+    factors = 100.0 / (values if scaling == "scan" else np.full_like(values, values.mean()))
+    bold = ds["bold"] * xr.DataArray(factors, dims="time")
+    out = ds.assign(bold=bold.astype(np.float64).assign_attrs(ds["bold"].attrs))
+    recorded_factor: float | list[float] = (
+        factors.tolist() if scaling == "scan" else float(factors[0])
+    )
+    return out, {"global_scaling": {"mode": scaling, "factor": recorded_factor}}
 
 
 def _as_list(value: Any, single: tuple[type, ...]) -> list[Any]:
@@ -170,7 +248,7 @@ def _check_same_voxels(datasets: list[xr.Dataset]) -> None:
     for index, ds in enumerate(datasets[1:], start=1):
         same = ds.sizes["voxel"] == first.sizes["voxel"] and all(
             np.array_equal(ds[c].values, first[c].values)
-            for c in ("i", "j", "k")
+            for c in COLUMN_COORDS
             if c in ds.coords and c in first.coords
         )
         if not same:
@@ -257,16 +335,27 @@ def _voxel_chunks(bold: xr.DataArray, n_regressors: int, order: int) -> xr.DataA
 
 
 def _run_graph(
-    ds: xr.Dataset, frame: pd.DataFrame, order: int, noise: str, split_every: int, index: int
+    ds: xr.Dataset,
+    frame: pd.DataFrame,
+    order: int,
+    noise: str,
+    split_every: int,
+    index: int,
+    *,
+    residual_dof: float | None = None,
+    dof: float | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> tuple[xr.Dataset, list[tuple[slice, Delayed]]]:
     """The lazy result Dataset of one run, and its per-voxel-block finish tasks.
 
-    The graph is written out task by task (:mod:`bigglm.glm.graphs`)."""
+    The graph is written out task by task (:mod:`bigglm.glm.graphs`). A noise model that
+    whitens before the fit gives its own divisor of the residual sum of squares
+    (``residual_dof``), degrees of freedom (``dof``) and provenance (``notes``)."""
     _check(ds, frame, order, index)
-    terms = DesignTerms.build(frame.to_numpy(), order)
+    terms = replace(DesignTerms.build(frame.to_numpy(), order), residual_dof=residual_dof)
     bold = _voxel_chunks(_time_chunks(ds["bold"], order), frame.shape[1], order)
     array: da.Array = bold.data
-    token = tokenize(array.name, frame.to_numpy(), order, split_every)
+    token = tokenize(array.name, frame.to_numpy(), order, split_every, residual_dof)
     terms_key = f"DesignTerms-{token}"
     layer: dict[Any, Any] = {terms_key: terms}
     starts = np.concatenate([[0], np.cumsum(array.chunks[0])[:-1]]).astype(int)
@@ -297,6 +386,9 @@ def _run_graph(
         finishes.append((slice(lo, lo + width), Delayed(key, graph)))
         lo += width
     dataset = _lazy_dataset(ds, frame, terms, graph, token, finish_keys, array.chunks[1], noise)
+    if dof is not None:
+        dataset["dof"] = ((), float(dof))
+    dataset.attrs.update(notes or {})
     return dataset, finishes
 
 
@@ -351,7 +443,7 @@ def _lazy_dataset(
     coords: dict[str, Any] = {"regressor": np.array(list(frame.columns), dtype=object)}
     if order:
         coords["lag"] = np.arange(1, order + 1)
-    for name in ("voxel", "time", "i", "j", "k"):
+    for name in ("time", *COLUMN_COORDS):
         if name in ds.coords:
             coords[name] = ds.coords[name]
     out = xr.Dataset(variables, coords=coords)
@@ -372,7 +464,7 @@ def _provenance(ds: xr.Dataset, noise: str, terms: DesignTerms) -> dict[str, Any
     """JSON-serialisable attributes: the run's geometry and how the fit was made."""
     from bigglm import __version__
 
-    keep = ("affine", "volume_shape", "tr", "store", "sources", "units")
+    keep = (*GEOMETRY_ATTRS, "affine", "volume_shape", "tr", "store", "sources", "units")
     attrs = {k: ds.attrs[k] for k in keep if k in ds.attrs}
     attrs.update(
         noise=noise,

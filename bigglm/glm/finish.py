@@ -53,7 +53,7 @@ def finish_block(total: Partial, offset: Array, terms: DesignTerms) -> dict[str,
     >>> out["beta"][:, 0]
     array([2., 7.])
     """
-    dof = terms.matrix.shape[0] - terms.rank
+    dof = terms.variance_dof
     energy = total.lag_sums[0]
     status = np.select(
         [~np.isfinite(energy), energy == 0],

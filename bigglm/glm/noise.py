@@ -1,4 +1,4 @@
-"""The noise model option (``"ols"`` or ``"arP"``) and the run length it needs.
+"""The noise model option (``"ols"``, ``"arP"`` or ``"spm-ar1"``) and the run length it needs.
 
 One home for the checks that :func:`bigglm.fit`, the YAML config (``model.noise``), the
 ``bigglm fit --noise`` flag and ``bigglm validate`` share. Pure Python: reading a config
@@ -13,16 +13,21 @@ from bigglm.exceptions import DesignError
 
 __all__ = ["check_fit_size", "noise_order"]
 
-_NOISE = re.compile(r"ols|ar([1-9][0-9]*)")
+_NOISE = re.compile(r"ols|spm-ar1|ar([1-9][0-9]*)")
+#: What a wrong noise option is told to use.
+_CHOICES = "use 'ols', 'arN' (e.g. 'ar1') or 'spm-ar1'"
 
 
 def noise_order(noise: object) -> int:
-    """0 for ``"ols"``, P for ``"arP"`` (P >= 1).
+    """0 for ``"ols"``, P for ``"arP"`` (P >= 1), 0 for ``"spm-ar1"``.
+
+    ``"spm-ar1"`` is SPM's AR(0.2) model (:mod:`bigglm.glm.pooled`): one whitening matrix
+    for all voxels, so each voxel's fit is OLS of whitened data.
 
     Parameters
     ----------
     noise : str
-        ``"ols"`` or ``"ar1"``, ``"ar2"``, ...
+        ``"ols"``, ``"ar1"``, ``"ar2"``, ..., or ``"spm-ar1"``.
 
     Returns
     -------
@@ -36,16 +41,16 @@ def noise_order(noise: object) -> int:
 
     Examples
     --------
-    >>> noise_order("ols"), noise_order("ar2")
-    (0, 2)
+    >>> noise_order("ols"), noise_order("ar2"), noise_order("spm-ar1")
+    (0, 2, 0)
     >>> noise_order("ar0")
     Traceback (most recent call last):
     ...
-    bigglm.exceptions.DesignError: 'ar0' is not a noise model; use 'ols' or 'arN' (e.g. 'ar1')
+    bigglm.exceptions.DesignError: 'ar0' is not a noise model; use 'ols', 'arN' (e.g. ...
     """
     match = _NOISE.fullmatch(noise) if isinstance(noise, str) else None
     if match is None:
-        raise DesignError(f"{noise!r} is not a noise model; use 'ols' or 'arN' (e.g. 'ar1')")
+        raise DesignError(f"{noise!r} is not a noise model; {_CHOICES}")
     return int(match.group(1) or 0)
 
 

@@ -144,9 +144,11 @@ def write_contrast_maps(
     overwrite: bool,
     stats: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write each contrast's maps as NIfTI files with BIDS-derivatives names.
+    """Write each contrast's maps as image files with BIDS-derivatives names.
 
-    Named by :func:`~bigglm.glm.contrasts.map_file_name`, on the voxel grid of ``like``.
+    Named by :func:`~bigglm.glm.contrasts.map_file_name`, on the voxel grid of ``like``:
+    NIfTI for a volume; for a run on surfaces, GIFTI (``*_hemi-L_..._statmap.shape.gii``,
+    one per hemisphere) or CIFTI-2 (``*_statmap.dscalar.nii``), as its store holds them.
 
     Parameters
     ----------
@@ -159,7 +161,7 @@ def write_contrast_maps(
         as :func:`~bigglm.glm.result.contrast_maps` gives them; called once every path
         has been checked.
     like : store path or xarray.Dataset
-        The voxel grid of the images.
+        The voxel grid (or surfaces) of the images.
     prefix : str
         BIDS entities, e.g. ``"sub-01_task-faces"``.
     kind : {"t", "F"}
@@ -196,22 +198,76 @@ def write_contrast_maps(
     ['sub-01_contrast-a_stat-effect_statmap.nii.gz', 'sub-01_contrast-a_stat-t_statmap.nii.gz']
     """
     from bigglm.io.artefacts import check_replaceable
-    from bigglm.io.export import to_nifti
 
     named, labels = con.named_contrasts(contrasts), con.file_labels(contrasts)
     out_dir = _output_folder(directory)
     stats = ("effect", "variance", kind, "p", "z") if stats is None else tuple(stats)
+    grid = _MapFormat.of(like)
     for name in named:
         for stat in stats:
-            path = out_dir / con.map_file_name(prefix, labels[name], con.map_stat(stat, kind))
-            check_replaceable(path, "image", overwrite=overwrite)
+            for path in grid.paths(out_dir, prefix, labels[name], con.map_stat(stat, kind)):
+                check_replaceable(path, "image", overwrite=overwrite)
     written = []
     for name, spec in named.items():
         for stat, values in maps_of(spec).items():
-            path = out_dir / con.map_file_name(prefix, labels[name], con.map_stat(stat, kind))
-            to_nifti(values, like, path, overwrite=overwrite)
-            written.append(path)
+            paths = grid.paths(out_dir, prefix, labels[name], con.map_stat(stat, kind))
+            grid.write(values, paths, overwrite=overwrite)
+            written.extend(paths)
     return written
+
+
+class _MapFormat:
+    """How the maps of a run are written: NIfTI on its grid, GIFTI per hemisphere, or
+    CIFTI-2, as the run came in (its store's geometry, :mod:`bigglm.io.store`)."""
+
+    def __init__(self, like: xr.Dataset) -> None:
+        from bigglm.io.geometry import geometry_of
+
+        self.like = like
+        self.geometry = geometry_of(like.attrs)
+        self.hemis = list(like.attrs.get("hemispheres", {}))
+
+    @classmethod
+    def of(cls, like: str | os.PathLike[str] | xr.Dataset) -> _MapFormat:
+        from bigglm.io.store import open_run
+
+        return cls(like if isinstance(like, xr.Dataset) else open_run(like))
+
+    def paths(self, folder: Path, prefix: str, label: str, stat: str) -> list[Path]:
+        """The file(s) of one map: one per hemisphere for GIFTI (``hemi`` entity)."""
+        if self.geometry == "vertex":
+            return [
+                folder
+                / con.map_file_name(_with_hemi(prefix, h), label, stat, extension=".shape.gii")
+                for h in self.hemis
+            ]
+        extension = ".dscalar.nii" if self.geometry == "grayordinate" else ".nii.gz"
+        return [folder / con.map_file_name(prefix, label, stat, extension=extension)]
+
+    def write(self, values: xr.DataArray, paths: list[Path], *, overwrite: bool) -> None:
+        from bigglm.io.export import to_cifti, to_gifti, to_nifti
+
+        if self.geometry == "vertex":
+            to_gifti(
+                values, self.like, dict(zip(self.hemis, paths, strict=True)), overwrite=overwrite
+            )
+        elif self.geometry == "grayordinate":
+            to_cifti(values, self.like, paths[0], overwrite=overwrite)
+        else:
+            to_nifti(values, self.like, paths[0], overwrite=overwrite)
+
+
+def _with_hemi(prefix: str, hemi: str) -> str:
+    """``prefix`` with the BIDS ``hemi`` entity, before ``space`` as BIDS orders them.
+
+    Examples
+    --------
+    >>> _with_hemi("sub-01_task-x_space-fsaverage5", "L"), _with_hemi("", "R")
+    ('sub-01_task-x_hemi-L_space-fsaverage5', 'hemi-R')
+    """
+    entities = prefix.split("_") if prefix else []
+    at = next((i for i, e in enumerate(entities) if e.startswith("space-")), len(entities))
+    return "_".join([*entities[:at], f"hemi-{hemi}", *entities[at:]])
 
 
 def residual_paths(
@@ -357,9 +413,13 @@ def _groups(n_runs: int) -> list[str | None]:
 
 
 def _load(path: str | os.PathLike[str], group: str | None) -> xr.Dataset:
-    """One run of a result store, in memory; a chunk failing its checksum is a StoreError."""
+    """One run of a result store, in memory; a chunk failing its checksum is a StoreError.
+
+    Read here, by threads, whatever Dask client is the default: the values end in this
+    process anyway, and a round trip through a cluster's workers costs a task per chunk
+    and a transfer per variable (3 s for the demo subject's result, 0.1 s here)."""
     try:
-        return xr.open_zarr(path, group=group, consolidated=False).load()
+        return xr.open_zarr(path, group=group, consolidated=False).load(scheduler="threads")
     except ValueError as err:
         if "checksum" not in str(err):
             raise

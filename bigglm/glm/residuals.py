@@ -246,7 +246,14 @@ def run_residuals(source: xr.Dataset, fitted: xr.Dataset, *, whitened: bool) -> 
         per_block = [_scattered(client, values, data.chunks[1]) for values in per_voxel]
     else:
         per_block = [per_voxel_block(values, data.chunks[1]) for values in per_voxel]
-    array = residual_array(data, fitted["design"].values, *per_block)
+    # a model fitted to transformed data (noise="spm-ar1") keeps the design of the data
+    design = fitted["model_design" if "model_design" in fitted else "design"].values
+    if whitened and "model_design" in fitted:
+        raise ValueError(
+            f"whitened residuals of noise={fitted.attrs.get('noise')!r} are not provided; "
+            "use whitened=False for Y - X beta"
+        )
+    array = residual_array(data, design, *per_block)
     phi = per_block[1] if len(per_block) > 1 else None
     coords = {k: v for k, v in bold.coords.items() if set(v.dims) <= {"time", "voxel"}}
     kind = "whitened residuals W(Y - X beta)" if phi is not None else "residuals Y - X beta"

@@ -365,7 +365,7 @@ class GLMResult:
         precision_weighted: bool = False,
         overwrite: bool = False,
     ) -> list[Path]:
-        """Write contrast maps as NIfTI files with BIDS-derivatives names.
+        """Write contrast maps as NIfTI files (GIFTI or CIFTI-2 for surface runs) with BIDS names.
 
         For each contrast, ``<prefix>_contrast-<label>_stat-<stat>_statmap.nii.gz`` for
         stat in effect, variance, t or F, p and z (for F, effect and variance are 4D: one
@@ -375,7 +375,10 @@ class GLMResult:
         collide, and names holding ``/``, ``\\`` or ``..``, are refused before anything is
         written. Each file is
         written atomically by :func:`bigglm.to_nifti`, on the grid of the first run
-        (the store the result was fitted from, also after :meth:`from_zarr`).
+        (the store the result was fitted from, also after :meth:`from_zarr`). A run
+        converted from GIFTI gets one ``<prefix with hemi-L>_..._statmap.shape.gii`` per
+        hemisphere (:func:`bigglm.to_gifti`; the ``hemi`` entity goes before ``space``),
+        one from CIFTI-2 a ``..._statmap.dscalar.nii`` (:func:`bigglm.to_cifti`).
 
         Parameters
         ----------

@@ -63,6 +63,8 @@ class DesignTerms:
     ar1 : Ar1Basis or None
         For AR(1) noise, the basis in which every voxel's whitened Gram is a diagonal
         plus a rank-2 term (:class:`~bigglm.glm.ar1.Ar1Basis`); None otherwise.
+    residual_dof : float or None
+        The divisor of the residual sum of squares when it is not ``T - rank``.
 
     Examples
     --------
@@ -83,6 +85,15 @@ class DesignTerms:
     probes: Array
     lag_map: Array
     ar1: Ar1Basis | None = None
+    residual_dof: float | None = None
+
+    @property
+    def variance_dof(self) -> float:
+        """What the residual sum of squares is divided by: ``T - rank`` unless a noise
+        model sets its own (SPM's ``trRV`` for ``noise="spm-ar1"``)."""
+        if self.residual_dof is not None:
+            return self.residual_dof
+        return float(self.matrix.shape[0] - self.rank)
 
     @classmethod
     def build(cls, matrix: ArrayLike, order: int) -> DesignTerms:

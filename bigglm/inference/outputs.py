@@ -1,6 +1,8 @@
 """Permutation results as NIfTI maps with BIDS-derivatives names.
 
-``<prefix>_contrast-<label>_stat-<stat>_statmap.nii.gz``, the statistics named as
+``<prefix>_contrast-<label>_stat-<stat>_statmap.nii.gz`` (for maps on surfaces, GIFTI
+``*_hemi-L_..._statmap.shape.gii`` or CIFTI-2 ``*.dscalar.nii``,
+:func:`bigglm.glm.persistence.write_contrast_maps`), the statistics named as
 nilearn's ``non_parametric_inference`` outputs (``-log10 p``):
 
 ============================  =====================================================
@@ -89,14 +91,7 @@ def write_maps(
     """
     from bigglm.glm.persistence import write_contrast_maps
 
-    if "mask" not in result or "affine" not in result.attrs:
-        raise StoreError(
-            "this permutation result has no voxel grid (tested from a Dataset without mask "
-            "and affine); test a group store from bigglm.group.collect to write NIfTI maps"
-        )
-    like = xr.Dataset(
-        {"mask": result["mask"]}, attrs={"affine": result.attrs["affine"], "tr": None}
-    )
+    like = _grid_of(result)
     present = {stat: name for stat, (name, _) in MAPS.items() if name in result}
 
     def maps_of(_: object) -> dict[str, xr.DataArray]:
@@ -111,6 +106,25 @@ def write_maps(
         kind="t",
         overwrite=overwrite,
         stats=list(present),
+    )
+
+
+def _grid_of(result: xr.Dataset) -> xr.Dataset:
+    """Where a permutation result's maps go: its voxel grid, or its surface geometry
+    (columns of a vertex or grayordinate Dataset: GIFTI or CIFTI-2 maps)."""
+    from bigglm.io.geometry import COLUMN_COORDS, GEOMETRY_ATTRS, geometry_of
+
+    if geometry_of(result.attrs) != "voxel":
+        coords = {k: result[k] for k in COLUMN_COORDS if k in result.coords}
+        attrs = {k: result.attrs[k] for k in GEOMETRY_ATTRS if k in result.attrs}
+        return xr.Dataset(coords=coords, attrs=attrs)
+    if "mask" not in result or "affine" not in result.attrs:
+        raise StoreError(
+            "this permutation result has no voxel grid (tested from a Dataset without mask "
+            "and affine); test a group store from bigglm.group.collect to write NIfTI maps"
+        )
+    return xr.Dataset(
+        {"mask": result["mask"]}, attrs={"affine": result.attrs["affine"], "tr": None}
     )
 
 

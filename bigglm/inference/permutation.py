@@ -110,6 +110,7 @@ def permutation_test(
     tfce: bool = False,
     cluster_threshold: float | None = None,
     connectivity: int = 6,
+    adjacency: Graph | None = None,
     two_sided: bool = False,
     seed: int | None = None,
     precision: Precision = "double",
@@ -144,12 +145,19 @@ def permutation_test(
         Rearrange whole blocks (of equal size) instead of subjects within blocks.
     tfce : bool
         Threshold-free cluster enhancement (E=0.5, H=2, 100 steps, the
-        fslmaths/nilearn convention) and its FWE p values.
+        fslmaths/nilearn convention; E=1 with an ``adjacency``) and its FWE p values.
     cluster_threshold : float, optional
         Cluster-forming threshold on the t statistic (as randomise ``-c``; from a p
         value: ``scipy.stats.t.isf(p, dof)``): cluster extent and mass FWE p values.
     connectivity : {6, 18, 26}
         Voxel neighbourhood for clusters and TFCE.
+    adjacency : bigglm.inference.spatial.Graph, optional
+        The neighbourhoods of the columns instead of the voxel grid: for maps on
+        cortical surfaces, the mesh graph of the columns
+        (:func:`bigglm.inference.meshes.mesh_adjacency`), or any graph
+        (:func:`bigglm.inference.spatial.sparse_graph`). ``connectivity`` is then
+        unused, and TFCE takes the 2-D defaults of FSL (``--T2``) and PALM
+        (``-tfce2D``), H=2 and E=1 (:data:`bigglm.inference.spatial.SURFACE_TFCE`).
     two_sided : bool
         Test ``|t|`` (both tails; clusters of either sign).
     seed : int, optional
@@ -228,7 +236,7 @@ def permutation_test(
         len(subjects),
         ds.sizes["voxel"],
     )
-    spatial = _Spatial.of(ds, tfce, cluster_threshold, connectivity)
+    spatial = _Spatial.of(ds, tfce, cluster_threshold, connectivity, adjacency)
     if spatial is None:
         blocks_ = _voxel_blocks(ds, prepared)
         values = _voxelwise(blocks_, prepared, plan, two_sided, precision, client, progress)
@@ -654,21 +662,31 @@ class _Spatial:
     graph: Graph
     tfce: bool
     threshold: float | None
-    connectivity: int
+    connectivity: int | str
+    E: float = TFCE_E
+    H: float = TFCE_H
 
     @classmethod
     def of(
-        cls, ds: xr.Dataset, tfce: bool, threshold: float | None, connectivity: int
+        cls,
+        ds: xr.Dataset,
+        tfce: bool,
+        threshold: float | None,
+        connectivity: int,
+        adjacency: Graph | None = None,
     ) -> _Spatial | None:
         if not tfce and threshold is None:
             return None
-        if connectivity not in (6, 18, 26):
-            raise DesignError(f"connectivity={connectivity!r}; expected 6, 18 or 26")
         if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
             raise DesignError(
                 f"cluster_threshold={threshold!r}; give a positive t value (from a p value: "
                 "scipy.stats.t.isf(p, dof))"
             )
+        cut = None if threshold is None else float(threshold)
+        if adjacency is not None:
+            return cls._on_graph(ds, adjacency, tfce, cut)
+        if connectivity not in (6, 18, 26):
+            raise DesignError(f"connectivity={connectivity!r}; expected 6, 18 or 26")
         if not all(axis in ds.coords for axis in "ijk"):
             raise DesignError(
                 "TFCE and cluster inference need the voxel grid (i, j, k); test a group "
@@ -678,7 +696,25 @@ class _Spatial:
 
         ijk = np.column_stack([np.asarray(ds[axis].values) for axis in "ijk"])
         graph = spatial.voxel_graph(ijk, connectivity=connectivity)  # type: ignore[arg-type]
-        return cls(graph, tfce, None if threshold is None else float(threshold), connectivity)
+        return cls(graph, tfce, cut, connectivity)
+
+    @classmethod
+    def _on_graph(
+        cls, ds: xr.Dataset, adjacency: Graph, tfce: bool, threshold: float | None
+    ) -> _Spatial:
+        from bigglm.inference.spatial import SURFACE_TFCE, Graph
+
+        if not isinstance(adjacency, Graph):
+            raise DesignError(
+                f"adjacency is a {type(adjacency).__name__}; give a bigglm.inference.spatial."
+                "Graph (mesh_adjacency for a mesh, sparse_graph for a sparse matrix)"
+            )
+        if adjacency.n != ds.sizes["voxel"]:
+            raise DesignError(
+                f"adjacency has {adjacency.n} nodes but the maps have {ds.sizes['voxel']} "
+                "columns; build it for the same vertices (mesh_adjacency of the same store)"
+            )
+        return cls(adjacency, tfce, threshold, "graph", SURFACE_TFCE["E"], SURFACE_TFCE["H"])
 
     def maxima(self, maps: np.ndarray, two_sided: bool) -> dict[str, np.ndarray]:
         """Per map (rows): the largest TFCE value, cluster extent and mass."""
@@ -688,7 +724,7 @@ class _Spatial:
         out: dict[str, np.ndarray] = {}
         if self.tfce:
             scores = spatial.tfce(
-                maps, self.graph, E=TFCE_E, H=TFCE_H, n_steps=TFCE_STEPS, two_sided=two_sided
+                maps, self.graph, E=self.E, H=self.H, n_steps=TFCE_STEPS, two_sided=two_sided
             )
             out["max_tfce"] = np.abs(scores).max(axis=1) if two_sided else scores.max(axis=1)
         if self.threshold is not None:
@@ -811,8 +847,11 @@ def _dataset(
         data.update(_spatial_maps(values, t, spatial, two_sided, precision))
     if "mask" in ds:
         data["mask"] = ds["mask"]
-    coords = {k: ds[k] for k in ("voxel", "i", "j", "k") if k in ds.coords}
-    attrs = {key: ds.attrs[key] for key in ("affine", "volume_shape", "store") if key in ds.attrs}
+    from bigglm.io.geometry import COLUMN_COORDS, GEOMETRY_ATTRS
+
+    coords = {k: ds[k] for k in COLUMN_COORDS if k in ds.coords}
+    grid = (*GEOMETRY_ATTRS, "affine", "volume_shape", "store")
+    attrs = {key: ds.attrs[key] for key in grid if key in ds.attrs}
     attrs.update(
         scheme=scheme,
         n_rearrangements=plan.count,
@@ -829,7 +868,7 @@ def _dataset(
     if spatial is not None:
         attrs.update(connectivity=spatial.connectivity)
         if spatial.tfce:
-            attrs.update(tfce_E=TFCE_E, tfce_H=TFCE_H, tfce_steps=TFCE_STEPS)
+            attrs.update(tfce_E=spatial.E, tfce_H=spatial.H, tfce_steps=TFCE_STEPS)
         if spatial.threshold is not None:
             attrs.update(cluster_threshold=spatial.threshold)
     if attrs["n_not_tested"]:
@@ -846,7 +885,7 @@ def _spatial_maps(
     out: dict[str, Any] = {}
     if spatial.tfce:
         score = sp.tfce(
-            filled, spatial.graph, E=TFCE_E, H=TFCE_H, n_steps=TFCE_STEPS, two_sided=two_sided
+            filled, spatial.graph, E=spatial.E, H=spatial.H, n_steps=TFCE_STEPS, two_sided=two_sided
         )
         target = np.abs(score) if two_sided else score
         p = _p_of(values["max_tfce"], target, precision)

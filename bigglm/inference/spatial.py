@@ -52,6 +52,17 @@ guide ("Mass is the sum of all statistic values within the cluster") and PALM
 (``palm_clusterm.m``: the sum of the statistic over the voxels ``>= thr``) use the plain sum
 of the statistic instead, which is this mass plus ``threshold * extent`` per cluster.
 
+**Parameters for volumes and surfaces.** ``tfce`` defaults to ``E=0.5, H=2``, FSL's 3-D
+defaults (``fslmaths -tfce 2 0.5 6``, randomise ``-T``: H=2, E=0.5, 6-connectivity) and
+nilearn's. On a surface mesh use :data:`SURFACE_TFCE` (``H=2, E=1``), FSL's and PALM's
+2-D defaults (randomise ``--T2``, PALM ``-T -tfce2D``): a cluster on a sheet grows as the
+square of its radius rather than its cube, so extent is weighted more. Extent is the
+number of vertices by default; ``tfce(..., weights=vertex_areas(coordinates, faces))``
+makes it the cluster's area instead. Build the graph of a mesh with
+:func:`mesh_graph`, restrict it to a store's vertices and join the hemispheres with
+:func:`join_graphs` (:func:`bigglm.inference.meshes.mesh_adjacency` does both from a
+store), or convert any sparse adjacency with :func:`sparse_graph`.
+
 NaN values are never part of a cluster (they split clusters, as voxels outside the mask
 would); their TFCE is NaN. Infinite values are an error.
 """
@@ -59,6 +70,7 @@ would); their TFCE is NaN. Infinite values are an error.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -69,7 +81,18 @@ from numpy.typing import ArrayLike, NDArray
 if TYPE_CHECKING:
     from bigglm.typing import Connectivity
 
-__all__ = ["Graph", "clusters", "label", "mesh_graph", "tfce", "voxel_graph"]
+__all__ = [
+    "SURFACE_TFCE",
+    "Graph",
+    "clusters",
+    "join_graphs",
+    "label",
+    "mesh_graph",
+    "sparse_graph",
+    "tfce",
+    "vertex_areas",
+    "voxel_graph",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +102,9 @@ _Ints = NDArray[np.int64]
 _Nodes = NDArray[np.int32]
 #: The merge tree's nodes: start key, score, parent node; and the closing order.
 _Tree = tuple[_Reals, _Reals, _Nodes, _Nodes]
+
+#: TFCE exponents on surface meshes: FSL ``--T2`` and PALM ``-tfce2D`` (H=2, E=1).
+SURFACE_TFCE = {"E": 1.0, "H": 2.0}
 
 #: The taxicab radius of each voxel neighbourhood (scipy's ``generate_binary_structure``).
 _RANK = {6: 1, 18: 2, 26: 3}
@@ -240,11 +266,91 @@ def mesh_graph(faces: ArrayLike, n_vertices: int) -> Graph:
             f"for n_vertices={n}"
         )
     a, b, c = tri.T
-    rows = np.concatenate([a, b, c, b, c, a])
-    cols = np.concatenate([b, c, a, a, b, c])
+    return _from_edges(np.concatenate([a, b, c]), np.concatenate([b, c, a]), n)
+
+
+def _from_edges(rows: NDArray[np.int64], cols: NDArray[np.int64], n: int) -> Graph:
+    """The graph of the undirected edges ``rows[e] -- cols[e]`` (repeats and self loops
+    dropped), each neighbour list sorted."""
+    rows, cols = np.concatenate([rows, cols]), np.concatenate([cols, rows])
     keys = np.unique(rows[rows != cols] * n + cols[rows != cols])
     indptr = np.concatenate([[0], np.cumsum(np.bincount(keys // max(n, 1), minlength=n))])
     return Graph(indptr, keys % max(n, 1), n)
+
+
+def join_graphs(parts: Sequence[tuple[Graph, ArrayLike]], n: int) -> Graph:
+    """One graph over ``n`` nodes from graphs whose nodes are mapped onto them.
+
+    Each part is a graph and, per node of it, the node it becomes (``0..n-1``), or -1
+    to drop it with its edges: so a mesh's graph restricted to the vertices a store
+    kept (the medial wall dropped), and the hemispheres' graphs side by side (block
+    diagonal, no edge between parts), are one call.
+
+    Parameters
+    ----------
+    parts : sequence of (Graph, array_like of int)
+    n : int
+        Nodes of the joined graph.
+
+    Returns
+    -------
+    Graph
+
+    Raises
+    ------
+    ValueError
+        If a mapping does not have one entry per node of its graph, or names a node
+        outside ``-1..n-1``.
+
+    Examples
+    --------
+    Two triangles (0, 1, 2) as two hemispheres; vertex 1 of the first is dropped:
+
+    >>> tri = mesh_graph([[0, 1, 2]], 3)
+    >>> g = join_graphs([(tri, [0, -1, 1]), (tri, [2, 3, 4])], 5)
+    >>> g, [g.indices[g.indptr[i] : g.indptr[i + 1]].tolist() for i in range(g.n)]
+    (Graph(n=5, n_edges=4), [[1], [0], [3, 4], [2, 4], [2, 3]])
+    """
+    n = int(n)
+    rows, cols = [], []
+    for graph, mapping in parts:
+        target = _integers(mapping, "mapping")
+        if target.shape != (graph.n,) or (target.size and (target.min() < -1 or target.max() >= n)):
+            raise ValueError(
+                f"a mapping of shape {target.shape} with values "
+                f"{target.min(initial=0)}..{target.max(initial=0)} for a graph of {graph.n} "
+                f"nodes; expected one node in -1..{n - 1} per node"
+            )
+        source = np.repeat(np.arange(graph.n), np.diff(graph.indptr))
+        a, b = target[source], target[graph.indices]
+        kept = (a >= 0) & (b >= 0)
+        rows.append(a[kept])
+        cols.append(b[kept])
+    empty = np.zeros(0, dtype=np.int64)
+    return _from_edges(np.concatenate([empty, *rows]), np.concatenate([empty, *cols]), n)
+
+
+def sparse_graph(adjacency: Any) -> Graph:
+    """A :class:`Graph` from a square scipy.sparse (or dense) adjacency matrix.
+
+    Any non-zero entry ``(i, j)`` is an edge; the matrix is made symmetric and its
+    diagonal ignored, so an upper-triangular matrix serves as well.
+
+    Examples
+    --------
+    >>> import scipy.sparse
+    >>> sparse_graph(scipy.sparse.coo_array(([1, 1], ([0, 1], [1, 2])), shape=(4, 4)))
+    Graph(n=4, n_edges=2)
+    """
+    import scipy.sparse
+
+    matrix = scipy.sparse.coo_array(adjacency)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"adjacency has shape {matrix.shape}; expected a square matrix")
+    nonzero = matrix.data != 0
+    rows = matrix.row[nonzero].astype(np.int64)
+    cols = matrix.col[nonzero].astype(np.int64)
+    return _from_edges(rows, cols, matrix.shape[0])
 
 
 def _integers(values: ArrayLike, name: str) -> NDArray[np.int64]:
@@ -343,6 +449,7 @@ def tfce(
     n_steps: int = 100,
     two_sided: bool = False,
     exact: bool = False,
+    weights: ArrayLike | None = None,
 ) -> NDArray[np.float64]:
     """Threshold-free cluster enhancement of maps on a graph (fslmaths/nilearn convention).
 
@@ -361,6 +468,10 @@ def tfce(
     exact : bool
         The integral over heights instead of the sum over ``n_steps`` steps (a different
         scale; see the module notes). ``n_steps`` is then unused.
+    weights : array_like, shape (V,), optional
+        What each node adds to a cluster's extent (default 1: extent is a node count).
+        On a mesh, the vertex areas (:func:`vertex_areas`) make extent a cluster's area,
+        as PALM does for surfaces with its area correction.
 
     Returns
     -------
@@ -399,8 +510,41 @@ def tfce(
         float(H),
         graph.indptr,
         graph.indices,
+        _node_weights(weights, graph),
     )
     return np.asarray(out).reshape(np.shape(maps))
+
+
+def _node_weights(weights: ArrayLike | None, graph: Graph) -> _Reals:
+    """Per node, what it adds to a cluster's extent: finite and >= 0, 1 by default."""
+    if weights is None:
+        return np.ones(graph.n)
+    values = np.asarray(weights, dtype=np.float64)
+    if values.shape != (graph.n,) or not (np.isfinite(values).all() and (values >= 0).all()):
+        raise ValueError(
+            f"weights have shape {values.shape}; expected ({graph.n},) finite values >= 0, "
+            "one per node (vertex areas, for example)"
+        )
+    return values
+
+
+def vertex_areas(coordinates: ArrayLike, faces: ArrayLike) -> NDArray[np.float64]:
+    """Each vertex's share of the mesh's area: a third of each triangle it is part of.
+
+    The vertex-wise area PALM (``palm_calcarea``) and FreeSurfer use; their sum is the
+    mesh's area. For :func:`tfce`'s ``weights``.
+
+    Examples
+    --------
+    >>> vertex_areas([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], [[0, 1, 2], [1, 3, 2]])
+    array([0.16666667, 0.33333333, 0.33333333, 0.16666667])
+    """
+    points = np.asarray(coordinates, dtype=np.float64)
+    tri = _integers(faces, "faces")
+    a, b, c = (points[tri[:, k]] for k in range(3))
+    third = np.linalg.norm(np.cross(b - a, c - a), axis=1) / 6.0
+    areas = np.bincount(tri.ravel(), weights=np.repeat(third, 3), minlength=len(points))
+    return areas.astype(np.float64)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -413,6 +557,7 @@ def _tfce_maps(
     H: float,
     indptr: _Ints,
     indices: _Nodes,
+    weights: _Reals,
 ) -> _Reals:
     """TFCE of each row of ``maps``; the workspace is allocated once for the batch."""
     n_maps, n = maps.shape
@@ -421,6 +566,7 @@ def _tfce_maps(
     key = np.empty(n)
     sets = (np.full(n, -1, np.int32), np.empty(n, np.int32), np.empty(n, np.int32))
     leaf = np.empty(n, np.int32)
+    extent = np.empty(n)
     tree = (np.empty(n), np.empty(n), np.empty(n, np.int32), np.empty(n, np.int32))
     for b in range(n_maps):
         for tail in range(2 if two_sided else 1):
@@ -429,7 +575,7 @@ def _tfce_maps(
                 m = _by_value(maps[b], sign, H, order, key)
             else:
                 m = _by_step(maps[b], sign, heights[b], H, order, key)
-            _merge_tree(order[:m], key, E, indptr, indices, sets, leaf, tree)
+            _merge_tree(order[:m], key, E, indptr, indices, sets, weights, extent, leaf, tree)
             scores = tree[1]
             for v in order[:m]:
                 out[b, v] += sign * scores[leaf[v]]
@@ -501,6 +647,8 @@ def _merge_tree(
     indptr: _Ints,
     indices: _Nodes,
     sets: tuple[_Nodes, _Nodes, _Nodes],
+    weights: _Reals,
+    extent: _Reals,
     leaf: _Nodes,
     tree: _Tree,
 ) -> None:
@@ -508,7 +656,8 @@ def _merge_tree(
     the merge tree of their clusters; ``tree[1][leaf[v]]`` is then voxel ``v``'s score.
 
     ``sets`` is the union-find (``parent``, -1 for voxels not added; ``size`` and
-    ``current``, the open tree node, of each root). A tree node is one cluster over a span
+    ``current``, the open tree node, of each root; ``extent``, the sum of its nodes'
+    ``weights``, the cluster's extent). A tree node is one cluster over a span
     of keys, from ``start[d]`` down to where it merged into node ``up[d]``. A cluster that
     grows at the key it formed at keeps its node; otherwise a new node starts. ``closed``
     lists nodes as they close, children before parents.
@@ -519,6 +668,7 @@ def _merge_tree(
     for v in order:
         here = key[v]
         parent[v], size[v], current[v] = v, 1, -1  # no node until it has a cluster
+        extent[v] = weights[v]
         root = v
         for e in range(indptr[v], indptr[v + 1]):
             u = indices[e]
@@ -538,11 +688,12 @@ def _merge_tree(
                 keep, start[n_nodes] = n_nodes, here
                 n_nodes += 1
             if a >= 0 and a != keep:
-                n_closed = _close(a, size[root], here, keep, E, tree, n_closed)
+                n_closed = _close(a, extent[root], here, keep, E, tree, n_closed)
             if b >= 0 and b != keep:
-                n_closed = _close(b, size[other], here, keep, E, tree, n_closed)
+                n_closed = _close(b, extent[other], here, keep, E, tree, n_closed)
             parent[other] = root
             size[root] += size[other]
+            extent[root] += extent[other]
             current[root] = keep
         if current[root] < 0:  # a voxel on its own
             current[root], start[n_nodes] = n_nodes, here
@@ -550,7 +701,7 @@ def _merge_tree(
         leaf[v] = current[root]
     for v in order:
         if parent[v] == v:
-            n_closed = _close(current[v], size[v], 0.0, -1, E, tree, n_closed)
+            n_closed = _close(current[v], extent[v], 0.0, -1, E, tree, n_closed)
     for j in range(n_closed - 1, -1, -1):  # parents before children: sum down the tree
         d = closed[j]
         if up[d] >= 0:
@@ -558,9 +709,11 @@ def _merge_tree(
 
 
 @numba.njit(cache=True, nogil=True)
-def _close(d: int, extent: int, end: float, into: int, E: float, tree: _Tree, n_closed: int) -> int:
-    """Close node ``d`` (a cluster of ``extent`` voxels) at key ``end``, under node ``into``
-    (-1: none); the new count of closed nodes."""
+def _close(
+    d: int, extent: float, end: float, into: int, E: float, tree: _Tree, n_closed: int
+) -> int:
+    """Close node ``d`` (a cluster of ``extent``, voxels or their weights) at key ``end``,
+    under node ``into`` (-1: none); the new count of closed nodes."""
     start, score, up, closed = tree
     score[d] = extent**E * (start[d] - end)
     up[d] = into

@@ -12,7 +12,8 @@ Markers, by format (read back by :func:`kind_of`):
   Stores of earlier versions are recognised too: root attributes ``"bigglm"`` and
   ``"complete": true`` (a run store; a residuals store when ``bigglm.residuals`` is
   set), or ``"bigglm_result"`` (a GLM result);
-- NIfTI images: the header's ``descrip`` is ``"bigglm <kind>"``;
+- NIfTI images (CIFTI-2 ones too, NIfTI-2): the header's ``descrip`` is ``"bigglm <kind>"``;
+  GIFTI images: the file's metadata entry ``bigglm_artefact`` is ``"bigglm <kind>"``;
 - JSON: a top-level ``"bigglm_artefact"`` key (provenance of earlier versions: a
   ``"bigglm_step"`` key); HTML: ``<meta name="generator" content="bigglm <kind>">``;
   PNG: the ``Software`` text chunk is ``"bigglm <kind>"``;
@@ -77,7 +78,7 @@ KINDS: Final = (
     "glm-result",  # GLMResult.to_zarr
     "group-store",  # bigglm.group.collect
     "group-result",  # GroupResult.to_zarr
-    "image",  # bigglm.to_nifti: contrast maps, residual series
+    "image",  # bigglm.to_nifti, to_gifti, to_cifti: contrast maps, residual series
     "mask",  # the pipeline's masks
     "design-table",  # the pipeline's design TSVs (sidecar marker)
     "cluster-table",  # bigglm.inference.tables.write_table TSVs (sidecar marker)
@@ -155,6 +156,8 @@ def _content_kind(path: Path, name: str | None = None) -> str | None:
             return _named(_nifti_descrip(path))
         if name.endswith(".png"):
             return _named(_png_software(path))
+        if name.endswith(".gii"):
+            return _named(_gifti_marker(path))
         with open(path, "rb") as handle:
             head = handle.read(4096)
         if name.endswith((".html", ".htm")):
@@ -198,6 +201,14 @@ def _png_software(path: Path) -> str | None:
 
     with Image.open(path) as image:
         text = image.info.get("Software")
+    return text if isinstance(text, str) else None
+
+
+def _gifti_marker(path: Path) -> str | None:
+    """The ``bigglm_artefact`` entry of a GIFTI file's metadata (:func:`bigglm.to_gifti`)."""
+    import nibabel as nib
+
+    text = nib.GiftiImage.from_bytes(path.read_bytes()).meta.get(MARKER_KEY)
     return text if isinstance(text, str) else None
 
 

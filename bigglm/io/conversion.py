@@ -26,12 +26,11 @@ whatever the series length.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from bigglm.io.nifti import (
     inspect_sources,
     load_mask,
 )
-from bigglm.io.store import BOLD_CODEC, StoreWriter, choose_chunks
+from bigglm.io.store import BOLD_CODEC, StoreWriter, choose_chunks, run_attributes
 from bigglm.io.streaming import prefetched, write_rows
 from bigglm.typing import ProgressCallback
 
@@ -57,8 +56,8 @@ __all__ = ["convert", "convert_many"]
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-Sources = PathLike | Sequence[PathLike]
-MaskLike = PathLike | np.ndarray
+Sources = PathLike | Sequence[PathLike] | Mapping[str, PathLike]
+MaskLike = PathLike | np.ndarray | Mapping[str, Any]
 
 #: Bytes of decoded float32 volumes read per block (bounds the memory of the read side).
 READ_BLOCK_BYTES = 32 * 1024 * 1024
@@ -88,23 +87,30 @@ def convert(
     voxel_chunk: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> Path:
-    """Convert one run of NIfTI volumes to a bigglm store.
+    """Convert one run of NIfTI volumes, GIFTI or CIFTI-2 series to a bigglm store.
 
     Parameters
     ----------
-    sources : path or sequence of paths
+    sources : path, sequence of paths, or mapping
         A 4D ``.nii``/``.nii.gz``, or the run's 3D volumes in time order. Integer data
         are scaled with the header's ``scl_slope``/``scl_inter``; all data are stored as
-        float32.
+        float32. Or a run on the cortical surface (:mod:`bigglm.io.surface_conversion`):
+        its GIFTI functional series, one ``*.func.gii`` per hemisphere (a list, told
+        apart by ``hemi-L``/``hemi-R`` in their names, or ``{"L": left, "R": right}``),
+        or one CIFTI-2 dense series ``*.dtseries.nii``.
     store : path
         The store to create (conventionally ``*.zarr``).
-    mask : path or numpy.ndarray, optional
+    mask : path, numpy.ndarray or mapping, optional
         A 3D mask NIfTI on the same grid (shape and affine), or a boolean array of the
         volume shape. Default: an EPI mask computed from the mean volume
         (:func:`bigglm.io.mask.compute_epi_mask`, as nilearn's ``compute_epi_mask``).
+        For GIFTI, ``{"L": ..., "R": ...}`` (boolean arrays or GIFTI files of one value
+        per vertex); default: the vertices that vary over time (no medial wall). None
+        for CIFTI-2, which keeps its own grayordinates.
     tr : float, optional
         Repetition time in seconds. Default: the header's ``pixdim[4]``, converted from
-        its time unit (ms and us are handled).
+        its time unit (ms and us are handled); for CIFTI-2 the series axis's step;
+        GIFTI records none, so it must be given.
     overwrite : bool
         Replace an existing store (atomically: the old one is removed only once the new
         one is complete). Only a run store bigglm wrote is ever replaced: anything else
@@ -149,11 +155,22 @@ def convert(
     ...     bigglm.open_run(path).bold.shape
     (20, 1071)
     """
-    series = inspect_sources(sources, tr=tr)
     target = Path(store).expanduser().resolve()
-    check_replaceable(target, "run-store", overwrite=overwrite)
-    given_mask = load_mask(mask, series) if mask is not None else None
     report = progress or (lambda done, total: None)
+    surface = _surface_converter(sources)
+    if surface is not None:
+        return surface(
+            sources,
+            target,
+            mask=mask,
+            tr=tr,
+            overwrite=overwrite,
+            chunks=(time_chunk, voxel_chunk),
+            progress=report,
+        )
+    series = inspect_sources(sources, tr=tr)  # type: ignore[arg-type]
+    check_replaceable(target, "run-store", overwrite=overwrite)
+    given_mask = load_mask(mask, series) if mask is not None else None  # type: ignore[arg-type]
     with writing(target, "run-store", overwrite=overwrite, directory=True) as stage:
         first: _FirstPass | None = None
         if given_mask is None:
@@ -172,13 +189,30 @@ def convert(
             series.tr,
         )
         nonfinite = first.nonfinite if first is not None else None
-        writer, bad = _write_pass(series, reader, chosen, chunks, stage, nonfinite, report, done)
+        scan_globals: list[float] = []
+        writer, bad = _write_pass(
+            series, reader, chosen, chunks, stage, nonfinite, report, done, scan_globals
+        )
         provenance = reader.provenance
         if first is not None:
             _check_unchanged(first.provenance, provenance)
         params = _parameters(series, mask, chunks, bad_voxels=bad)
-        writer.finish(_attributes(series, provenance, params))
+        writer.finish(_attributes(series, provenance, params, scan_globals))
     return target
+
+
+def _surface_converter(sources: Any) -> Any:
+    """The converter of a GIFTI or CIFTI-2 run (told by the file names), or None."""
+    from bigglm.io.cifti import is_cifti
+    from bigglm.io.gifti import is_gifti
+
+    if not (is_gifti(sources) or is_cifti(sources)):
+        return None
+    from bigglm.io import surface_conversion
+
+    if is_cifti(sources):
+        return surface_conversion.convert_cifti
+    return surface_conversion.convert_gifti
 
 
 def _epi_mask(first: _FirstPass, series: SourceSeries) -> np.ndarray:
@@ -242,8 +276,12 @@ def _write_pass(
     nonfinite: np.ndarray | None,
     report: ProgressCallback,
     done: int,
+    scan_globals: list[float],
 ) -> tuple[StoreWriter, int]:
-    """Write ``bold`` for ``mask``, dropping NaN/Inf voxels; return the writer and their count."""
+    """Write ``bold`` for ``mask``, dropping NaN/Inf voxels; return the writer and their count.
+
+    Each scan's SPM global (:func:`spm_globals`, over the whole volume) is appended to
+    ``scan_globals`` as its block passes."""
     if nonfinite is not None:
         mask, bad = _drop_nonfinite(mask, nonfinite.reshape(series.volume_shape, order="F"))
         _warn_nonfinite(series, bad)
@@ -252,7 +290,7 @@ def _write_pass(
     writer = StoreWriter(stage, mask, n_volumes=series.n_volumes, tr=series.tr, chunks=chunks)
     seen_bad = write_rows(
         writer.write,
-        reader.blocks(_read_volumes(series), recycle=RECYCLE),
+        _recording_globals(reader.blocks(_read_volumes(series), recycle=RECYCLE), scan_globals),
         columns,
         chunks[0],
         check_finite=nonfinite is None,
@@ -266,6 +304,43 @@ def _write_pass(
         writer = _rewrite_without(stage, keep, seen_bad, series, chunks)
         return writer, int(seen_bad.sum())
     return writer, 0 if nonfinite is None else bad
+
+
+def _recording_globals(blocks: Iterator[np.ndarray], out: list[float]) -> Iterator[np.ndarray]:
+    """The blocks of volumes, unchanged, each scan's global appended to ``out`` first."""
+    for block in blocks:
+        out.extend(spm_globals(block).tolist())
+        yield block
+
+
+def spm_globals(volumes: np.ndarray) -> np.ndarray:
+    """SPM's global value of each scan (``spm_global``): the mean of the voxels above one
+    eighth of the scan's mean, over the whole volume (finite values only).
+
+    ``bigglm.convert`` records it per scan in the store (``spm_global``) before any mask
+    is applied, for SPM's grand mean scaling (``bigglm.fit(..., scaling="session")``).
+
+    Parameters
+    ----------
+    volumes : numpy.ndarray, shape (scans, voxels)
+
+    Returns
+    -------
+    numpy.ndarray, shape (scans,)
+
+    Examples
+    --------
+    >>> spm_globals(np.array([[0.0, 0.0, 0.0, 8.0, 10.0, 12.0]]))  # mean 5: 10 of > 0.625
+    array([10.])
+    """
+    data = np.asarray(volumes, dtype=np.float64)
+    finite = np.isfinite(data)
+    clean = np.where(finite, data, 0.0)
+    means = clean.sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
+    above = finite & (data > means[:, None] / 8)
+    totals = np.where(above, clean, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(totals / above.sum(axis=1), dtype=np.float64)
 
 
 def _require_voxels(mask: np.ndarray, series: SourceSeries) -> None:
@@ -327,7 +402,7 @@ def _parameters(
     elif isinstance(mask, np.ndarray):
         mask_name, method = None, "given (array)"
     else:
-        mask_name, method = str(Path(mask).expanduser().resolve()), "given (file)"
+        mask_name, method = str(Path(mask).expanduser().resolve()), "given (file)"  # type: ignore[arg-type]
     return {
         "mask": mask_name,
         "mask_method": method,
@@ -341,20 +416,20 @@ def _parameters(
 
 
 def _attributes(
-    series: SourceSeries, provenance: list[dict[str, Any]], params: dict[str, Any]
+    series: SourceSeries,
+    provenance: list[dict[str, Any]],
+    params: dict[str, Any],
+    scan_globals: list[float],
 ) -> dict[str, Any]:
-    from bigglm import __version__
-
-    return {
-        "affine": series.affine.tolist(),
-        "volume_shape": list(series.volume_shape),
-        "tr": series.tr,
-        "units": {"time": "s", "space": series.space_unit, "bold": "source units (scaled)"},
-        "sources": provenance,
-        "parameters": params,
-        "version": __version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    return run_attributes(
+        affine=series.affine.tolist(),
+        volume_shape=list(series.volume_shape),
+        spm_global=[float(g) if np.isfinite(g) else None for g in scan_globals],
+        tr=series.tr,
+        units={"time": "s", "space": series.space_unit, "bold": "source units (scaled)"},
+        sources=provenance,
+        parameters=params,
+    )
 
 
 def convert_many(
@@ -434,7 +509,7 @@ def convert_many(
 
 
 def _per_run_masks(mask: Any, n: int) -> list[MaskLike | None]:
-    if mask is None or isinstance(mask, str | os.PathLike | np.ndarray):
+    if mask is None or isinstance(mask, str | os.PathLike | np.ndarray | Mapping):
         return [mask] * n
     masks: list[MaskLike | None] = list(mask)
     if len(masks) != n:
@@ -457,10 +532,12 @@ def _check_runs(
     if len(set(targets)) != len(targets):
         raise StoreError("two runs would write the same store; give each run its own store path")
     for src, target, m in zip(runs, targets, masks, strict=True):
-        series = inspect_sources(src, tr=tr)
         check_replaceable(target, "run-store", overwrite=overwrite)
+        if _surface_converter(src) is not None:
+            continue  # read whole when converted: checked then, before anything is written
+        series = inspect_sources(src, tr=tr)  # type: ignore[arg-type]
         if m is not None:
-            load_mask(m, series)
+            load_mask(m, series)  # type: ignore[arg-type]
 
 
 def _convert_on_client(

@@ -9,6 +9,29 @@ Layout (the contract shared with the engine and the workflows):
 - group attributes: ``"bigglm"`` (affine, volume_shape, tr, units, sources,
   parameters, version, created) and ``"complete": true``, written last.
 
+The columns of ``bold`` (the ``voxel`` dimension, so named whatever they are: the engine
+fits columns) have one of three geometries, ``"bigglm"["geometry"]`` (absent in stores
+of earlier versions: ``"voxel"``); each has its own per-column arrays
+(:data:`bigglm.io.geometry.GEOMETRY_ARRAYS`):
+
+- ``"voxel"``: in-mask voxels of a volume, as above (``mask``, ``i``, ``j``, ``k``);
+- ``"vertex"``: vertices of cortical surface meshes (GIFTI, one file per hemisphere):
+  ``hemisphere`` int8 ``(V,)``, the index of the column's hemisphere in
+  :data:`HEMISPHERES` (0 left, 1 right), and ``vertex`` int32 ``(V,)``, its vertex on
+  that hemisphere's mesh; columns are the left hemisphere's kept vertices, then the
+  right's, each in increasing vertex order. ``"bigglm"["hemispheres"]`` maps each
+  hemisphere present to its mesh's vertex count (``{"L": 10242, "R": 10242}``).
+  Vertices left out (the medial wall: constant over time, or outside a given mask) have
+  no column. No ``mask``, ``i``, ``j``, ``k``, ``affine`` or ``volume_shape``.
+- ``"grayordinate"``: the brain models of a CIFTI-2 dense series, every grayordinate in
+  the file's order: ``structure`` int16 ``(V,)`` (index into
+  ``"bigglm"["cifti"]["structures"]``, CIFTI structure names), ``vertex`` int32 ``(V,)``
+  (the surface vertex, -1 for a voxel) and ``ijk`` int32 ``(V, 3)`` (the voxel indices,
+  -1 for a vertex). ``"bigglm"["cifti"]`` also holds ``nvertices`` (surface vertex count
+  per surface structure), ``affine`` and ``volume_shape`` of the voxel grid (None
+  without voxels) and the series axis (``start``, ``step``, ``unit``): together exactly
+  what rebuilds nibabel's ``BrainModelAxis`` (:func:`bigglm.io.cifti.brain_model_axis`).
+
 Every array carries Zarr v3's ``crc32c`` codec after its compressor, and every chunk is
 written, all-NaN ones too (:mod:`bigglm.io.integrity`): :func:`open_run` refuses a store
 with a missing chunk file, a chunk that fails its checksum is an error naming it when
@@ -22,6 +45,7 @@ alone something that opens as complete.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import struct
@@ -40,6 +64,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
 from bigglm.exceptions import StoreError
+from bigglm.io.geometry import GEOMETRY_ARRAYS, geometry_of
 from bigglm.io.integrity import CHECKSUM, ChunkReader, check_chunks
 
 __all__ = [
@@ -50,12 +75,14 @@ __all__ = [
     "StoreWriter",
     "choose_chunks",
     "create_chunked",
+    "create_columns",
     "create_grid",
     "create_small",
     "lazy_array",
     "open_layout",
     "open_run",
     "read_small",
+    "run_attributes",
     "verify_store",
 ]
 
@@ -80,8 +107,9 @@ _SMALL_CODEC = ZstdCodec(level=3)
 #: chunk written, one equal to the fill value too (so that a missing chunk is damage).
 _CHECKED: dict[str, Any] = {"config": {"write_empty_chunks": True}}
 
-#: Arrays every store holds.
-_ARRAYS = ("bold", "mask", "i", "j", "k", "time")
+#: Arrays every store holds, whatever its geometry.
+_BASE_ARRAYS = ("bold", "time")
+
 
 #: Threads encoding the chunks of a row of ``bold`` chunks (:meth:`StoreWriter.write`).
 ENCODE_THREADS = 2
@@ -133,8 +161,9 @@ class StoreWriter:
     ----------
     path : pathlib.Path
         An empty directory (the staging directory).
-    mask : numpy.ndarray
-        Boolean ``(X, Y, Z)`` mask; ``bold`` gets one column per True voxel.
+    mask : numpy.ndarray or mapping
+        Boolean ``(X, Y, Z)`` mask, ``bold`` getting one column per True voxel; or, for
+        a surface geometry, its per-column arrays by name (:func:`create_columns`).
     n_volumes : int
         Number of volumes ``T``.
     tr : float
@@ -158,7 +187,7 @@ class StoreWriter:
     def __init__(
         self,
         path: Path,
-        mask: np.ndarray,
+        mask: np.ndarray | Mapping[str, np.ndarray],
         *,
         n_volumes: int,
         tr: float,
@@ -166,7 +195,11 @@ class StoreWriter:
     ) -> None:
         self.path = path
         self.group = zarr.open_group(path, mode="w-", zarr_format=3)
-        n_voxels = int(mask.sum())
+        if isinstance(mask, Mapping):
+            n_voxels = create_columns(self.group, mask)
+        else:
+            n_voxels = int(mask.sum())
+            create_grid(self.group, mask)
         self.bold = create_chunked(
             self.group,
             "bold",
@@ -175,7 +208,6 @@ class StoreWriter:
             ("time", "voxel"),
             units="arbitrary (scaled source values)",
         )
-        create_grid(self.group, mask)
         create_small(
             self.group, "time", np.arange(n_volumes, dtype=np.float64) * tr, ("time",), units="s"
         )
@@ -189,6 +221,39 @@ class StoreWriter:
         """Write the metadata, then the completion flag (last)."""
         self.group.attrs.update({_ATTRS: dict(attrs)})
         self.group.attrs.update({_COMPLETE: True})
+
+
+def run_attributes(
+    *,
+    tr: float,
+    units: Mapping[str, str],
+    sources: list[dict[str, Any]],
+    parameters: Mapping[str, Any],
+    **geometry: Any,
+) -> dict[str, Any]:
+    """The ``"bigglm"`` attributes of a run store: its geometry's, then the common ones.
+
+    ``geometry`` holds what the geometry records (``affine`` and ``volume_shape`` of a
+    volume; ``geometry`` and ``hemispheres`` or ``cifti`` of a surface; module notes).
+
+    Examples
+    --------
+    >>> attrs = run_attributes(tr=2.0, units={"time": "s"}, sources=[], parameters={},
+    ...                        geometry="vertex", hemispheres={"L": 4})
+    >>> attrs["geometry"], attrs["tr"], sorted(attrs)[:3]
+    ('vertex', 2.0, ['created', 'geometry', 'hemispheres'])
+    """
+    from bigglm import __version__
+
+    return {
+        **geometry,
+        "tr": tr,
+        "units": dict(units),
+        "sources": sources,
+        "parameters": dict(parameters),
+        "version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def create_chunked(
@@ -266,6 +331,26 @@ def create_grid(group: zarr.Group, mask: np.ndarray) -> None:
     create_small(group, "mask", mask.astype(bool), ("x", "y", "z"))
     for name, index in zip("ijk", np.nonzero(mask), strict=True):
         create_small(group, name, index.astype(np.int32), ("voxel",))
+
+
+def create_columns(group: zarr.Group, columns: Mapping[str, np.ndarray]) -> int:
+    """The per-column arrays of a surface geometry (``hemisphere``, ``vertex``, ...).
+
+    Each array has one row per column of ``bold`` (dimension ``voxel``); a 2D one (the
+    ``ijk`` of grayordinates) has a second dimension ``axis``. Returns the column count.
+
+    Examples
+    --------
+    >>> group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    >>> create_columns(group, {"hemisphere": np.zeros(3, np.int8), "vertex": np.arange(3)})
+    3
+    """
+    counts = {len(array) for array in columns.values()}
+    if len(counts) != 1:
+        raise ValueError(f"per-column arrays of lengths {sorted(counts)}; expected one length")
+    for name, array in columns.items():
+        create_small(group, name, np.asarray(array), ("voxel", "axis")[: np.ndim(array)])
+    return counts.pop()
 
 
 class ChunkRowWriter:
@@ -460,7 +545,10 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     xarray.Dataset
         ``bold(time, voxel)`` float32 and ``mask(x, y, z)``; coordinates ``time`` (s),
         ``voxel``, ``i``, ``j``, ``k``; attrs ``affine``, ``tr``, ``volume_shape``,
-        ``sources``, ``parameters``, ``version``, ``store``.
+        ``sources``, ``parameters``, ``version``, ``store``. A surface store (module
+        notes) has no ``mask``: its geometry's arrays are coordinates along ``voxel``
+        (``hemisphere``, ``vertex``; or ``structure``, ``vertex``, ``ijk``), and its
+        attrs ``geometry`` with ``hemispheres`` or ``cifti`` instead of the grid's.
 
     Raises
     ------
@@ -481,22 +569,35 @@ def open_run(store: str | os.PathLike[str] | Any) -> xr.Dataset:
     ...     ds.bold.dims, ds.time.values.tolist(), ds.i.values.tolist()
     (('time', 'voxel'), [0.0, 1.5], [0, 1])
     """
-    group, name, arrays = open_layout(store, _ARRAYS)
+    group, name, arrays = _open_run_layout(store)
     meta: dict[str, Any] = dict(group.attrs[_ATTRS])  # type: ignore[arg-type]
     bold = lazy_array(arrays["bold"], name)
-    coords = {
+    coords: dict[str, Any] = {
         "time": ("time", read_small(arrays["time"], name), {"units": "s"}),
         "voxel": ("voxel", np.arange(bold.shape[1], dtype=np.int64)),
-        **{axis: ("voxel", read_small(arrays[axis], name)) for axis in "ijk"},
     }
-    return xr.Dataset(
-        {
-            "bold": (("time", "voxel"), bold),
-            "mask": (("x", "y", "z"), lazy_array(arrays["mask"], name)),
-        },
-        coords=coords,
-        attrs={**meta, "store": name},
-    )
+    variables: dict[str, Any] = {"bold": (("time", "voxel"), bold)}
+    for key in GEOMETRY_ARRAYS[geometry_of(meta)]:
+        if key == "mask":
+            variables["mask"] = (("x", "y", "z"), lazy_array(arrays["mask"], name))
+        else:
+            coords[key] = (("voxel", "axis")[: arrays[key].ndim], read_small(arrays[key], name))
+    return xr.Dataset(variables, coords=coords, attrs={**meta, "store": name})
+
+
+def _open_run_layout(store: Any) -> tuple[zarr.Group, str, dict[str, zarr.Array]]:
+    """:func:`open_layout` for a run store, with the arrays of the geometry it records."""
+    every = tuple(dict.fromkeys(k for keys in GEOMETRY_ARRAYS.values() for k in keys))
+    group, name, arrays = open_layout(store, _BASE_ARRAYS, every)
+    geometry = geometry_of(group.attrs[_ATTRS])  # type: ignore[arg-type]
+    if geometry not in GEOMETRY_ARRAYS:
+        raise StoreError(
+            f"{name}: geometry {geometry!r} is not one this version of bigglm knows "
+            f"({', '.join(GEOMETRY_ARRAYS)}); upgrade bigglm or convert the run again"
+        )
+    for key in GEOMETRY_ARRAYS[geometry]:
+        _array(group, key, name)  # a StoreError naming the store if it is missing
+    return group, name, arrays
 
 
 def open_layout(
@@ -597,7 +698,7 @@ def verify_store(store: str | os.PathLike[str] | Any, *, full: bool = False) -> 
     ...
     bigglm.exceptions.StoreDamaged: ...: chunk bold/c/1/0 is missing (1 of the 2 chunks ...
     """
-    _, name, arrays = open_layout(store, _ARRAYS)
+    _, name, arrays = _open_run_layout(store)
     if not full:
         return
     read = ChunkReader(name)

@@ -27,7 +27,16 @@ from __future__ import annotations
 
 from bigglm.pipeline.direct import fit_stores, parse_contrast_options
 from bigglm.pipeline.lock import lock_units
-from bigglm.pipeline.plan import STATE, RunPlan, UnitPlan, discover, map_path, plan, unit_folder
+from bigglm.pipeline.plan import (
+    STATE,
+    RunPlan,
+    UnitPlan,
+    discover,
+    map_path,
+    plan,
+    state_folder,
+    unit_folder,
+)
 from bigglm.pipeline.run import run_analysis
 from bigglm.pipeline.steps import UnitOutcome
 
@@ -43,5 +52,6 @@ __all__ = [
     "parse_contrast_options",
     "plan",
     "run_analysis",
+    "state_folder",
     "unit_folder",
 ]

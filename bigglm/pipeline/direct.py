@@ -82,6 +82,17 @@ def _check_contrasts(named: dict[str, str | list[str]], designs: Sequence[Any]) 
             con.estimable_contrast(spec, design.to_numpy(np.float64), columns, name=name)
 
 
+def _profile(address: str | None, tls: Mapping[str, str] | None) -> Any:
+    from bigglm.config import ClusterConfig, parse_section
+
+    if address is None:
+        if tls:
+            raise ConfigError("tls settings need the address of the scheduler they are for")
+        return ClusterConfig()
+    section = {"profile": "address", "address": address, "security": dict(tls or {})}
+    return parse_section(ClusterConfig, section)
+
+
 def _per_store(values: Sequence[Path] | None, n: int, option: str) -> list[Path | None]:
     if not values:
         return [None] * n
@@ -104,6 +115,7 @@ def fit_stores(
     high_pass: float = 0.01,
     slice_time_ref: float = 0.0,
     address: str | None = None,
+    tls: Mapping[str, str] | None = None,
     residuals: str | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
@@ -130,7 +142,11 @@ def fit_stores(
     noise, hrf, drift, high_pass, slice_time_ref
         As in the YAML ``model`` section (``drift="none"``: no drift terms).
     address : str, optional
-        A Dask scheduler; default a local cluster sized to the machine.
+        A Dask scheduler; default a local cluster sized to the machine (TLS, loopback).
+    tls : mapping, optional
+        For a ``tls://`` ``address``: ``ca_file``, ``cert`` and ``key``, the PEM files of
+        the client's credentials (as the YAML's ``cluster.security``); default: Dask's
+        ``distributed.comm.tls`` configuration.
     residuals : {"raw", "whitened"}, optional
         Also write each run's residuals as ``<store name>_desc-residuals_bold.nii.gz``
         (``desc-whitenedResiduals`` for whitened): a second pass over the data.
@@ -158,7 +174,7 @@ def fit_stores(
     bigglm.exceptions.ConfigError: contrasts 'a': write NAME=EXPRESSION, ...
     """
     from bigglm.cluster import client_from_profile
-    from bigglm.config import ClusterConfig, ModelConfig, parse_section
+    from bigglm.config import ModelConfig, parse_section
     from bigglm.design import make_run_design
     from bigglm.glm import fit
     from bigglm.glm.result import contrast_maps
@@ -187,7 +203,7 @@ def fit_stores(
         for ds, ev, cf in zip(runs, event_files, confound_files, strict=True)
     ]
     _check_contrasts(named, designs)
-    profile = ClusterConfig(profile="address", address=address) if address else ClusterConfig()
+    profile = _profile(address, tls)
     check_outside_stores(output / "glm.zarr")  # before the folder is made, inside a store
     output.mkdir(parents=True, exist_ok=True)
     prefixes = [Path(store).name.removesuffix(".zarr") for store in stores]

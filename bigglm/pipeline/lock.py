@@ -13,7 +13,7 @@ from typing import Any
 
 from bigglm.exceptions import StoreError
 from bigglm.io.locks import Busy, exclusive, read_record
-from bigglm.pipeline.plan import STATE
+from bigglm.pipeline.plan import STATE, state_folder
 
 __all__ = ["analysis_identity", "claim_outputs", "lock_units"]
 
@@ -56,8 +56,8 @@ def lock_units(outputs: str | Path, units: Sequence[str]) -> Iterator[None]:
     ...
     bigglm.exceptions.StoreError: ...sub-01 is being written by another bigglm run (PID ...
     """
-    folder = Path(outputs) / STATE / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = state_folder(outputs) / "locks"
+    folder.mkdir(exist_ok=True)
     with ExitStack() as stack:
         for unit in sorted(set(units)):
             stack.enter_context(_lock_file(folder / f"{unit}.lock", Path(outputs), unit))
@@ -141,8 +141,7 @@ def claim_outputs(
     bigglm.exceptions.StoreError: ...holds the outputs of another analysis (config /a.yaml...
     """
     outputs = Path(outputs)
-    state = outputs / STATE
-    state.mkdir(parents=True, exist_ok=True)
+    state = state_folder(outputs)
     record = state / OWNER
     with exclusive(state / f"{OWNER}.lock"):
         owner = read_record(record)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "discover",
     "map_path",
     "plan",
+    "state_folder",
     "unit_folder",
 ]
 
@@ -46,6 +48,30 @@ logger = logging.getLogger(__name__)
 
 #: Hidden folder of the step records, locks and job scripts inside ``outputs.folder``.
 STATE = ".bigglm"
+
+
+def state_folder(outputs: str | os.PathLike[str]) -> Path:
+    """``outputs/.bigglm``, created readable by the user only (mode 0700).
+
+    Parameters
+    ----------
+    outputs : path
+        The outputs folder of an analysis (created if missing).
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> oct(state_folder(tempfile.mkdtemp()).stat().st_mode & 0o777)
+    '0o700'
+    """
+    from bigglm.security import private_folder
+
+    return private_folder(Path(outputs) / STATE)
+
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
@@ -362,14 +388,8 @@ def _design(config: AnalysisConfig, run: Run, n_scans: int, tr: float, ref: floa
             events=run.events,
             confounds=run.confounds if columns else None,
             confound_columns=columns or None,
-            slice_time_ref=ref,
-            hrf=m.hrf,
-            drift=m.drift,
-            high_pass=m.high_pass,
-            drift_order=m.drift_order,
-            fir_delays=m.fir_delays,
-            oversampling=m.oversampling,
-            min_onset=m.min_onset,
+            slice_time_ref=ref if m.convention == "nilearn" else 0.0,
+            **m.design_options(),
         )
     except DesignError as err:
         raise DesignError(f"{run.name}: {err}") from None

@@ -66,6 +66,7 @@ STEP_VERSIONS: dict[str, int] = {
     "fit": 2,
     "contrast": 3,  # 3: stat-t / stat-F, not stat-stat
     "residuals": 2,
+    "group": 1,
 }
 
 
@@ -96,7 +97,8 @@ def store_identity(path: Path) -> str:
 
     ds = open_run(path)
     attrs = ds.attrs
-    mask = np.asarray(ds["mask"].values, dtype=bool)
+    # read here by threads, not as a task of the default client's cluster: a small array
+    mask = np.asarray(ds["mask"].compute(scheduler="threads").values, dtype=bool)
     parameters = {k: v for k, v in dict(attrs.get("parameters", {})).items() if k != "mask"}
     return _digest(
         [source.get("sha256") for source in attrs.get("sources", [])],

@@ -7,9 +7,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bigglm.config import AnalysisConfig
+from bigglm.exceptions import ConfigError
+from bigglm.pipeline.group import UNIT as GROUP
+from bigglm.pipeline.group import GroupOutcome, plan_group, run_group
 from bigglm.pipeline.lock import analysis_identity, claim_outputs, lock_units
 from bigglm.pipeline.plan import STATE, RunPlan, UnitPlan, plan
 from bigglm.pipeline.records import Checksums, StepRecords
@@ -36,6 +39,8 @@ __all__ = ["run_analysis"]
 
 logger = logging.getLogger(__name__)
 
+Level = Literal["all", "first", "group"]
+
 
 def run_analysis(
     config: AnalysisConfig,
@@ -44,8 +49,12 @@ def run_analysis(
     client: Any = None,
     progress: ProgressFactory | None = None,
     overwrite: bool = False,
-) -> list[UnitOutcome]:
-    """Run a first-level analysis end to end, resuming whatever an earlier run finished.
+    level: Level = "all",
+) -> list[UnitOutcome | GroupOutcome]:
+    """Run an analysis end to end, resuming whatever an earlier run finished.
+
+    The first level for every unit, then, with a ``group`` section, the group level
+    (:mod:`bigglm.pipeline.group`) on the maps of all subjects.
 
     Parameters
     ----------
@@ -63,11 +72,16 @@ def run_analysis(
         :func:`bigglm.pipeline.lock.claim_outputs`). A rerun of the same analysis (the
         same YAML file; for a configuration built in Python, the same ``inputs``) resumes
         without it. Files bigglm did not write are never replaced.
+    level : {"all", "first", "group"}
+        Which part to run: both (default), the first level only, or the group level
+        only (from first-level maps an earlier run wrote). With ``subjects`` the group
+        level is not run: it needs every subject.
 
     Returns
     -------
-    list of UnitOutcome
-        Per unit: steps run or reused, timings, the maps and provenance written.
+    list of UnitOutcome and GroupOutcome
+        Per unit: steps run or reused, timings, the maps and provenance written; last,
+        the group level's outcome when it ran.
 
     Raises
     ------
@@ -88,22 +102,33 @@ def run_analysis(
     bigglm.exceptions.ConfigError: inputs: /nope.nii.gz does not exist; check the path
     """
     units = plan(config, subjects)
+    with_group = config.group is not None and level != "first" and subjects is None
+    if config.group is not None and level != "first" and subjects is not None:
+        logger.info("group level not run: it needs every subject, and --subject selects some")
+    if level == "group" and config.group is None:
+        raise ConfigError("level 'group': this configuration has no group section")
+    group_plan = plan_group(config, units) if with_group else None
+    first = units if level != "group" else []
     outputs = config.outputs.folder
     outputs.mkdir(parents=True, exist_ok=True)
     claim_outputs(
         outputs, analysis_identity(config), [u.folder for u in units], overwrite=overwrite
     )
-    with lock_units(outputs, [u.name for u in units]), _client(config, client) as active:
+    names = [u.name for u in first] + ([GROUP] if group_plan is not None else [])
+    with lock_units(outputs, names), _client(config, client) as active:
         ctx = StepContext(
             config=config,
             client=active,
             progress=progress or (lambda description: nullcontext(_no_progress)),
             checksums=Checksums(outputs / STATE / "checksums"),
-            records={u.name: StepRecords(outputs, u.name) for u in units},
+            records={name: StepRecords(outputs, name) for name in names},
         )
-        masks = {u.name: _prepare(ctx, u) for u in units}
-        _convert_up_front(ctx, units, masks)
-        return [_run_unit(ctx, u, masks[u.name]) for u in units]
+        masks = {u.name: _prepare(ctx, u) for u in first}
+        _convert_up_front(ctx, first, masks)
+        done: list[UnitOutcome | GroupOutcome] = [_run_unit(ctx, u, masks[u.name]) for u in first]
+        if group_plan is not None:
+            done.append(run_group(ctx, group_plan))
+        return done
 
 
 def _prepare(ctx: StepContext, unit: UnitPlan) -> Path | None:
@@ -171,8 +196,10 @@ def _client(config: AnalysisConfig, client: Any) -> Iterator[Any]:
         yield client
         return
     from bigglm.cluster import client_from_profile
+    from bigglm.pipeline.plan import state_folder
 
-    with client_from_profile(config.cluster) as started:
+    credentials = state_folder(config.outputs.folder) / "credentials"
+    with client_from_profile(config.cluster, credentials=credentials) as started:
         yield started
 
 

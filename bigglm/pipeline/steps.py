@@ -19,12 +19,13 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
-from bigglm.config import AnalysisConfig
+from bigglm.config import AnalysisConfig, ModelConfig
 from bigglm.exceptions import StoreDamaged, StoreError
 from bigglm.io.artefacts import kind_of, marker, remove_stale_staging, target_lock, writing
 from bigglm.pipeline.plan import RunPlan, UnitPlan, map_path
@@ -302,11 +303,13 @@ def fit_step(ctx: StepContext, unit: UnitPlan) -> tuple[Any, str]:
 
     config, steps = ctx.config, ctx.steps(unit)
     path = unit.folder / f"{unit.name}_glm.zarr"
+    scaling = config.model.global_scaling
     key = step_key(
         "fit",
         config.model.noise,
         [store_identity(rp.store) for rp in unit.runs],
         design_key(unit),
+        *([scaling] if scaling != "none" else []),  # keys of unscaled fits stay as they were
     )
     if steps.done("fit", key, [path]):
         return GLMResult.from_zarr(path), key
@@ -318,7 +321,7 @@ def fit_step(ctx: StepContext, unit: UnitPlan) -> tuple[Any, str]:
     ):
         runs = [open_run(rp.store) for rp in unit.runs]
         designs = [rp.design for rp in unit.runs]
-        result = fit(runs, designs, noise=config.model.noise, client=ctx.client)
+        result = fit(runs, designs, noise=config.model.noise, scaling=scaling, client=ctx.client)
         result.compute(progress=callback).to_zarr(path, overwrite=True)
     # Contrasts always come from the stored result, so a resumed run computes them from
     # exactly the same numbers as an uninterrupted one.
@@ -470,31 +473,101 @@ def provenance_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome, star
     return write_json_atomic(path, record, artefact=True)
 
 
+#: The first-level report's threshold rule: nilearn's ``make_glm_report`` defaults.
+REPORT_ALPHA = 0.001
+REPORT_HEIGHT_CONTROL: Literal["fpr"] = "fpr"
+
+
 def report_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome) -> Path:
-    """The unit's HTML report (designs, z mosaics, steps); cheap, so always rewritten."""
+    """The unit's HTML report (model, designs and their diagnostics, contrasts drawn over
+    the design, thresholded maps over the MNI template with their cluster tables, steps);
+    cheap next to the fit, so always rewritten."""
     from bigglm.report.html import write_html_report
 
     config = ctx.config
-    z_maps = {
-        name: np.asarray(_image(map_path(config, unit.name, name, "z")).dataobj)
-        for name in config.contrasts
-        if "z" in config.outputs.maps
-    }
+    model = config.model
     facts = [
         ("runs", ", ".join(rp.run.name for rp in unit.runs)),
         ("volumes", str(outcome.n_volumes)),
         ("voxels", str(outcome.n_voxels)),
-        ("noise model", config.model.noise),
         ("provenance", str(outcome.provenance)),
     ]
     if outcome.residuals and config.outputs.residuals is not None:
         kind = "whitened" if config.outputs.residuals.whitened else "raw"
         facts.append((f"residuals ({kind})", ", ".join(p.name for p in outcome.residuals)))
+    first = unit.runs[0]
+    parameters = [
+        ("design convention", model.convention),
+        ("HRF", model.basis),
+        ("drift", _drift_text(model)),
+        ("noise model", model.noise),
+        ("global scaling", model.global_scaling),
+        ("TR", f"{first.tr:g} s"),
+        ("slice timing reference", f"{first.slice_time_ref:g} of the TR"),
+    ]
     return write_html_report(
         unit.folder / f"{unit.name}_report.html",
         title=unit.name,
         designs={rp.run.name: rp.design for rp in unit.runs},
-        z_maps=z_maps,
+        z_maps={},
         steps=outcome.steps,
         facts=facts,
+        model=parameters,
+        contrast_weights={rp.run.name: _weights(config, rp.design) for rp in unit.runs},
+        stat_maps=_report_maps(config, unit),
+        mask=_mask_image(first.store),
     )
+
+
+def _mask_image(store: Path) -> Any:
+    """The store's analysis mask as a NIfTI image (uint8, on the store's grid)."""
+    from bigglm.io import open_run
+
+    ds = open_run(store)
+    inside = np.asarray(ds["mask"].compute(scheduler="threads").values, dtype=np.uint8)
+    return nib.Nifti1Image(inside, np.asarray(ds.attrs["affine"], dtype=np.float64))
+
+
+def _weights(config: Any, design: pd.DataFrame) -> pd.DataFrame:
+    """Every contrast row over one run's design columns (F contrasts: one row each)."""
+    from bigglm.glm.contrasts import contrast_rows
+
+    columns = [str(c) for c in design.columns]
+    rows, labels = [], []
+    for name, expression in config.contrasts.items():
+        matrix = contrast_rows(expression, columns, name=name)
+        rows += list(matrix)
+        labels += [name] if len(matrix) == 1 else [f"{name}[{i}]" for i in range(len(matrix))]
+    return pd.DataFrame(rows, index=labels, columns=columns)
+
+
+def _report_maps(config: Any, unit: UnitPlan) -> list[Any]:
+    """Per contrast with a z map: the map thresholded by nilearn's report rule, and its
+    clusters (mm coordinates)."""
+    from bigglm.inference import clusters_table, threshold
+    from bigglm.report.group import ContrastSection
+
+    if "z" not in config.outputs.maps:
+        return []
+    sections = []
+    rule = f"{REPORT_HEIGHT_CONTROL} at alpha {REPORT_ALPHA:g}, one-sided (nilearn's report)"
+    for name in config.contrasts:
+        z_path = map_path(config, unit.name, name, "z")
+        _, cut = threshold(
+            z_path, alpha=REPORT_ALPHA, height_control=REPORT_HEIGHT_CONTROL, two_sided=False
+        )
+        table = clusters_table(z_path, cut)
+        files = [map_path(config, unit.name, name, s) for s in config.outputs.maps]
+        section = ContrastSection(name, {}, z_path, float(cut), rule=f"Parametric: {rule}.")
+        section.tables[f"Clusters at z ≥ {cut:.3f}"] = table
+        section.files = files
+        sections.append(section)
+    return sections
+
+
+def _drift_text(model: ModelConfig) -> str:
+    """How the low frequencies are modelled, in the convention's own units."""
+    if model.convention != "nilearn":
+        cutoff = model.design_options()["high_pass"]
+        return f"SPM DCT set, cut-off period {cutoff:g} s" if cutoff else "none"
+    return f"{model.drift} (high-pass {model.high_pass:g} Hz)" if model.drift else "none"

@@ -37,15 +37,16 @@ def format_summary(outcomes: Sequence[Any]) -> str:
     """
     lines: list[str] = []
     for o in outcomes:
+        if not hasattr(o, "n_runs"):  # the group level's outcome
+            lines.append(f"group: {o.subjects} subjects")
+            lines.append(f"  steps: {_steps(o.steps)}")
+            folders = sorted({str(p.parent) for p in o.maps})
+            counts = f"{len(o.maps)} maps, {len(o.tables)} cluster tables"
+            lines.append(f"  {counts} in {', '.join(folders)}")
+            continue
         runs = f"{o.n_runs} run" + ("s" if o.n_runs != 1 else "")
         lines.append(f"{o.name}: {runs}, {o.n_volumes} volumes, {o.n_voxels} voxels")
-        steps = ", ".join(
-            f"{name} {info['status']} ({info['seconds']:.1f} s)"
-            if info["status"] == "ran"
-            else f"{name} reused"
-            for name, info in o.steps.items()
-        )
-        lines.append(f"  steps: {steps}")
+        lines.append(f"  steps: {_steps(o.steps)}")
         if o.peaks:
             lines.append("  peak |z|: " + ", ".join(f"{k} {v:.2f}" for k, v in o.peaks.items()))
         folder = o.maps[0].parent if o.maps else None
@@ -53,3 +54,12 @@ def format_summary(outcomes: Sequence[Any]) -> str:
         if getattr(o, "report", None) is not None:
             lines.append(f"  report {o.report}")
     return "\n".join(lines)
+
+
+def _steps(steps: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{name} {info['status']} ({info['seconds']:.1f} s)"
+        if info["status"] == "ran"
+        else f"{name} reused"
+        for name, info in steps.items()
+    )
