@@ -397,8 +397,9 @@ def smooth_map(run: dict, graph: spatial.Graph) -> np.ndarray:
     """Noise smoothed over the graph (a few neighbour averages), so clusters are sizeable."""
     rng = np.random.default_rng(5)
     a = plain_mesh_adjacency(run).astype(np.float64)
-    a = a + scipy.sparse.eye_array(a.shape[0])
-    a = scipy.sparse.diags_array(1.0 / np.asarray(a.sum(axis=1)).ravel()) @ a
+    # identity() and diags() rather than eye_array/diags_array: those need scipy >= 1.12
+    a = a + scipy.sparse.csr_array(scipy.sparse.identity(a.shape[0], format="csr"))
+    a = scipy.sparse.csr_array(scipy.sparse.diags(1.0 / np.asarray(a.sum(axis=1)).ravel())) @ a
     x = rng.normal(size=graph.n)
     for _ in range(6):
         x = a @ x
