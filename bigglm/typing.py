@@ -41,9 +41,9 @@ HRFName = Literal[
     "fir",
 ]
 
-#: Whose rules build a first-level design: nilearn's, or an SPM release's
-#: (:mod:`bigglm.design.spm`).
-DesignConvention = Literal["nilearn", "spm12", "spm8", "spm5"]
+#: Whose rules build a first-level design: nilearn's, an SPM release's
+#: (:mod:`bigglm.design.spm`) or FSL FEAT's (:mod:`bigglm.design.fsl`).
+DesignConvention = Literal["nilearn", "spm12", "spm8", "spm5", "fsl"]
 
 #: Low-frequency drift models (as in nilearn).
 DriftModel = Literal["cosine", "polynomial"]
