@@ -28,7 +28,7 @@ __all__ = [
 GlobalScaling = Literal["none", "session", "scan"]
 #: Noise models for :func:`bigglm.fit`: ordinary least squares, AR(p) prewhitening, or
 #: SPM's pooled AR(0.2). Any ``"arN"`` with N >= 1 is accepted at run time.
-NoiseModel = Literal["ols", "ar1", "ar2", "ar3", "ar4", "ar5", "ar6", "spm-ar1"]
+NoiseModel = Literal["ols", "ar1", "ar2", "ar3", "ar4", "ar5", "ar6", "spm-ar1", "film"]
 
 #: Named haemodynamic response models (as in nilearn).
 HRFName = Literal[
