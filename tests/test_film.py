@@ -178,3 +178,19 @@ def test_film_options_raise_design_error(store: Path) -> None:
         bigglm.fit(ds, design(), noise="film", film_autocorrelation=np.zeros((6, 79)))
     with pytest.raises(DesignError, match="one per run"):
         bigglm.fit(ds, design(), noise="film", film_autocorrelation=[None, None])
+
+
+def test_result_round_trip_and_residuals(store: Path, tmp_path: Path) -> None:
+    """A FILM result written to Zarr and read back gives the same contrasts (its per-voxel
+    covariance travels with it); raw residuals are Y - X beta, whitened ones are refused."""
+    result = bigglm.fit(store, design(), noise="film").compute()
+    back = bigglm.GLMResult.from_zarr(result.to_zarr(tmp_path / "fit.zarr"))
+    np.testing.assert_allclose(
+        back.contrast("visual").z.values, result.contrast("visual").z.values, rtol=1e-12
+    )
+    ds = bigglm.open_run(store).load()
+    raw = result.residuals().values
+    expected = ds["bold"].values - design().to_numpy() @ result.beta.values
+    np.testing.assert_allclose(raw, expected, atol=1e-3)  # float32 data of magnitude 1e4
+    with pytest.raises(ValueError, match="not provided"):
+        result.residuals(whitened=True)
