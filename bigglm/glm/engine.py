@@ -52,6 +52,7 @@ def fit(
     client: Client | None = None,
     split_every: int = 4,
     film_autocorrelation: Any = None,
+    film_smoothing: tuple[float, float] | None = None,
 ) -> GLMResult:
     """Fit the GLM to every voxel of one or several runs, in one pass over the data.
 
@@ -94,6 +95,12 @@ def fit(
     film_autocorrelation : array, path, or a list of them (one per run), optional
         With ``noise="film"``: use these autocorrelations instead of estimating them,
         a ``(lag, voxel)`` array or a 4D NIfTI such as FILM's ``stats/threshac1``.
+    film_smoothing : (float, float), optional
+        With ``noise="film"`` and an estimated autocorrelation: smooth the raw estimates
+        in space before the taper, as FILM's ``--sa`` does, with a SUSAN-like filter of
+        ``(sigma_mm, brightness_threshold)`` on the data's mean image
+        (:func:`bigglm.glm.film.susan_smooth`; approximate). This adds a first pass
+        over the data (voxel blocks with whole series).
 
     Returns
     -------
@@ -136,8 +143,12 @@ def fit(
     notes = [note for _, note in scaled]
     _check_same_voxels(datasets)
     frames = [_as_frame(d) for d in design_list]
-    if film_autocorrelation is not None and noise != "film":
-        raise DesignError(f"film_autocorrelation is an option of noise='film', not {noise!r}")
+    for option, value in (
+        ("film_autocorrelation", film_autocorrelation),
+        ("film_smoothing", film_smoothing),
+    ):
+        if value is not None and noise != "film":
+            raise DesignError(f"{option} is an option of noise='film', not {noise!r}")
     if noise == "spm-ar1":
         built = _spm_ar1_graphs(datasets, frames, split_every, client, notes)
     elif noise == "film":
@@ -149,7 +160,7 @@ def fit(
                 "give one per run"
             )
         built = [
-            _film_graph(ds, frame, index, ac, note)
+            _film_graph(ds, frame, index, ac, note, film_smoothing)
             for index, (ds, frame, ac, note) in enumerate(
                 zip(datasets, frames, per_run, notes, strict=True)
             )
@@ -195,7 +206,12 @@ def _spm_ar1_graphs(
 
 
 def _film_graph(
-    ds: xr.Dataset, frame: pd.DataFrame, index: int, given: Any, note: dict[str, Any]
+    ds: xr.Dataset,
+    frame: pd.DataFrame,
+    index: int,
+    given: Any,
+    note: dict[str, Any],
+    smoothing: tuple[float, float] | None = None,
 ) -> tuple[xr.Dataset, list[tuple[slice, Delayed]]]:
     """FILM's fit of one run: one task per voxel block holding whole time series."""
     import dask
@@ -212,6 +228,8 @@ def _film_graph(
     n_lag = int(np.sqrt(n)) if ac is None else ac.shape[0]
     bold = bold.rechunk({0: -1, 1: film.film_voxels_per_block(n, n_reg)})
     design = dask.delayed(X, pure=True)
+    if ac is None and smoothing is not None:
+        ac = _film_smoothed(ds, bold, design, n_lag, smoothing, coords)
     finishes: list[tuple[slice, Delayed]] = []
     lo = 0
     for j, width in enumerate(bold.chunks[1]):
@@ -258,9 +276,48 @@ def _film_graph(
     out.attrs.update(
         note,
         whitening="FSL FILM: per-voxel Tukey-tapered autocorrelation, FFT filter",
-        film_autocorrelation="given" if ac is not None else f"estimated, Tukey M={n_lag}",
+        film_autocorrelation=(
+            "given"
+            if given is not None
+            else f"estimated, Tukey M={n_lag}, "
+            + (f"SUSAN-like smoothing {list(smoothing)}" if smoothing else "not smoothed")
+        ),
     )
     return out, finishes
+
+
+def _film_smoothed(
+    ds: xr.Dataset,
+    bold: da.Array,
+    design: Delayed,
+    n_lag: int,
+    smoothing: tuple[float, float],
+    coords: dict[str, Any],
+) -> np.ndarray:
+    """FILM's ``--sa`` estimate (approximately): raw autocorrelations of every voxel (a
+    first pass over the data, computed now), smoothed in space, then tapered."""
+    import dask
+
+    from bigglm.glm import film
+
+    sigma, brightness = (float(v) for v in smoothing)
+    if not (sigma > 0 and brightness > 0) or "affine" not in ds.attrs or len(coords) < 3:
+        raise DesignError(
+            f"film_smoothing={smoothing!r} needs a positive (sigma_mm, brightness_threshold) "
+            "and a volume run with an affine and voxel coordinates i, j, k"
+        )
+    parts = dask.compute(
+        *[
+            dask.delayed(film.film_raw_block)(bold.blocks[0, j], design, n_lag)
+            for j in range(bold.numblocks[1])
+        ]
+    )
+    raw = np.concatenate([p["raw"] for p in parts], axis=1)
+    mean = np.concatenate([p["mean"] for p in parts])
+    ijk = np.column_stack([np.asarray(coords[c], dtype=np.int64) for c in ("i", "j", "k")])
+    voxel_size = np.linalg.norm(np.asarray(ds.attrs["affine"], dtype=np.float64)[:3, :3], axis=0)
+    smoothed = film.susan_smooth(raw, ijk, voxel_size, mean, sigma, brightness)
+    return np.asarray(smoothed * film.tukey_taper(n_lag)[:, None], dtype=np.float64)
 
 
 def _globally_scaled(ds: xr.Dataset, scaling: str, index: int) -> tuple[xr.Dataset, dict[str, Any]]:

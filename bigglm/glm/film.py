@@ -12,9 +12,15 @@ a real FEAT first level, ``tests/test_film.py``):
   voxel, ``sum_t r_t r_{t+k} / sum_t r_t^2`` for lags ``k = 0 .. M - 1``, tapered by
   FILM's Tukey window ``0.5 (1 + cos(pi (k + 1) / M))`` (FILM's own ``threshac1`` has this
   1-based taper: its lag 0 is ``0.933`` for ``M = 6``), ``M = int(sqrt(n))`` by default.
-  FILM then smooths the raw estimates in space with SUSAN (``--sa --ms=5``, which needs
-  each voxel's neighbours); bigglm does **not** reproduce that smoothing (it would break
-  the voxel-block independence of the fit), so its estimate is noisier than FILM's.
+  FILM then smooths the raw estimates in space with SUSAN (``--sa --ms=5``), which needs
+  each voxel's neighbours. By default bigglm does not smooth (each voxel block stays
+  independent, one pass), so its estimate is noisier than FILM's. ``film_smoothing=
+  (sigma_mm, brightness)`` smooths approximately (:func:`susan_smooth`: SUSAN's weights on
+  the data's mean image, centre included, no median fallback) after a first pass that
+  collects every voxel's raw estimate (``m`` numbers per voxel, in memory); FILM's rule
+  for the brightness threshold is not known here and must be given. On the real FEAT run,
+  sigma 5 mm (its ``--ms``) and a threshold of 2600 give ``threshac1`` to 0.011 and z to
+  1.2% of the peak; without smoothing the gap is 0.31 and up to 42%.
 * **Whitening** (exact, given the autocorrelation). Zero padding to the next power of two
   at or above ``n``, the autocorrelation laid out symmetrically (lags ``0 .. M - 1`` at
   the start, ``M - 1 .. 1`` at the end), its FFT's real part ``S``; data and each design
@@ -46,8 +52,10 @@ __all__ = [
     "film_block",
     "film_dof",
     "film_padding",
+    "film_raw_block",
     "film_voxels_per_block",
     "given_autocorrelation",
+    "susan_smooth",
     "tukey_taper",
 ]
 
@@ -86,11 +94,15 @@ def film_autocorrelation(residuals: Array, m: int) -> Array:
     >>> film_autocorrelation(r, 10)[0].round(3)  # lag 0 carries the taper's first weight
     array([0.976, 0.976])
     """
+    return np.asarray(_raw_autocorrelation(residuals, m) * tukey_taper(m)[:, None], np.float64)
+
+
+def _raw_autocorrelation(residuals: Array, m: int) -> Array:
+    """``sum_t r_t r_{t+k} / sum_t r_t^2`` for lags ``0 .. m - 1``, untapered."""
     n = residuals.shape[0]
     sums = np.array([(residuals[: n - k] * residuals[k:]).sum(0) for k in range(m)])
     with np.errstate(divide="ignore", invalid="ignore"):
-        raw = sums / sums[0]
-    return np.asarray(raw * tukey_taper(m)[:, None], dtype=np.float64)
+        return np.asarray(sums / sums[0], dtype=np.float64)
 
 
 def _spectrum(ac: Array, n_pad: int) -> Array:
@@ -191,6 +203,70 @@ def film_block(
         "film_covariance": covariance,
         "film_autocorrelation": ac,
     }
+
+
+def film_raw_block(bold: Array, design: Array, m: int) -> dict[str, Array]:
+    """First pass of a smoothed estimate: each voxel's untapered residual autocorrelation
+    (lags ``0 .. m - 1``) and its temporal mean (the brightness image of the smoothing)."""
+    y = np.asarray(bold, dtype=np.float64)
+    X = np.asarray(design, dtype=np.float64)
+    free = np.ptp(X, axis=0) != 0
+    Xd = X[:, free] - X[:, free].mean(0)
+    yd = y - y.mean(0)
+    residuals = yd - Xd @ (np.linalg.pinv(Xd) @ yd)
+    return {"raw": _raw_autocorrelation(residuals, m), "mean": y.mean(0)}
+
+
+def susan_smooth(
+    values: Array,
+    ijk: NDArray[np.int64],
+    voxel_size: Array,
+    brightness_image: Array,
+    sigma: float,
+    brightness: float,
+) -> Array:
+    """SUSAN-like smoothing of per-voxel values ``(m, v)`` within the mask (approximate).
+
+    Each voxel becomes the weighted mean of the mask voxels within ``3 sigma`` (mm),
+    itself included, weights ``exp(-d^2 / (2 sigma^2)) exp(-(dI / brightness)^2)``,
+    ``dI`` the difference of ``brightness_image`` (the data's temporal mean) between the
+    two voxels. This is the form of FSL's SUSAN with the mean image as its USAN; SUSAN's
+    median fallback and FILM's rule for the brightness threshold are not reproduced.
+    Memory: ``m`` values per voxel of the bounding box of the mask.
+
+    Examples
+    --------
+    >>> ijk = np.array([[0, 0, 0], [1, 0, 0], [5, 0, 0]])
+    >>> susan_smooth(np.array([[0.0, 1.0, 5.0]]), ijk, np.ones(3), np.zeros(3), 1.0, 1.0).round(2)
+    array([[0.38, 0.62, 5.  ]])
+    """
+    lo = ijk.min(0)
+    idx = ijk - lo
+    shape = tuple(int(s) for s in idx.max(0) + 1)
+    radius = np.ceil(3 * sigma / np.asarray(voxel_size, dtype=np.float64)).astype(int)
+    inside = np.zeros(shape, dtype=bool)
+    inside[tuple(idx.T)] = True
+    grid = np.zeros((values.shape[0], *shape))
+    grid[(slice(None), *idx.T)] = values
+    image = np.zeros(shape)
+    image[tuple(idx.T)] = brightness_image
+    total = np.zeros((values.shape[0], idx.shape[0]))
+    weight = np.zeros(idx.shape[0])
+    ranges = [range(-int(r), int(r) + 1) for r in radius]
+    for offset in np.array(np.meshgrid(*ranges, indexing="ij")).reshape(3, -1).T:
+        d2 = float(((offset * voxel_size) ** 2).sum())
+        if d2 > (3 * sigma) ** 2:
+            continue
+        other = idx + offset
+        ok = np.all((other >= 0) & (other < shape), axis=1)
+        ok[ok] = inside[tuple(other[ok].T)]
+        where = tuple(other[ok].T)
+        w = np.exp(-d2 / (2 * sigma * sigma)) * np.exp(
+            -(((image[where] - brightness_image[ok]) / brightness) ** 2)
+        )
+        total[:, ok] += w * grid[(slice(None), *where)]
+        weight[ok] += w
+    return np.asarray(total / weight, dtype=np.float64)
 
 
 def film_dof(design: Array) -> float:
