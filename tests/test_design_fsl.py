@@ -206,5 +206,7 @@ def test_bad_options_raise_design_error() -> None:
     ev = pd.DataFrame({"onset": [0.0], "duration": [1.0], "trial_type": "a"})
     with pytest.raises(DesignError, match="lacks"):
         fsl_design(10, 2.0, ev, orthogonalise={"a": ["nope"]})
+    with pytest.raises(DesignError, match=r"did you mean 100 s\?"):
+        fsl_design(10, 2.0, ev, high_pass=0.01)
     with pytest.raises(DesignError, match="unknown design option"):
         make_run_design(10, 2.0, events=ev, convention="fsl", microtime_resolution=16)

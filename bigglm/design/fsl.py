@@ -39,6 +39,12 @@ each column's peak (``design.mat`` is printed with 7 significant digits;
 * **Orthogonalisation** (FEAT's ``ortho`` option, documented). ``orthogonalise={"a":
   ["b", ...]}`` removes from EV ``a`` its least-squares fit on the listed EVs (after
   their derivatives, filtering and demeaning), as FEAT's "orthogonalise EV a wrt b".
+
+With ``high_pass``, the derivative is taken before the filter and both are filtered;
+that order, and the orthogonalisation options, were not in the FEAT run checked here.
+Not rebuilt: FEAT's ``convolve_phase``, its Gaussian, basis-function (gamma, sine, FIR)
+and custom convolutions, square and sinusoid waveforms given as parameters (give their
+blocks as events instead), interaction EVs and confound EV files (use ``confounds``).
 """
 
 from __future__ import annotations
@@ -236,6 +242,18 @@ def fsl_highpass_filter(
     return out
 
 
+def _check_cutoff(cutoff: float, tr: float) -> float:
+    value = float(cutoff)
+    if not (np.isfinite(value) and value >= 2 * tr):
+        hint = f" (did you mean {1 / value:g} s?)" if 0 < value < 1 else ""
+        raise DesignError(
+            f"high_pass={cutoff!r}: in the fsl convention it is FEAT's cut-off period in "
+            f"seconds, at least two scans ({2 * tr:g} s){hint}; FEAT's default is 100, "
+            "None for no filter"
+        )
+    return value
+
+
 def _events_table(events: object) -> pd.DataFrame:
     table, label = read_table(events, "events")  # type: ignore[arg-type]
     missing = [c for c in ("onset", "duration") if c not in table.columns]
@@ -335,7 +353,7 @@ def fsl_design(
             rows = table[table["trial_type"].astype(str) == name]
             columns.update(_ev_columns(rows, name, n_scans, tr, kernel, derivative))
     if high_pass is not None:
-        F = fsl_highpass_matrix(n_scans, float(high_pass) / (2.0 * tr))
+        F = fsl_highpass_matrix(n_scans, _check_cutoff(high_pass, tr) / (2.0 * tr))
         columns = {k: F @ v for k, v in columns.items()}
     columns = {k: _demean(v) for k, v in columns.items()}
     for name in list(columns):

@@ -64,7 +64,7 @@ def fit(
     designs : pandas.DataFrame or list of them
         One design matrix (scans x regressors, named columns) per run. A bare array
         gets columns ``x0, x1, ...``.
-    noise : {"ols", "ar1", "ar2", ..., "spm-ar1"}
+    noise : {"ols", "ar1", "ar2", ..., "spm-ar1", "film"}
         Ordinary least squares, or GLS with per-voxel AR(p) noise estimated by
         Yule–Walker from the OLS residuals (see :mod:`bigglm.glm.ar` for the exact
         whitening convention and how it compares with nilearn and statsmodels), or
