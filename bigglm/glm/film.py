@@ -30,6 +30,9 @@ a real FEAT first level, ``tests/test_film.py``):
   pseudo-inverse), ``sigma2 = RSS / (n - p)``, t with ``n - p`` degrees of freedom and z
   from the t distribution, ``p`` the non-constant columns.
 
+Not applied: FILM's ``--thr`` (voxels whose mean is below it are left unfitted; here the
+store's mask decides) and its ``sigmasquareds`` normalisation.
+
 Given FILM's ``threshac1`` (``film_autocorrelation=``), ``pe``, ``tstat`` and ``zstat``
 equal FILM's to 1e-5 of each map's peak. FILM needs all time points of a voxel at once:
 the fit reads the store a second time in voxel blocks that hold whole series (a dask
