@@ -270,6 +270,11 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _one_convention(self) -> ModelConfig:
         """Options of the other convention are refused, not silently ignored."""
+        if self.convention == "fsl":
+            raise ValueError(
+                "convention 'fsl' is not yet available in configs; build the design in "
+                "Python with bigglm.design.make_run_design(..., convention='fsl')"
+            )
         spm = self.convention.startswith("spm")
         other = _NILEARN_ONLY if spm else _SPM_ONLY
         given = sorted(set(other) & self.model_fields_set)

@@ -28,7 +28,7 @@ __all__ = [
 GlobalScaling = Literal["none", "session", "scan"]
 #: Noise models for :func:`bigglm.fit`: ordinary least squares, AR(p) prewhitening, or
 #: SPM's pooled AR(0.2). Any ``"arN"`` with N >= 1 is accepted at run time.
-NoiseModel = Literal["ols", "ar1", "ar2", "ar3", "ar4", "ar5", "ar6", "spm-ar1"]
+NoiseModel = Literal["ols", "ar1", "ar2", "ar3", "ar4", "ar5", "ar6", "spm-ar1", "film"]
 
 #: Named haemodynamic response models (as in nilearn).
 HRFName = Literal[
@@ -41,9 +41,9 @@ HRFName = Literal[
     "fir",
 ]
 
-#: Whose rules build a first-level design: nilearn's, or an SPM release's
-#: (:mod:`bigglm.design.spm`).
-DesignConvention = Literal["nilearn", "spm12", "spm8", "spm5"]
+#: Whose rules build a first-level design: nilearn's, an SPM release's
+#: (:mod:`bigglm.design.spm`) or FSL FEAT's (:mod:`bigglm.design.fsl`).
+DesignConvention = Literal["nilearn", "spm12", "spm8", "spm5", "fsl"]
 
 #: Low-frequency drift models (as in nilearn).
 DriftModel = Literal["cosine", "polynomial"]

@@ -67,7 +67,8 @@ def test_bad_config_is_one_line_with_the_field_and_fix(tmp_path: Path) -> None:
     )
     line = _one_line_error(_bigglm("validate", str(config)), "validate")
     assert line.endswith(
-        "model.noise: 'ar 1' is not a noise model; use 'ols', 'arN' (e.g. 'ar1') or 'spm-ar1'"
+        "model.noise: 'ar 1' is not a noise model; use 'ols', 'arN' (e.g. 'ar1'), "
+        "'spm-ar1' or 'film'"
     )
 
 

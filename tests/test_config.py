@@ -39,7 +39,8 @@ def test_malloc_tuning_can_be_turned_off() -> None:
 def test_noise_error_names_the_field_and_the_fix() -> None:
     message = _error(model={"noise": "ar 1"})
     assert message == (
-        "model.noise: 'ar 1' is not a noise model; use 'ols', 'arN' (e.g. 'ar1') or 'spm-ar1'"
+        "model.noise: 'ar 1' is not a noise model; use 'ols', 'arN' (e.g. 'ar1'), "
+        "'spm-ar1' or 'film'"
     )
 
 

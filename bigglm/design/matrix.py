@@ -285,17 +285,23 @@ def make_run_design(
         See :func:`frame_times`.
     fill_na : {"mean", "zero", "next"}, default="mean"
         Leading ``n/a`` filling, see :func:`bigglm.design.load_confounds`.
-    convention : {"nilearn", "spm12", "spm8", "spm5"}, default="nilearn"
+    convention : {"nilearn", "spm12", "spm8", "spm5", "fsl"}, default="nilearn"
         Whose rules build the event and drift columns: nilearn's
-        (:func:`make_design`), or an SPM release's (:func:`bigglm.design.spm.spm_design`:
+        (:func:`make_design`), an SPM release's (:func:`bigglm.design.spm.spm_design`:
         microtime grid, ``spm_hrf`` basis, DCT high-pass with ``high_pass`` a cut-off
-        period in seconds, 128 by default). Confounds and spike columns go before the
-        drift columns either way.
+        period in seconds, 128 by default), or FSL FEAT's
+        (:func:`bigglm.design.fsl.fsl_design`: 0.05 s model grid, double-gamma or gamma
+        HRF, temporal derivatives, the running-line high-pass on the EVs, 100 s by
+        default, which the data then need too). Confounds and spike columns go before
+        the drift or constant columns either way.
     **model
         Keyword arguments of :func:`make_design` (``hrf``, ``drift``, ``high_pass``,
         ``drift_order``, ``fir_delays``, ``oversampling``, ``min_onset``), or in an SPM
         convention of :func:`~bigglm.design.spm.spm_design` (``hrf``, ``high_pass``,
-        ``microtime_resolution``, ``microtime_onset``, ``units``, ``modulators``).
+        ``microtime_resolution``, ``microtime_onset``, ``units``, ``modulators``), or in
+        the fsl convention of :func:`~bigglm.design.fsl.fsl_design` (``hrf``,
+        ``derivative``, ``high_pass``, ``gamma_sigma``, ``gamma_delay``,
+        ``orthogonalise``).
 
     Returns
     -------
@@ -317,7 +323,6 @@ def make_run_design(
     >>> list(X.columns)
     ['go', 'scrub_7', 'constant']
     """
-    spm = convention != "nilearn"
     _check_model_options(model, convention, slice_time_ref)
     blocks = []
     if confounds is not None:
@@ -325,13 +330,18 @@ def make_run_design(
     if sample_mask is not None:
         blocks.append(scrubbing_regressors(sample_mask, n_scans))
     extra = pd.concat(blocks, axis=1) if blocks else None
-    if not spm:
+    if convention == "nilearn":
         times = frame_times(n_scans, tr, slice_time_ref)
         return make_design(times, events, confounds=extra, **model)
-    from bigglm.design.spm import spm_design
-
     frame_times(n_scans, tr)  # the same checks of n_scans and tr as the nilearn path
-    design = spm_design(n_scans, check_tr(tr), events, convention=convention, **model)
+    if convention == "fsl":
+        from bigglm.design.fsl import fsl_design
+
+        design = fsl_design(n_scans, check_tr(tr), events, **model)
+    else:
+        from bigglm.design.spm import spm_design
+
+        design = spm_design(n_scans, check_tr(tr), events, convention=convention, **model)
     return _with_confounds(design, extra)
 
 
@@ -353,6 +363,15 @@ _SPM_OPTIONS = (
     "modulators",
 )
 
+_FSL_OPTIONS = (
+    "hrf",
+    "derivative",
+    "high_pass",
+    "gamma_sigma",
+    "gamma_delay",
+    "orthogonalise",
+)
+
 
 def _check_model_options(model: dict[str, Any], convention: str, slice_time_ref: float) -> None:
     """Refuse the options another convention understands, naming the convention."""
@@ -360,7 +379,7 @@ def _check_model_options(model: dict[str, Any], convention: str, slice_time_ref:
         raise DesignError(
             f"convention={convention!r} is not known; use one of {list(get_args(DesignConvention))}"
         )
-    allowed = _NILEARN_OPTIONS if convention == "nilearn" else _SPM_OPTIONS
+    allowed = {"nilearn": _NILEARN_OPTIONS, "fsl": _FSL_OPTIONS}.get(convention, _SPM_OPTIONS)
     unknown = sorted(set(model) - set(allowed))
     if unknown:
         raise DesignError(
@@ -370,7 +389,8 @@ def _check_model_options(model: dict[str, Any], convention: str, slice_time_ref:
     if convention != "nilearn" and slice_time_ref:
         raise DesignError(
             f"slice_time_ref={slice_time_ref} is nilearn's option; in the {convention} "
-            "convention the sampling time within a scan is microtime_onset (SPM's fmri_t0)"
+            "convention the sampling time within a scan is fixed by the convention "
+            "(microtime_onset, SPM's fmri_t0; the middle of the volume in FEAT)"
         )
 
 

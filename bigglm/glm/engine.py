@@ -51,6 +51,8 @@ def fit(
     scaling: GlobalScaling = "none",
     client: Client | None = None,
     split_every: int = 4,
+    film_autocorrelation: Any = None,
+    film_smoothing: tuple[float, float] | None = None,
 ) -> GLMResult:
     """Fit the GLM to every voxel of one or several runs, in one pass over the data.
 
@@ -62,14 +64,18 @@ def fit(
     designs : pandas.DataFrame or list of them
         One design matrix (scans x regressors, named columns) per run. A bare array
         gets columns ``x0, x1, ...``.
-    noise : {"ols", "ar1", "ar2", ..., "spm-ar1"}
+    noise : {"ols", "ar1", "ar2", ..., "spm-ar1", "film"}
         Ordinary least squares, or GLS with per-voxel AR(p) noise estimated by
         Yule–Walker from the OLS residuals (see :mod:`bigglm.glm.ar` for the exact
         whitening convention and how it compares with nilearn and statsmodels), or
         SPM12's AR(0.2) model: one covariance for all voxels, estimated by ReML from the
         voxels the effects of interest drive (:mod:`bigglm.glm.pooled`; the high-pass
         set is the columns named ``drift_*``). That estimate is a first pass over the
-        data, computed when ``fit`` is called; the whitened fit stays lazy.
+        data, computed when ``fit`` is called; the whitened fit stays lazy. Or
+        ``"film"``: FSL FILM's prewhitening, each voxel whitened in the frequency domain
+        by its own Tukey-tapered autocorrelation (:mod:`bigglm.glm.film`, which says what
+        is reproduced exactly); it reads whole series in voxel blocks (a rechunk of the
+        store, memory bounded per block).
     scaling : {"none", "session", "scan"}
         SPM's global scaling of the data before the fit: ``"session"`` multiplies each
         run by ``100 / mean(global)`` (SPM's grand mean scaling, which it always
@@ -86,6 +92,15 @@ def fit(
         so threads scale without copying chunks between processes).
     split_every : int
         Fan-in of the tree reduction over time blocks.
+    film_autocorrelation : array, path, or a list of them (one per run), optional
+        With ``noise="film"``: use these autocorrelations instead of estimating them,
+        a ``(lag, voxel)`` array or a 4D NIfTI such as FILM's ``stats/threshac1``.
+    film_smoothing : (float, float), optional
+        With ``noise="film"`` and an estimated autocorrelation: smooth the raw estimates
+        in space before the taper, as FILM's ``--sa`` does, with a SUSAN-like filter of
+        ``(sigma_mm, brightness_threshold)`` on the data's mean image
+        (:func:`bigglm.glm.film.susan_smooth`; approximate). This adds a first pass
+        over the data (voxel blocks with whole series).
 
     Returns
     -------
@@ -128,8 +143,28 @@ def fit(
     notes = [note for _, note in scaled]
     _check_same_voxels(datasets)
     frames = [_as_frame(d) for d in design_list]
+    for option, value in (
+        ("film_autocorrelation", film_autocorrelation),
+        ("film_smoothing", film_smoothing),
+    ):
+        if value is not None and noise != "film":
+            raise DesignError(f"{option} is an option of noise='film', not {noise!r}")
     if noise == "spm-ar1":
         built = _spm_ar1_graphs(datasets, frames, split_every, client, notes)
+    elif noise == "film":
+        given = film_autocorrelation
+        per_run = given if isinstance(given, list | tuple) else [given] * len(datasets)
+        if len(per_run) != len(datasets):
+            raise DesignError(
+                f"film_autocorrelation has {len(per_run)} entries for {len(datasets)} runs; "
+                "give one per run"
+            )
+        built = [
+            _film_graph(ds, frame, index, ac, note, film_smoothing)
+            for index, (ds, frame, ac, note) in enumerate(
+                zip(datasets, frames, per_run, notes, strict=True)
+            )
+        ]
     else:
         built = [
             _run_graph(ds, frame, order, noise, split_every, index, notes=note)
@@ -168,6 +203,121 @@ def _spm_ar1_graphs(
     for (dataset, _), frame in zip(built, frames, strict=True):
         dataset["model_design"] = (("time", "regressor"), frame.to_numpy(dtype=np.float64))
     return built
+
+
+def _film_graph(
+    ds: xr.Dataset,
+    frame: pd.DataFrame,
+    index: int,
+    given: Any,
+    note: dict[str, Any],
+    smoothing: tuple[float, float] | None = None,
+) -> tuple[xr.Dataset, list[tuple[slice, Delayed]]]:
+    """FILM's fit of one run: one task per voxel block holding whole time series."""
+    import dask
+
+    from bigglm.glm import film
+
+    _check(ds, frame, 0, index)
+    X = frame.to_numpy(dtype=np.float64)
+    n, n_reg = X.shape
+    bold = da.asarray(ds["bold"].data)
+    n_vox = bold.shape[1]
+    coords = {c: ds.coords[c].values for c in ("i", "j", "k") if c in ds.coords}
+    ac = None if given is None else film.given_autocorrelation(given, coords, n_vox)
+    n_lag = int(np.sqrt(n)) if ac is None else ac.shape[0]
+    bold = bold.rechunk({0: -1, 1: film.film_voxels_per_block(n, n_reg)})
+    design = dask.delayed(X, pure=True)
+    if ac is None and smoothing is not None:
+        ac = _film_smoothed(ds, bold, design, n_lag, smoothing, coords)
+    finishes: list[tuple[slice, Delayed]] = []
+    lo = 0
+    for j, width in enumerate(bold.chunks[1]):
+        part = None if ac is None else ac[:, lo : lo + width]
+        task = dask.delayed(film.film_block, pure=True)(bold.blocks[0, j], design, part)
+        finishes.append((slice(lo, lo + width), task))
+        lo += width
+    shapes = {
+        "beta": ((n_reg,), np.float64),
+        "sigma2": ((), np.float64),
+        "status": ((), np.int8),
+        "film_covariance": ((n_reg, n_reg), np.float64),
+        "film_autocorrelation": ((n_lag,), np.float64),
+    }
+    lazy = {
+        name: da.concatenate(
+            [
+                da.from_delayed(dask.delayed(getitem)(t, name), (*rows, sl.stop - sl.start), dtype)
+                for sl, t in finishes
+            ],
+            axis=-1,
+        )
+        for name, (rows, dtype) in shapes.items()
+    }
+    terms = DesignTerms.build(X, 0)
+    coord_names = {c: ds.coords[c] for c in ("time", *COLUMN_COORDS) if c in ds.coords}
+    out = xr.Dataset(
+        {
+            "beta": (("regressor", "voxel"), lazy["beta"]),
+            "sigma2": (("voxel",), lazy["sigma2"]),
+            "status": (("voxel",), lazy["status"], _status_attrs()),
+            "design": (("time", "regressor"), X),
+            "dof": ((), film.film_dof(X)),
+            "film_covariance": (("regressor", "regressor_2", "voxel"), lazy["film_covariance"]),
+            "film_autocorrelation": (("film_lag", "voxel"), lazy["film_autocorrelation"]),
+        },
+        coords={
+            "regressor": np.array(list(frame.columns), dtype=object),
+            "regressor_2": np.array(list(frame.columns), dtype=object),
+            **coord_names,
+        },
+    )
+    out.attrs = _provenance(ds, "film", terms)
+    out.attrs.update(
+        note,
+        whitening="FSL FILM: per-voxel Tukey-tapered autocorrelation, FFT filter",
+        film_autocorrelation=(
+            "given"
+            if given is not None
+            else f"estimated, Tukey M={n_lag}, "
+            + (f"SUSAN-like smoothing {list(smoothing)}" if smoothing else "not smoothed")
+        ),
+    )
+    return out, finishes
+
+
+def _film_smoothed(
+    ds: xr.Dataset,
+    bold: da.Array,
+    design: Delayed,
+    n_lag: int,
+    smoothing: tuple[float, float],
+    coords: dict[str, Any],
+) -> np.ndarray:
+    """FILM's ``--sa`` estimate (approximately): raw autocorrelations of every voxel (a
+    first pass over the data, computed now), smoothed in space, then tapered."""
+    import dask
+
+    from bigglm.glm import film
+
+    sigma, brightness = (float(v) for v in smoothing)
+    if not (sigma > 0 and brightness > 0) or "affine" not in ds.attrs or len(coords) < 3:
+        raise DesignError(
+            f"film_smoothing={smoothing!r} needs a positive (sigma_mm, brightness_threshold) "
+            "and a volume run with an affine and voxel coordinates i, j, k"
+        )
+    parts = dask.compute(
+        *[
+            dask.delayed(film.film_raw_block)(bold.blocks[0, j], design, n_lag)
+            for j in range(bold.numblocks[1])
+        ]
+    )
+    raw = np.concatenate([p["raw"] for p in parts], axis=1)
+    mean = np.concatenate([p["mean"] for p in parts])
+    ijk = np.column_stack([np.asarray(coords[c], dtype=np.int64) for c in ("i", "j", "k")])
+    voxel_size = np.linalg.norm(np.asarray(ds.attrs["affine"], dtype=np.float64)[:3, :3], axis=0)
+    smoothed = film.susan_smooth(raw, ijk, voxel_size, mean, sigma, brightness)
+    return np.asarray(smoothed * film.tukey_taper(n_lag)[:, None], dtype=np.float64)
 
 
 def _globally_scaled(ds: xr.Dataset, scaling: str, index: int) -> tuple[xr.Dataset, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The noise model option (``"ols"``, ``"arP"`` or ``"spm-ar1"``) and the run length it needs.
+"""The noise model option (``"ols"``, ``"arP"``, ``"spm-ar1"`` or ``"film"``) and the run length.
 
 One home for the checks that :func:`bigglm.fit`, the YAML config (``model.noise``), the
 ``bigglm fit --noise`` flag and ``bigglm validate`` share. Pure Python: reading a config
@@ -13,21 +13,22 @@ from bigglm.exceptions import DesignError
 
 __all__ = ["check_fit_size", "noise_order"]
 
-_NOISE = re.compile(r"ols|spm-ar1|ar([1-9][0-9]*)")
+_NOISE = re.compile(r"ols|spm-ar1|film|ar([1-9][0-9]*)")
 #: What a wrong noise option is told to use.
-_CHOICES = "use 'ols', 'arN' (e.g. 'ar1') or 'spm-ar1'"
+_CHOICES = "use 'ols', 'arN' (e.g. 'ar1'), 'spm-ar1' or 'film'"
 
 
 def noise_order(noise: object) -> int:
-    """0 for ``"ols"``, P for ``"arP"`` (P >= 1), 0 for ``"spm-ar1"``.
+    """0 for ``"ols"``, P for ``"arP"`` (P >= 1), 0 for ``"spm-ar1"`` and ``"film"``.
 
     ``"spm-ar1"`` is SPM's AR(0.2) model (:mod:`bigglm.glm.pooled`): one whitening matrix
-    for all voxels, so each voxel's fit is OLS of whitened data.
+    for all voxels, so each voxel's fit is OLS of whitened data. ``"film"`` is FSL FILM's
+    prewhitening (:mod:`bigglm.glm.film`): each voxel whitened by its own autocorrelation.
 
     Parameters
     ----------
     noise : str
-        ``"ols"``, ``"ar1"``, ``"ar2"``, ..., or ``"spm-ar1"``.
+        ``"ols"``, ``"ar1"``, ``"ar2"``, ..., ``"spm-ar1"`` or ``"film"``.
 
     Returns
     -------

@@ -248,7 +248,7 @@ def run_residuals(source: xr.Dataset, fitted: xr.Dataset, *, whitened: bool) -> 
         per_block = [per_voxel_block(values, data.chunks[1]) for values in per_voxel]
     # a model fitted to transformed data (noise="spm-ar1") keeps the design of the data
     design = fitted["model_design" if "model_design" in fitted else "design"].values
-    if whitened and "model_design" in fitted:
+    if whitened and ("model_design" in fitted or fitted.attrs.get("noise") == "film"):
         raise ValueError(
             f"whitened residuals of noise={fitted.attrs.get('noise')!r} are not provided; "
             "use whitened=False for Y - X beta"

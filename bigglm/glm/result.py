@@ -42,7 +42,7 @@ __all__ = ["GLMResult", "contrast_dataset", "contrast_maps"]
 
 logger = logging.getLogger(__name__)
 
-_FITTED = ("beta", "sigma2", "status", "ar")
+_FITTED = ("beta", "sigma2", "status", "ar", "film_covariance", "film_autocorrelation")
 
 
 class GLMResult:
@@ -673,6 +673,10 @@ def _run_effect(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Effect (q, v) and covariance (q, q, v) of one run's voxels."""
     beta, sigma2 = ds["beta"].values[:, voxels], ds["sigma2"].values[voxels]
+    if "film_covariance" in ds:  # FILM: each voxel's own whitened design
+        cov = ds["film_covariance"].values[:, :, voxels]
+        unscaled = np.einsum("qp,prv,sr->qsv", weights, cov, weights)
+        return con.effect_and_covariance(weights, beta, sigma2, unscaled)
     if "ar" not in ds:
         unscaled = weights @ terms.gram_pinv @ weights.T
         return con.effect_and_covariance(weights, beta, sigma2, unscaled)
