@@ -47,6 +47,7 @@ COMPARISONS = (
     "bigglm_ols",
     "bigglm_ar1",
     "bigglm_spm_ar1",
+    "bigglm_film",
     "bigglm_ols_memory",
     "bigglm_ar1_memory",
     "nilearn_ols",
@@ -66,6 +67,7 @@ RATIOS = (
     ("bigglm OLS / bare store read", "bigglm_ols", "read_store", "<= 2"),
     ("bigglm AR(1) / bare store read", "bigglm_ar1", "read_store", "<= 2"),
     ("bigglm SPM AR(0.2) / bigglm OLS (from store)", "bigglm_spm_ar1", "bigglm_ols", "<= 2.5"),
+    ("bigglm FSL FILM / bigglm OLS (from store)", "bigglm_film", "bigglm_ols", "<= 3"),
     ("bigglm OLS, data in memory / bare store read", "bigglm_ols_memory", "read_store", "-"),
     ("bigglm AR(1), data in memory / bare store read", "bigglm_ar1_memory", "read_store", "-"),
 )

@@ -179,6 +179,13 @@ def bigglm_spm_ar1(args: argparse.Namespace) -> dict[str, float]:
     return _fit(args, "spm-ar1", _store(args))
 
 
+@step
+def bigglm_film(args: argparse.Namespace) -> dict[str, float]:
+    """Fit + one t contrast from an existing store, FSL FILM prewhitening (whole series per
+    voxel block, a pseudo-inverse per voxel)."""
+    return _fit(args, "film", _store(args))
+
+
 def _in_memory(args: argparse.Namespace) -> Any:
     """The store's run read into memory (same chunks), before the clock starts."""
     import bigglm
