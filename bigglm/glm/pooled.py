@@ -103,7 +103,7 @@ def _basis(x: Array) -> Array:
     if x.shape[1] == 0:
         return np.zeros((x.shape[0], 0))
     u, s, _ = np.linalg.svd(x, full_matrices=False)
-    tol = s.max(initial=0.0) * max(x.shape) * np.finfo(np.float64).eps
+    tol = np.max(s, initial=0.0) * max(x.shape) * np.finfo(np.float64).eps
     return np.asarray(u[:, s > tol], dtype=np.float64)
 
 
@@ -273,7 +273,7 @@ def _selected(
         rss += np.einsum("tv,tv->v", centred, centred) - np.einsum("kv,kv->v", fitted, fitted)
         effect = plan.interest.T @ centred
         ess += np.einsum("kv,kv->v", effect, effect)
-    finite = np.isfinite(rss) & np.isfinite(ess) & (rss > 0) & ~np.logical_or.reduce(constant)
+    finite = np.isfinite(rss) & np.isfinite(ess) & (rss > 0) & ~np.any(constant, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         chosen = finite & (ess / max(trmv, 1) > critical * rss / trrv)
     return chosen, np.sqrt(trrv / rss[chosen]), constant

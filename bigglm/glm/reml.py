@@ -264,7 +264,7 @@ def _spm_logdet(c: Array) -> float:
 
 def _check_identified(v: Array, precision: Array, h: Array) -> None:
     """Refuse the estimates SPM would reduce (not PSD, or hyperparameters not identified)."""
-    smallest = float(np.linalg.eigvalsh(v).min())
+    smallest = float(np.min(np.linalg.eigvalsh(v)))
     condition = float(np.linalg.cond(precision, 1))
     if smallest < 0 or not math.log(condition) <= 16:
         raise DesignError(

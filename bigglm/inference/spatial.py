@@ -315,11 +315,11 @@ def join_graphs(parts: Sequence[tuple[Graph, ArrayLike]], n: int) -> Graph:
     rows, cols = [], []
     for graph, mapping in parts:
         target = _integers(mapping, "mapping")
-        if target.shape != (graph.n,) or (target.size and (target.min() < -1 or target.max() >= n)):
+        low, high = (np.min(target), np.max(target)) if target.size else (0, 0)
+        if target.shape != (graph.n,) or (target.size and (low < -1 or high >= n)):
             raise ValueError(
-                f"a mapping of shape {target.shape} with values "
-                f"{target.min(initial=0)}..{target.max(initial=0)} for a graph of {graph.n} "
-                f"nodes; expected one node in -1..{n - 1} per node"
+                f"a mapping of shape {target.shape} with values {low}..{high} for a graph "
+                f"of {graph.n} nodes; expected one node in -1..{n - 1} per node"
             )
         source = np.repeat(np.arange(graph.n), np.diff(graph.indptr))
         a, b = target[source], target[graph.indices]
