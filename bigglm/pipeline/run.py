@@ -107,6 +107,12 @@ def run_analysis(
         logger.info("group level not run: it needs every subject, and --subject selects some")
     if level == "group" and config.group is None:
         raise ConfigError("level 'group': this configuration has no group section")
+    if with_group and any(u.geometry != "voxel" for u in units):
+        raise ConfigError(
+            "group: the workflow's group level reads volume maps, and these runs are on "
+            "surfaces; run the first level only (level 'first'), then fit the group on the "
+            "surface maps with the Python API"
+        )
     group_plan = plan_group(config, units) if with_group else None
     first = units if level != "group" else []
     outputs = config.outputs.folder
@@ -154,12 +160,15 @@ def _convert_up_front(
     in this process as before (one conversion alone is as fast there, with finer
     progress).
     """
-    ctx.checksums.prefetch([rp.run.bold for u in units for rp in u.runs], ctx.client)
+    files = [path for u in units for rp in u.runs for path in rp.run.files]
+    ctx.checksums.prefetch(files, ctx.client)
     first: list[Conversion] = []
     later: list[UnitPlan] = []
     for unit in units:
         mask = masks[unit.name]
-        runs = unit.runs if mask is not None or len(unit.runs) == 1 else unit.runs[:1]
+        # surface runs take their own columns: none waits for an EPI mask
+        known = mask is not None or len(unit.runs) == 1 or unit.geometry != "voxel"
+        runs = unit.runs if known else unit.runs[:1]
         first += _pending(ctx, unit, runs, mask)
         if len(runs) < len(unit.runs):
             later.append(unit)
@@ -182,7 +191,8 @@ def _pending(
     for rp in runs:
         key = pending_conversion(ctx, unit, rp, mask)
         if key is not None:
-            jobs.append(Conversion(rp, mask, unit.name, key, ctx.checksums(rp.run.bold)))
+            digests = [ctx.checksums(path) for path in rp.run.files]
+            jobs.append(Conversion(rp, mask, unit.name, key, digests))
     return jobs
 
 
@@ -210,7 +220,7 @@ def _run_unit(ctx: StepContext, unit: UnitPlan, mask: Path | None) -> UnitOutcom
     outcome = UnitOutcome(unit.name, len(unit.runs), sum(rp.n_scans for rp in unit.runs))
     for index, rp in enumerate(unit.runs):
         convert_step(ctx, unit, rp, mask)
-        if mask is None and index == 0 and len(unit.runs) > 1:
+        if mask is None and index == 0 and len(unit.runs) > 1 and unit.geometry == "voxel":
             mask = epi_mask(ctx, unit)
     design_step(ctx, unit)
     result, fit_key = fit_step(ctx, unit)

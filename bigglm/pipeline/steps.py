@@ -28,7 +28,7 @@ import pandas as pd
 from bigglm.config import AnalysisConfig, ModelConfig
 from bigglm.exceptions import StoreDamaged, StoreError
 from bigglm.io.artefacts import kind_of, marker, remove_stale_staging, target_lock, writing
-from bigglm.pipeline.plan import RunPlan, UnitPlan, map_path
+from bigglm.pipeline.plan import RunPlan, UnitPlan, map_path, map_paths
 from bigglm.pipeline.records import (
     Checksums,
     StepRecords,
@@ -122,7 +122,7 @@ def convert_step(ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: Path | Non
             ctx.progress(f"convert {rp.run.name}") as cb,
         ):
             convert(
-                rp.run.bold,
+                series_sources(rp),
                 rp.store,
                 mask=mask,
                 tr=rp.tr,
@@ -143,7 +143,9 @@ def pending_conversion(
     """
     sums = ctx.checksums
     mask_sum = sums(mask) if mask is not None else None
-    key = step_key("convert", sums(rp.run.bold), mask_sum, rp.tr, ctx.config.store.time_chunk)
+    digests = [sums(path) for path in rp.run.files]
+    source = digests[0] if len(digests) == 1 else digests  # a volume run's key as it was
+    key = step_key("convert", source, mask_sum, rp.tr, ctx.config.store.time_chunk)
     step = f"convert-{rp.run.name}"
     if not store_matches(rp, sums, mask):
         rp.store.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +157,14 @@ def pending_conversion(
     return None
 
 
+def series_sources(rp: RunPlan, *, absolute: bool = False) -> Any:
+    """What :func:`bigglm.convert` takes for a run: its bold, or a GIFTI run's
+    ``{"L": left, "R": right}``; ``absolute``: resolved (for a worker, whose working
+    directory need not be ours)."""
+    files = [path.resolve() if absolute else path for path in rp.run.files]
+    return files[0] if len(files) == 1 else dict(zip(("L", "R"), files, strict=True))
+
+
 @dataclass
 class Conversion:
     """One run to convert on a worker: the unit whose step it is, and with what key."""
@@ -163,7 +173,7 @@ class Conversion:
     mask: Path | None
     unit: str
     key: str
-    sha256: str
+    sha256: list[str]
 
 
 def convert_on_client(ctx: StepContext, jobs: Sequence[Conversion]) -> None:
@@ -179,7 +189,7 @@ def convert_on_client(ctx: StepContext, jobs: Sequence[Conversion]) -> None:
     futures = {
         client.submit(  # absolute paths: a worker's working directory need not be ours
             _timed_convert,
-            job.run.run.bold.resolve(),
+            series_sources(job.run, absolute=True),
             job.run.store.resolve(),
             None if job.mask is None else job.mask.resolve(),
             job.run.tr,
@@ -206,7 +216,12 @@ def convert_on_client(ctx: StepContext, jobs: Sequence[Conversion]) -> None:
 
 
 def _timed_convert(
-    bold: Path, store: Path, mask: Path | None, tr: float, time_chunk: int | None, sha256: str
+    bold: Any,
+    store: Path,
+    mask: Path | None,
+    tr: float,
+    time_chunk: int | None,
+    sha256: list[str],
 ) -> float:
     """Convert one run (on a worker) and return how long it took.
 
@@ -393,6 +408,9 @@ def maps_step(
 
     config, steps = ctx.config, ctx.steps(unit)
     like = unit.runs[0].store
+    if unit.geometry != "voxel":
+        _surface_maps(ctx, unit, result, fit_key, outcome)
+        return
     for name, expression in config.contrasts.items():
         kind: ContrastKind = default_kind(expression)
         paths = {stat: map_path(config, unit.name, name, stat) for stat in config.outputs.maps}
@@ -410,6 +428,43 @@ def maps_step(
             for stat, path in paths.items():
                 to_nifti(images[stat], like, path, overwrite=True)
         outcome.peaks[name] = _peak(np.asarray(values["z"]))
+
+
+def _surface_maps(
+    ctx: StepContext, unit: UnitPlan, result: Any, fit_key: str, outcome: UnitOutcome
+) -> None:
+    """:func:`maps_step` for surface runs: GIFTI maps per hemisphere, or CIFTI-2 dense
+    scalars, written as :meth:`bigglm.GLMResult.to_nifti` writes them."""
+    from bigglm.glm.contrasts import default_kind
+    from bigglm.glm.persistence import MapFormat
+    from bigglm.glm.result import contrast_maps
+
+    config, steps = ctx.config, ctx.steps(unit)
+    grid = MapFormat.of(unit.runs[0].store)
+    for name, expression in config.contrasts.items():
+        kind: ContrastKind = default_kind(expression)
+        paths = {stat: map_paths(config, unit, name, stat) for stat in config.outputs.maps}
+        files = [path for group in paths.values() for path in group]
+        key = step_key("contrast", fit_key, expression, kind, sorted(p.name for p in files))
+        outcome.maps.extend(files)
+        if steps.done(f"contrast-{name}", key, files):
+            if "z" in paths:
+                outcome.peaks[name] = _peak(np.concatenate([_map_values(p) for p in paths["z"]]))
+            continue
+        with steps.running(f"contrast-{name}", key):
+            values = result.contrast(expression, kind=kind)
+            images = contrast_maps(values)
+            for stat, group in paths.items():
+                grid.write(images[stat], group, overwrite=True)
+        outcome.peaks[name] = _peak(np.asarray(values["z"]))
+
+
+def _map_values(path: Path) -> np.ndarray:
+    """The values of a written map: a GIFTI file's data arrays, else the image's data."""
+    image = _image(path)
+    if isinstance(image, nib.GiftiImage):
+        return np.concatenate([np.ravel(d.data) for d in image.darrays])
+    return np.ravel(np.asarray(image.dataobj))
 
 
 def residuals_step(
@@ -444,7 +499,7 @@ def provenance_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome, star
     """The unit's provenance record: configuration, versions, inputs, steps, outputs."""
     inputs = []
     for rp in unit.runs:
-        for path in (rp.run.bold, rp.run.events, rp.run.confounds, rp.run.mask):
+        for path in (*rp.run.files, rp.run.events, rp.run.confounds, rp.run.mask):
             if path is not None:
                 record = file_record(path)
                 inputs.append(record)
@@ -514,8 +569,8 @@ def report_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome) -> Path:
         facts=facts,
         model=parameters,
         contrast_weights={rp.run.name: _weights(config, rp.design) for rp in unit.runs},
-        stat_maps=_report_maps(config, unit),
-        mask=_mask_image(first.store),
+        stat_maps=_report_maps(config, unit) if unit.geometry == "voxel" else [],
+        mask=_mask_image(first.store) if unit.geometry == "voxel" else None,
     )
 
 
