@@ -283,7 +283,7 @@ def find_runs(
     found = _one_space(found, space, root)
     if not found:
         in_space = f" in space {space!r}" if space is not None else ""
-        kinds = f"*_{_PREPROC}.nii.gz" + (f", *{_GIFTI} or *{_CIFTI}" if space else "")
+        kinds = f"*_{_PREPROC}.nii.gz" + (f" (nor *{_GIFTI}, *{_CIFTI})" if space else "")
         raise ConfigError(
             f"inputs.bids: no {kinds} under {root} matches the filters "
             f"{wanted}{in_space}; "
