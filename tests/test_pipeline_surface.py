@@ -121,9 +121,10 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write_dataset(tmp_path_factory.mktemp("surface-bids"))
 
 
-def _config(dataset: Path, outputs: Path, space: str, noise: str = "ols") -> Any:
+def _config(dataset: Path, outputs: Path, space: str, noise: str = "ols", **sections: Any) -> Any:
     return parse_config(
         {
+            **sections,
             "inputs": {
                 "bids": {
                     "derivatives": str(dataset / "derivatives"),
@@ -295,6 +296,32 @@ def test_a_gifti_run_without_a_repetition_time_is_refused_before_any_work(
     with pytest.raises(ConfigError, match=f"no TR for {name}: .* add RepetitionTime"):
         run_analysis(config, client=local_client)
     assert not (tmp_path / "out" / "stores").exists()
+
+
+def test_a_group_section_on_surfaces_is_refused_and_the_first_level_runs(
+    dataset: Path, tmp_path: Path, local_client: Any
+) -> None:
+    config = _config(dataset, tmp_path / "out", "fsLR", group={})
+    with pytest.raises(ConfigError, match="group level reads volume maps, and these runs"):
+        run_analysis(config, client=local_client)
+    assert not (tmp_path / "out").exists()  # refused before any work
+    outcomes = run_analysis(config, client=local_client, level="first", subjects=["02"])
+    assert [o.name for o in outcomes] == ["sub-02_task-x"]
+
+
+def test_an_explicit_gifti_run_of_one_hemisphere_is_refused(dataset: Path, tmp_path: Path) -> None:
+    from bigglm.pipeline import plan
+
+    left = next((dataset / "derivatives/sub-01/func").glob("*run-1_hemi-L_*.func.gii"))
+    config = parse_config(
+        {
+            "inputs": {"runs": [{"bold": str(left), "tr": TR}]},
+            "contrasts": {"c": "constant"},
+            "outputs": {"folder": str(tmp_path / "out")},
+        }
+    )
+    with pytest.raises(ConfigError, match=f"{left.name} is one hemisphere's GIFTI series"):
+        plan(config)
 
 
 def test_the_command_line_runs_a_surface_study(dataset: Path, tmp_path: Path) -> None:

@@ -414,6 +414,12 @@ def _series_header(run: Run) -> tuple[tuple[int, ...], np.ndarray | None, int, f
 
 def _gifti_header(run: Run) -> tuple[tuple[int, ...], None, int, None]:
     """Vertices per hemisphere and time points of a GIFTI run (both files parsed)."""
+    if run.right is None:
+        raise ConfigError(
+            f"inputs: {run.bold.name} is one hemisphere's GIFTI series; the workflow fits "
+            "both hemispheres of a run, paired by BIDS discovery: give 'bids' inputs with "
+            "the surface 'space' (e.g. fsaverage5)"
+        )
     counts = []
     for path in run.files:
         try:
