@@ -281,9 +281,9 @@ def store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
     return store_holds(rp.store, [sums(path) for path in rp.run.files], rp.tr, mask)
 
 
-def store_holds(store: Path, sha256: Sequence[str], tr: float, mask: Path | None) -> bool:
-    """:func:`store_matches` for a store, its sources' digests (the bold, or a GIFTI
-    run's left and right series) and a TR (on a worker too)."""
+def store_holds(store: Path, sha256: str | Sequence[str], tr: float, mask: Path | None) -> bool:
+    """:func:`store_matches` for a store, its sources' digests (the bold's, or a GIFTI
+    run's left and right series') and a TR (on a worker too)."""
     from bigglm.io import open_run
 
     if not store.exists():
@@ -293,7 +293,8 @@ def store_holds(store: Path, sha256: Sequence[str], tr: float, mask: Path | None
     except StoreError:
         return False
     recorded = [s.get("sha256") for s in ds.attrs.get("sources", [])]
-    if recorded != list(sha256) or abs(float(ds.attrs.get("tr", 0)) - tr) > 1e-9:
+    wanted = [sha256] if isinstance(sha256, str) else list(sha256)
+    if recorded != wanted or abs(float(ds.attrs.get("tr", 0)) - tr) > 1e-9:
         return False
     return mask is None or _has_voxels_of(ds, mask)
 

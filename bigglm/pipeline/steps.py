@@ -221,7 +221,7 @@ def _timed_convert(
     mask: Path | None,
     tr: float,
     time_chunk: int | None,
-    sha256: list[str],
+    sha256: str | list[str],
 ) -> float:
     """Convert one run (on a worker) and return how long it took.
 
