@@ -121,10 +121,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write_dataset(tmp_path_factory.mktemp("surface-bids"))
 
 
-def _config(dataset: Path, outputs: Path, space: str, noise: str = "ols", **sections: Any) -> Any:
+def _config(dataset: Path, out: Path, space: str, noise: str = "ols", **sections: Any) -> Any:
     return parse_config(
         {
-            **sections,
             "inputs": {
                 "bids": {
                     "derivatives": str(dataset / "derivatives"),
@@ -135,8 +134,9 @@ def _config(dataset: Path, outputs: Path, space: str, noise: str = "ols", **sect
             },
             "model": {"noise": noise, "hrf": "glover", "drift": "cosine"},
             "contrasts": CONTRASTS,
-            "outputs": {"folder": str(outputs), "maps": MAPS, "report": False},
-            "store": {"folder": str(outputs / "stores"), "time_chunk": 16},
+            "outputs": {"folder": str(out), "maps": MAPS, "report": False},
+            "store": {"folder": str(out / "stores"), "time_chunk": 16},
+            **sections,
         }
     )
 
@@ -307,6 +307,18 @@ def test_a_group_section_on_surfaces_is_refused_and_the_first_level_runs(
     assert not (tmp_path / "out").exists()  # refused before any work
     outcomes = run_analysis(config, client=local_client, level="first", subjects=["02"])
     assert [o.name for o in outcomes] == ["sub-02_task-x"]
+
+
+def test_residuals_of_surface_runs_are_refused_before_any_work(
+    dataset: Path, tmp_path: Path
+) -> None:
+    from bigglm.pipeline import plan
+
+    outputs = {"folder": str(tmp_path / "out"), "residuals": {"format": "zarr"}}
+    config = _config(dataset, tmp_path / "out", "fsLR", outputs=outputs)
+    with pytest.raises(ConfigError, match=r"outputs.residuals: .* is a surface run"):
+        plan(config)
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_explicit_gifti_run_of_one_hemisphere_is_refused(dataset: Path, tmp_path: Path) -> None:

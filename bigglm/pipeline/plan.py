@@ -330,6 +330,11 @@ def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
             "take their own vertices (GIFTI: those varying over time; CIFTI-2: its brain "
             "models): leave 'mask' out"
         )
+    if first.affine is None and config.outputs.residuals is not None:
+        raise ConfigError(
+            f"outputs.residuals: {first.run.bold.name} is a surface run, and bigglm writes "
+            "residuals of volume runs only (on their voxel grid); leave 'residuals' out"
+        )
     for m in sorted({m for m in masks if m is not None}):
         _check_mask(m, first)
     _check_contrasts(config, planned)
