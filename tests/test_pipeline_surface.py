@@ -309,6 +309,20 @@ def test_a_group_section_on_surfaces_is_refused_and_the_first_level_runs(
     assert [o.name for o in outcomes] == ["sub-02_task-x"]
 
 
+def test_hemispheres_of_different_lengths_are_refused_before_any_work(
+    tmp_path: Path, local_client: Any
+) -> None:
+    root = _write_dataset(tmp_path / "data")
+    func = root / "derivatives/sub-02/func"
+    right = func / "sub-02_task-x_run-1_hemi-R_space-fsaverage5_bold.func.gii"
+    data = np.stack([d.data for d in nib.load(right).darrays])
+    _write_gifti(right, data[:-4], "R")
+    config = _config(root, tmp_path / "out", "fsaverage5")
+    with pytest.raises(ConfigError, match=r"has 40 time points but .*hemi-R.* has 36; the hemi"):
+        run_analysis(config, client=local_client)
+    assert not (tmp_path / "out" / "stores").exists()
+
+
 def test_residuals_of_surface_runs_are_refused_before_any_work(
     dataset: Path, tmp_path: Path
 ) -> None:

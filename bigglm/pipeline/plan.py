@@ -313,9 +313,9 @@ def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
     for other in planned[1:]:
         if other.run.geometry != first.run.geometry:
             raise ConfigError(
-                f"inputs: {other.run.bold.name} ({other.run.geometry}s) and "
-                f"{first.run.bold.name} ({first.run.geometry}s) are fitted together; runs "
-                "fitted together must be in one space"
+                f"inputs: {other.run.bold.name} ({other.run.geometry} columns) and "
+                f"{first.run.bold.name} ({first.run.geometry} columns) are fitted together; "
+                "runs fitted together must be in one space"
             )
         if other.shape != first.shape or not _same_affine(other.affine, first.affine):
             raise ConfigError(
@@ -418,33 +418,21 @@ def _series_header(run: Run) -> tuple[tuple[int, ...], np.ndarray | None, int, f
 
 
 def _gifti_header(run: Run) -> tuple[tuple[int, ...], None, int, None]:
-    """Vertices per hemisphere and time points of a GIFTI run (both files parsed)."""
+    """Vertices per hemisphere and time points of a GIFTI run, both files read and
+    checked as :func:`bigglm.convert` checks them (one run, time points in each)."""
+    from bigglm.io.gifti import read_hemispheres
+
     if run.right is None:
         raise ConfigError(
             f"inputs: {run.bold.name} is one hemisphere's GIFTI series; the workflow fits "
             "both hemispheres of a run, paired by BIDS discovery: give 'bids' inputs with "
             "the surface 'space' (e.g. fsaverage5)"
         )
-    counts = []
-    for path in run.files:
-        try:
-            image: Any = nib.load(path)
-        except Exception as err:  # nibabel raises many kinds for a bad file
-            raise ConfigError(f"inputs: cannot read {path} as GIFTI ({err})") from None
-        sizes = {d.data.size for d in image.darrays}
-        if len(image.darrays) < 2 or len(sizes) != 1:
-            raise ConfigError(
-                f"inputs: {path} holds {len(image.darrays)} data arrays of sizes "
-                f"{sorted(sizes)}; a run must be a functional series (*.func.gii)"
-            )
-        counts.append((sizes.pop(), len(image.darrays)))
-    if len({n for _, n in counts}) != 1:
-        left, right = run.files
-        raise ConfigError(
-            f"inputs: {left.name} has {counts[0][1]} time points but {right.name} has "
-            f"{counts[1][1]}; the hemispheres of one run must have the same time points"
-        )
-    return tuple(v for v, _ in counts), None, counts[0][1], None
+    try:
+        series = read_hemispheres({"L": run.bold, "R": run.right})
+    except StoreError as err:
+        raise ConfigError(f"inputs: {err}") from None
+    return tuple(s.n_vertices for s in series), None, series[0].n_volumes, None
 
 
 def _cifti_header(path: Path, tr: float | None) -> tuple[tuple[int, ...], None, int, float | None]:
