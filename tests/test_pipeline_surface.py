@@ -323,6 +323,18 @@ def test_hemispheres_of_different_lengths_are_refused_before_any_work(
     assert not (tmp_path / "out" / "stores").exists()
 
 
+def test_a_mask_for_surface_runs_is_refused(dataset: Path, tmp_path: Path) -> None:
+    from bigglm.pipeline import plan
+
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(VOLUME, np.uint8), AFFINE), mask)
+    config = _config(dataset, tmp_path / "out", "fsaverage5")
+    inputs = {**config.inputs.model_dump(mode="json", exclude_none=True), "mask": str(mask)}
+    config = _config(dataset, tmp_path / "out", "fsaverage5", inputs=inputs)
+    with pytest.raises(ConfigError, match=r"a mask is given for .*, a surface run"):
+        plan(config)
+
+
 def test_residuals_of_surface_runs_are_refused_before_any_work(
     dataset: Path, tmp_path: Path
 ) -> None:
