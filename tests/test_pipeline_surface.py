@@ -221,6 +221,18 @@ def test_a_gifti_study_writes_the_apis_maps_per_hemisphere(
                 expected = _expected(_rows(api[stat].values))
                 assert written.shape == expected.shape  # F: one row per contrast row
                 np.testing.assert_allclose(written, expected, rtol=1e-6, atol=0)
+        # the API's own writer names and fills the same files
+        t_contrasts = {"a": "a", "a_minus_b": "a - b"}
+        api_files = result.to_nifti(
+            tmp_path / "api" / outcome.name, t_contrasts, prefix=f"{outcome.name}_space-fsaverage5"
+        )
+        ours = [p for p in outcome.maps if "_contrast-any_" not in p.name]
+        assert sorted(p.name for p in api_files) == sorted(p.name for p in ours)
+        for path in api_files:
+            mine = outcome.maps[[p.name for p in outcome.maps].index(path.name)]
+            np.testing.assert_allclose(
+                nib.load(mine).darrays[0].data, nib.load(path).darrays[0].data, rtol=1e-6, atol=0
+            )
 
 
 def test_a_cifti_study_writes_dscalar_maps_with_the_brain_models(
