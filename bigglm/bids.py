@@ -15,7 +15,7 @@ When ``space`` names a surface space, the runs are fMRIPrep's surface outputs in
 GIFTI series ``*_hemi-L_space-<space>_bold.func.gii`` (either entity order), paired with
 the same run's ``hemi-R`` file into one run, or CIFTI-2 dense series
 ``*_space-<space>[_den-<label>]_bold.dtseries.nii``. Without ``space``, only volumes
-are looked for (as before surfaces were read).
+are looked for. Surface runs have no brain mask (their series bring their own vertices).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = ["Run", "find_runs", "map_prefix", "parse_entities"]
 
 logger = logging.getLogger(__name__)
 
-#: The order BIDS gives entities in a file name.
+#: The order BIDS gives entities in a file name (``hemi`` before ``space``).
 _ORDER = (
     "sub",
     "ses",
