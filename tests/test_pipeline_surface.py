@@ -297,6 +297,36 @@ def test_a_rerun_reuses_every_step_and_a_changed_hemisphere_converts_again(
     assert steps["sub-02_task-x"]["fit"] == "ran"
 
 
+def test_later_runs_of_a_unit_take_the_first_runs_vertices(
+    tmp_path: Path, local_client: Any
+) -> None:
+    """A vertex constant in run 2 only (no signal there) is kept in its store, as the
+    first run's EPI mask is for volumes, so both runs have the same columns and fit."""
+    root = _write_dataset(tmp_path / "data")
+    left = (
+        root / "derivatives/sub-01/func/sub-01_task-x_run-2_hemi-L_space-fsaverage5_bold.func.gii"
+    )
+    data = np.stack([d.data for d in nib.load(left).darrays])
+    data[:, 50] = 600.0
+    _write_gifti(left, data, "L")
+    config = _config(root, tmp_path / "out", "fsaverage5")
+    (outcome, _) = run_analysis(config, client=local_client)
+    stores = sorted(config.store_folder.glob("sub-01_*_bold.zarr"))
+    vertices = [bigglm.open_run(store)["vertex"].values for store in stores]
+    assert len(stores) == 2 and 50 in vertices[1]
+    np.testing.assert_array_equal(vertices[0], vertices[1])
+    result = _api_fit(config, "01", "ols")
+    z = outcome.maps[
+        [p.name for p in outcome.maps].index(
+            "sub-01_task-x_hemi-L_space-fsaverage5_contrast-a_stat-z_statmap.shape.gii"
+        )
+    ]
+    expected = _expected(_rows(result.contrast("a")["z"].values))[:, : VERTICES["L"]]
+    np.testing.assert_allclose(nib.load(z).darrays[0].data[None], expected, rtol=1e-6, atol=0)
+    again = run_analysis(config, client=local_client)  # the masks written again, unchanged
+    assert {s["status"] for o in again for s in o.steps.values()} == {"reused"}
+
+
 def test_a_gifti_run_without_a_repetition_time_is_refused_before_any_work(
     tmp_path: Path, local_client: Any
 ) -> None:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -272,16 +272,19 @@ class Checksums:
         return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
-def store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
+def store_matches(rp: RunPlan, sums: Checksums, mask: Path | Mapping[str, Path] | None) -> bool:
     """A complete store exists, made from files with the same SHA-256 and the same TR.
 
     With ``mask``, the store's voxels must also be those of that mask (less the voxels
-    with non-finite values that conversion dropped, as its attributes record).
+    with non-finite values that conversion dropped, as its attributes record); with a
+    GIFTI mask per hemisphere, its vertices exactly.
     """
     return store_holds(rp.store, [sums(path) for path in rp.run.files], rp.tr, mask)
 
 
-def store_holds(store: Path, sha256: str | Sequence[str], tr: float, mask: Path | None) -> bool:
+def store_holds(
+    store: Path, sha256: str | Sequence[str], tr: float, mask: Path | Mapping[str, Path] | None
+) -> bool:
     """:func:`store_matches` for a store, its sources' digests (the bold's, or a GIFTI
     run's left and right series') and a TR (on a worker too)."""
     from bigglm.io import open_run
@@ -296,7 +299,24 @@ def store_holds(store: Path, sha256: str | Sequence[str], tr: float, mask: Path 
     wanted = [sha256] if isinstance(sha256, str) else list(sha256)
     if recorded != wanted or abs(float(ds.attrs.get("tr", 0)) - tr) > 1e-9:
         return False
-    return mask is None or _has_voxels_of(ds, mask)
+    if mask is None:
+        return True
+    return _has_voxels_of(ds, mask) if isinstance(mask, Path) else _has_vertices_of(ds, mask)
+
+
+def _has_vertices_of(ds: Any, mask: Mapping[str, Path]) -> bool:
+    """The store's vertices are exactly those of a GIFTI mask per hemisphere."""
+    from bigglm.io.geometry import HEMISPHERES
+
+    if "vertex" not in ds or set(ds.attrs.get("hemispheres", {})) != set(mask):
+        return False
+    codes, vertices = ds["hemisphere"].values, ds["vertex"].values
+    for hemi, path in mask.items():
+        image: Any = nib.load(path)
+        wanted = np.flatnonzero(np.asarray(image.darrays[0].data) != 0)
+        if not np.array_equal(vertices[codes == HEMISPHERES.index(hemi)], wanted):
+            return False
+    return True
 
 
 def _has_voxels_of(ds: Any, mask: Path) -> bool:

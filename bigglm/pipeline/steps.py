@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 #: ``progress_factory(description)`` returns a context manager yielding a callback.
 ProgressFactory = Callable[[str], AbstractContextManager[ProgressCallback]]
 
+#: The mask a run is converted with: a NIfTI (volumes), or a GIFTI file per hemisphere.
+RunMask = Path | Mapping[str, Path]
+
 
 @dataclass(frozen=True)
 class StepContext:
@@ -102,7 +105,7 @@ class UnitOutcome:
 # --- the steps -----------------------------------------------------------------------------
 
 
-def convert_step(ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: Path | None) -> None:
+def convert_step(ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: RunMask | None) -> None:
     """Convert one run here, unless its store is up to date.
 
     The store's lock (:func:`bigglm.io.artefacts.target_lock`) is held from the check to
@@ -133,7 +136,7 @@ def convert_step(ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: Path | Non
 
 
 def pending_conversion(
-    ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: Path | None
+    ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: RunMask | None
 ) -> str | None:
     """The convert step's key if the run's store must be made, None if it is up to date.
 
@@ -142,7 +145,7 @@ def pending_conversion(
     conversion of it is left (a live one's, e.g. another analysis's, is kept).
     """
     sums = ctx.checksums
-    mask_sum = sums(mask) if mask is not None else None
+    mask_sum = _mask_digest(sums, mask)
     digests = [sums(path) for path in rp.run.files]
     source = digests[0] if len(digests) == 1 else digests  # a volume run's key as it was
     key = step_key("convert", source, mask_sum, rp.tr, ctx.config.store.time_chunk)
@@ -155,6 +158,19 @@ def pending_conversion(
     if not steps.done(step, key, [rp.store]):  # made elsewhere (`bigglm convert`)
         steps.adopt(step, key)
     return None
+
+
+def _mask_digest(sums: Checksums, mask: RunMask | None) -> str | dict[str, str] | None:
+    """The SHA-256 of a mask file, or of each hemisphere's."""
+    if mask is None or isinstance(mask, Path):
+        return None if mask is None else sums(mask)
+    return {hemi: sums(path) for hemi, path in mask.items()}
+
+
+def _absolute(mask: RunMask | None) -> RunMask | None:
+    if mask is None or isinstance(mask, Path):
+        return None if mask is None else mask.resolve()
+    return {hemi: path.resolve() for hemi, path in mask.items()}
 
 
 def series_sources(rp: RunPlan, *, absolute: bool = False) -> Any:
@@ -170,7 +186,7 @@ class Conversion:
     """One run to convert on a worker: the unit whose step it is, and with what key."""
 
     run: RunPlan
-    mask: Path | None
+    mask: RunMask | None
     unit: str
     key: str
     sha256: list[str]
@@ -191,7 +207,7 @@ def convert_on_client(ctx: StepContext, jobs: Sequence[Conversion]) -> None:
             _timed_convert,
             series_sources(job.run, absolute=True),
             job.run.store.resolve(),
-            None if job.mask is None else job.mask.resolve(),
+            _absolute(job.mask),
             job.run.tr,
             ctx.config.store.time_chunk,
             job.sha256,
@@ -218,7 +234,7 @@ def convert_on_client(ctx: StepContext, jobs: Sequence[Conversion]) -> None:
 def _timed_convert(
     bold: Any,
     store: Path,
-    mask: Path | None,
+    mask: RunMask | None,
     tr: float,
     time_chunk: int | None,
     sha256: str | list[str],
@@ -268,6 +284,45 @@ def epi_mask(ctx: StepContext, unit: UnitPlan) -> Path:
     ds = open_run(unit.runs[0].store)
     _save_mask(path, np.asarray(ds["mask"].values), np.asarray(ds.attrs["affine"]))
     return path
+
+
+def vertex_mask(ctx: StepContext, unit: UnitPlan) -> dict[str, Path]:
+    """The vertices of a GIFTI unit's first store as a GIFTI mask per hemisphere, so that
+    every run of the unit has the same columns (:func:`epi_mask` for surfaces).
+
+    Rewritten only when they changed, as :func:`epi_mask` is.
+    """
+    from bigglm.io import open_run, to_gifti
+    from bigglm.io.geometry import HEMISPHERES
+
+    ds = open_run(unit.runs[0].store)
+    entities = unit.map_prefix[len(unit.name) :]  # _space-<label>
+    paths: dict[str, Path] = {}
+    wanted: dict[str, np.ndarray] = {}
+    for hemi, n_vertices in ds.attrs["hemispheres"].items():
+        name = f"{unit.name}_hemi-{hemi}{entities}_desc-epi_mask.shape.gii"
+        paths[hemi] = ctx.config.store_folder / name
+        inside = np.zeros(int(n_vertices), np.uint8)
+        inside[ds["vertex"].values[ds["hemisphere"].values == HEMISPHERES.index(hemi)]] = 1
+        wanted[hemi] = inside
+    if not all(_holds(paths[h], wanted[h]) for h in paths):
+        targets: dict[str, str | os.PathLike[str]] = dict(paths)
+        to_gifti(np.ones(ds.sizes["voxel"], bool), ds, targets, overwrite=True)
+    return paths
+
+
+def _holds(path: Path, values: np.ndarray) -> bool:
+    """``path`` is a GIFTI image bigglm wrote, holding exactly ``values``."""
+    if kind_of(path) != "image":
+        return False
+    arrays = _image(path).darrays
+    return len(arrays) == 1 and np.array_equal(arrays[0].data, values)
+
+
+def first_run_mask(ctx: StepContext, unit: UnitPlan) -> RunMask:
+    """The mask of a unit's later runs, made from its first run's store: the EPI mask
+    (volumes), or the first run's vertices (GIFTI)."""
+    return vertex_mask(ctx, unit) if unit.geometry == "vertex" else epi_mask(ctx, unit)
 
 
 def intersection_mask(ctx: StepContext, unit: UnitPlan) -> Path:
