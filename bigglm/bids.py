@@ -10,6 +10,12 @@ folder, :func:`find_runs` finds by entity:
   in the derivatives, else inherited from the root (``task-<label>_events.tsv``);
 - the repetition time and slice-timing reference time (``RepetitionTime``, ``StartTime``)
   from the JSON sidecar of the preprocessed bold, else of the raw bold, else inherited.
+
+When ``space`` names a surface space, the runs are fMRIPrep's surface outputs instead:
+GIFTI series ``*_hemi-L_space-<space>_bold.func.gii`` (either entity order), paired with
+the same run's ``hemi-R`` file into one run, or CIFTI-2 dense series
+``*_space-<space>[_den-<label>]_bold.dtseries.nii``. Without ``space``, only volumes
+are looked for. Surface runs have no brain mask (their series bring their own vertices).
 """
 
 from __future__ import annotations
@@ -27,9 +33,26 @@ __all__ = ["Run", "find_runs", "map_prefix", "parse_entities"]
 
 logger = logging.getLogger(__name__)
 
-#: The order BIDS gives entities in a file name.
-_ORDER = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "space", "res", "desc")
+#: The order BIDS gives entities in a file name (``hemi`` before ``space``).
+_ORDER = (
+    "sub",
+    "ses",
+    "task",
+    "acq",
+    "ce",
+    "rec",
+    "dir",
+    "run",
+    "echo",
+    "hemi",
+    "space",
+    "res",
+    "den",
+    "desc",
+)
 _PREPROC = "desc-preproc_bold"
+#: fMRIPrep's surface series: GIFTI (one file per hemisphere) and CIFTI-2.
+_GIFTI, _CIFTI = "_bold.func.gii", "_bold.dtseries.nii"
 _CONFOUNDS = ("desc-confounds_timeseries.tsv", "desc-confounds_regressors.tsv")
 
 
@@ -40,13 +63,16 @@ class Run:
     Attributes
     ----------
     bold : Path
-        The (preprocessed) 4D series.
+        The (preprocessed) 4D series; for a GIFTI run, the left hemisphere's series.
+    right : Path or None
+        For a GIFTI run, the right hemisphere's series of the same run.
     subject, task, session, run : str or None
         BIDS labels (without the ``sub-`` etc. prefixes).
     events, confounds, mask : Path or None
         The matching files, when found or given.
     tr : float or None
-        Repetition time in seconds (sidecar or config); ``None``: read the NIfTI header.
+        Repetition time in seconds (sidecar or config); ``None``: read the NIfTI header
+        (or the CIFTI-2 series axis).
     start_time : float or None
         ``StartTime`` from the sidecar: the acquisition time of the reference slice.
     """
@@ -62,6 +88,21 @@ class Run:
     tr: float | None = None
     start_time: float | None = None
     entities: dict[str, str] = field(default_factory=dict, compare=False)
+    right: Path | None = None
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The run's series files: the bold, or the left and right GIFTI series."""
+        return (self.bold,) if self.right is None else (self.bold, self.right)
+
+    @property
+    def geometry(self) -> str:
+        """What the series' columns are, by its file name: ``voxel``, ``vertex`` (GIFTI)
+        or ``grayordinate`` (CIFTI-2), the geometry its store will have."""
+        name = self.bold.name.lower()
+        if name.endswith(".gii"):
+            return "vertex"
+        return "grayordinate" if name.endswith(".dtseries.nii") else "voxel"
 
     @property
     def unit(self) -> str:
@@ -230,19 +271,60 @@ def find_runs(
     raw_root = Path(raw) if raw is not None else None
     if raw_root is not None and not raw_root.is_dir():
         raise ConfigError(f"inputs.bids.raw: {raw_root} is not a folder; give the raw BIDS root")
-    candidates = sorted(root.glob(f"sub-*/func/*_{_PREPROC}.nii*"))
-    candidates += sorted(root.glob(f"sub-*/ses-*/func/*_{_PREPROC}.nii*"))
+    patterns = [f"*_{_PREPROC}.nii*"] + ([f"*{_GIFTI}", f"*{_CIFTI}"] if space else [])
+    candidates = [
+        path
+        for pattern in patterns
+        for folder in ("sub-*/func", "sub-*/ses-*/func")
+        for path in sorted(root.glob(f"{folder}/{pattern}"))
+    ]
     wanted = _filters(subjects, sessions, tasks, runs)
     found = [p for p in candidates if _keep(parse_entities(p), wanted)]
     found = _one_space(found, space, root)
     if not found:
         in_space = f" in space {space!r}" if space is not None else ""
+        kinds = f"*_{_PREPROC}.nii.gz" + (f" (nor *{_GIFTI}, *{_CIFTI})" if space else "")
         raise ConfigError(
-            f"inputs.bids: no *_{_PREPROC}.nii.gz under {root} matches the filters "
+            f"inputs.bids: no {kinds} under {root} matches the filters "
             f"{wanted}{in_space}; "
             "check the folder and the subjects/sessions/tasks/runs/space filters"
         )
-    return sorted((_describe(p, root, raw_root) for p in found), key=_sort_key)
+    return sorted((_describe(*p, root, raw_root) for p in _pair_hemispheres(found)), key=_sort_key)
+
+
+def _pair_hemispheres(paths: list[Path]) -> list[tuple[Path, Path | None]]:
+    """Each run's series: ``(bold, None)``, or a GIFTI run's ``(left, right)``.
+
+    Raises
+    ------
+    ConfigError
+        If a GIFTI series has no ``hemi`` entity, or its run's other hemisphere is missing.
+    """
+    pairs: list[tuple[Path, Path | None]] = [
+        (p, None) for p in paths if not p.name.endswith(_GIFTI)
+    ]
+    by_hemi: dict[str, dict[str, Path]] = {}
+    for path in (p for p in paths if p.name.endswith(_GIFTI)):
+        hemi = parse_entities(path).get("hemi")
+        if hemi not in ("L", "R"):
+            raise ConfigError(
+                f"inputs.bids: {path} has no hemi-L or hemi-R entity; a GIFTI series of "
+                "fMRIPrep names its hemisphere (*_hemi-L_space-<space>_bold.func.gii)"
+            )
+        run = path.name.replace(f"hemi-{hemi}_", "hemi-?_")
+        by_hemi.setdefault(str(path.parent / run), {})[hemi] = path
+    for hemis in by_hemi.values():
+        if len(hemis) == 1:
+            ((hemi, path),) = hemis.items()
+            other = "R" if hemi == "L" else "L"
+            missing = path.with_name(path.name.replace(f"hemi-{hemi}_", f"hemi-{other}_"))
+            raise ConfigError(
+                f"inputs.bids: {path} has no other hemisphere: {missing.name} is missing "
+                "beside it; a surface run needs both hemispheres (add the file, or leave "
+                "the run out with the subjects/sessions/tasks/runs filters)"
+            )
+        pairs.append((hemis["L"], hemis["R"]))
+    return pairs
 
 
 def _filters(
@@ -281,11 +363,13 @@ def _one_space(paths: list[Path], space: str | None, root: Path) -> list[Path]:
     return paths
 
 
-def _describe(bold: Path, root: Path, raw: Path | None) -> Run:
+def _describe(bold: Path, right: Path | None, root: Path, raw: Path | None) -> Run:
     entities = parse_entities(bold)
     sidecar = _sidecar(bold, entities, root, raw)
     tr = _seconds(sidecar, "RepetitionTime", bold)
     start = _seconds(sidecar, "StartTime", bold)
+    volume = bold.name.endswith((".nii", ".nii.gz")) and not bold.name.endswith(_CIFTI)
+    masks = (".nii.gz", ".nii") if volume else ()  # fMRIPrep writes no surface masks
     return Run(
         bold=bold,
         subject=entities["sub"],
@@ -297,11 +381,12 @@ def _describe(bold: Path, root: Path, raw: Path | None) -> Run:
             bold.parent / f"{_prefix(entities, drop=_NO_SPACE)}_{name}" for name in _CONFOUNDS
         ),
         mask=_first_existing(
-            bold.parent / f"{_prefix(entities)}_desc-brain_mask{ext}" for ext in (".nii.gz", ".nii")
+            bold.parent / f"{_prefix(entities)}_desc-brain_mask{ext}" for ext in masks
         ),
         tr=tr,
         start_time=start,
-        entities={k: v for k, v in entities.items() if k != "suffix"},
+        entities={k: v for k, v in entities.items() if k not in ("suffix", "hemi")},
+        right=right,
     )
 
 
@@ -318,8 +403,8 @@ def _seconds(sidecar: dict[str, Any], key: str, bold: Path) -> float | None:
     return float(value)
 
 
-_NO_SPACE = ("space", "res", "desc", "cohort")
-_NO_DERIVED = ("space", "res", "desc", "cohort", "rec")
+_NO_SPACE = ("space", "res", "desc", "cohort", "hemi", "den")
+_NO_DERIVED = ("space", "res", "desc", "cohort", "rec", "hemi", "den")
 
 
 def _prefix(entities: dict[str, str], drop: Iterable[str] = ("desc",)) -> str:
@@ -379,7 +464,16 @@ def _first_existing(paths: Iterable[Path]) -> Path | None:
 
 def _stem(path: Path) -> str:
     name = path.name
-    for ext in (".nii.gz", ".nii", ".tsv", ".json", ".gz"):
+    for ext in (
+        ".func.gii",
+        ".shape.gii",
+        ".dtseries.nii",
+        ".nii.gz",
+        ".nii",
+        ".tsv",
+        ".json",
+        ".gz",
+    ):
         if name.endswith(ext):
             return name[: -len(ext)]
     return path.stem

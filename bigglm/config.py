@@ -153,7 +153,13 @@ class _Section(BaseModel):
 
 
 class BIDSInputs(_Section):
-    """A BIDS derivatives folder (fMRIPrep layout) and the runs to take from it."""
+    """A BIDS derivatives folder (fMRIPrep layout) and the runs to take from it.
+
+    ``space`` keeps one output space: a volume space (``MNI152NLin2009cAsym``, ``T1w``), or
+    a surface space, whose GIFTI series (``fsaverage5``, ``fsaverage6``, ``fsnative``: the
+    ``hemi-L`` and ``hemi-R`` files of a run, paired) or CIFTI-2 dense series (``fsLR``)
+    are fitted instead (:func:`bigglm.bids.find_runs`). Without it, volumes only.
+    """
 
     derivatives: ConfigPath
     raw: ConfigPath | None = None

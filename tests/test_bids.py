@@ -209,3 +209,90 @@ def test_map_prefix_is_the_bids_entities_the_runs_share(
 )
 def test_map_prefix_is_none_without_bids_bold_names(runs: list[list[str]]) -> None:
     assert map_prefix(runs) is None
+
+
+# --- surfaces: fMRIPrep's GIFTI pairs and CIFTI-2 series ------------------------------
+
+
+def _surface_layout(root: Path, *, hemi_first: bool = True) -> Path:
+    """The layout of ``_layout`` plus fMRIPrep's fsaverage5 GIFTI pairs and fsLR CIFTI."""
+    deriv, _ = _layout(root)
+    for bold in sorted(deriv.rglob("*_space-T1w_desc-preproc_bold.nii.gz")):
+        ents = bold.name.split("_space-")[0]
+        for hemi in ("L", "R"):
+            order = (
+                f"hemi-{hemi}_space-fsaverage5" if hemi_first else f"space-fsaverage5_hemi-{hemi}"
+            )
+            _touch(bold.parent / f"{ents}_{order}_bold.func.gii")
+            _touch(bold.parent / f"{ents}_{order}_bold.json", json.dumps({"RepetitionTime": 1.5}))
+        _touch(bold.parent / f"{ents}_space-fsLR_den-91k_bold.dtseries.nii")
+        _touch(bold.parent / f"{ents}_space-fsLR_den-91k_bold.json", '{"RepetitionTime": 2.5}')
+    return deriv
+
+
+@pytest.mark.parametrize("hemi_first", [True, False])
+def test_gifti_hemispheres_are_paired_into_one_run(tmp_path: Path, hemi_first: bool) -> None:
+    deriv = _surface_layout(tmp_path, hemi_first=hemi_first)
+    runs = find_runs(deriv, raw=tmp_path / "raw", space="fsaverage5")
+    assert [(r.subject, r.session, r.run) for r in runs] == [
+        ("01", None, None),
+        ("02", "1", "1"),
+        ("02", "1", "2"),
+        ("02", "2", "1"),
+    ]
+    for r in runs:
+        assert r.geometry == "vertex"
+        assert "hemi-L" in r.bold.name and r.right is not None and "hemi-R" in r.right.name
+        assert r.bold.name.replace("hemi-L", "hemi-R") == r.right.name
+        assert r.files == (r.bold, r.right)
+        assert r.tr == 1.5  # the GIFTI series' own sidecar
+        assert r.mask is None  # fMRIPrep writes no surface masks; no volume mask is taken
+        assert r.confounds is not None and r.confounds.name.endswith("confounds_timeseries.tsv")
+        assert r.events is not None and r.events.name.endswith("_events.tsv")
+        assert "hemi" not in r.entities and r.entities["space"] == "fsaverage5"
+    assert runs[1].name == "sub-02_ses-1_task-faces_run-1"
+
+
+def test_cifti_series_are_found_in_their_space(tmp_path: Path) -> None:
+    deriv = _surface_layout(tmp_path)
+    runs = find_runs(deriv, raw=tmp_path / "raw", space="fsLR", subjects=["01"])
+    (run,) = runs
+    assert run.bold.name == "sub-01_task-faces_space-fsLR_den-91k_bold.dtseries.nii"
+    assert run.geometry == "grayordinate" and run.right is None and run.files == (run.bold,)
+    assert run.tr == 2.5 and run.mask is None
+    assert run.confounds == deriv / "sub-01/func/sub-01_task-faces_desc-confounds_timeseries.tsv"
+    assert run.entities["den"] == "91k"
+
+
+def test_space_chooses_between_volumes_and_surfaces(tmp_path: Path) -> None:
+    deriv = _surface_layout(tmp_path)
+    volume = find_runs(deriv, space="T1w", subjects=["01"])
+    assert [r.bold.name for r in volume] == ["sub-01_task-faces_space-T1w_desc-preproc_bold.nii.gz"]
+    assert volume[0].geometry == "voxel" and volume[0].mask is not None
+    # without 'space', surface outputs are not looked for: the volumes' spaces alone count
+    with pytest.raises(ConfigError, match=r"several spaces \(MNI152NLin2009cAsym, T1w\)"):
+        find_runs(deriv)
+
+
+def test_a_gifti_run_without_its_other_hemisphere_is_refused(tmp_path: Path) -> None:
+    deriv = _surface_layout(tmp_path)
+    func = deriv / "sub-02/ses-1/func"
+    (func / "sub-02_ses-1_task-faces_run-2_hemi-R_space-fsaverage5_bold.func.gii").unlink()
+    present = missing_pair = "sub-02_ses-1_task-faces_run-2_hemi-{}_space-fsaverage5_bold.func.gii"
+    message = (
+        f"{present.format('L')} has no other hemisphere: {missing_pair.format('R')} is missing"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        find_runs(deriv, space="fsaverage5")
+    assert str(err.value).count("\n") == 0
+    # the run left out by the filters, the others are found
+    assert len(find_runs(deriv, space="fsaverage5", runs=["1"])) == 2  # sub-01 has no run-
+
+
+def test_a_gifti_series_without_a_hemisphere_is_refused(tmp_path: Path) -> None:
+    deriv = _surface_layout(tmp_path)
+    _touch(deriv / "sub-01/func/sub-01_task-other_space-fsaverage5_bold.func.gii")
+    with pytest.raises(
+        ConfigError, match=r"task-other_space-fsaverage5_bold\.func\.gii has no hemi-L or hemi-R"
+    ):
+        find_runs(deriv, space="fsaverage5")

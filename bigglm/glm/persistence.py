@@ -26,7 +26,9 @@ from bigglm.glm import contrasts as con
 from bigglm.typing import ContrastKind, ResidualFormat
 
 __all__ = [
+    "MapFormat",
     "check_voxel_grids",
+    "map_paths",
     "read_result_store",
     "residual_paths",
     "write_contrast_maps",
@@ -202,7 +204,7 @@ def write_contrast_maps(
     named, labels = con.named_contrasts(contrasts), con.file_labels(contrasts)
     out_dir = _output_folder(directory)
     stats = ("effect", "variance", kind, "p", "z") if stats is None else tuple(stats)
-    grid = _MapFormat.of(like)
+    grid = MapFormat.of(like)
     for name in named:
         for stat in stats:
             for path in grid.paths(out_dir, prefix, labels[name], con.map_stat(stat, kind)):
@@ -216,9 +218,13 @@ def write_contrast_maps(
     return written
 
 
-class _MapFormat:
+class MapFormat:
     """How the maps of a run are written: NIfTI on its grid, GIFTI per hemisphere, or
-    CIFTI-2, as the run came in (its store's geometry, :mod:`bigglm.io.store`)."""
+    CIFTI-2, as the run came in (its store's geometry, :mod:`bigglm.io.store`).
+
+    Built from a run's Dataset (``MapFormat(ds)``) or store (``MapFormat.of(path)``);
+    :meth:`paths` names a map's files (:func:`map_paths`), :meth:`write` writes them.
+    """
 
     def __init__(self, like: xr.Dataset) -> None:
         from bigglm.io.geometry import geometry_of
@@ -228,21 +234,14 @@ class _MapFormat:
         self.hemis = list(like.attrs.get("hemispheres", {}))
 
     @classmethod
-    def of(cls, like: str | os.PathLike[str] | xr.Dataset) -> _MapFormat:
+    def of(cls, like: str | os.PathLike[str] | xr.Dataset) -> MapFormat:
         from bigglm.io.store import open_run
 
         return cls(like if isinstance(like, xr.Dataset) else open_run(like))
 
     def paths(self, folder: Path, prefix: str, label: str, stat: str) -> list[Path]:
         """The file(s) of one map: one per hemisphere for GIFTI (``hemi`` entity)."""
-        if self.geometry == "vertex":
-            return [
-                folder
-                / con.map_file_name(_with_hemi(prefix, h), label, stat, extension=".shape.gii")
-                for h in self.hemis
-            ]
-        extension = ".dscalar.nii" if self.geometry == "grayordinate" else ".nii.gz"
-        return [folder / con.map_file_name(prefix, label, stat, extension=extension)]
+        return map_paths(folder, prefix, label, stat, geometry=self.geometry, hemis=self.hemis)
 
     def write(self, values: xr.DataArray, paths: list[Path], *, overwrite: bool) -> None:
         from bigglm.io.export import to_cifti, to_gifti, to_nifti
@@ -255,6 +254,32 @@ class _MapFormat:
             to_cifti(values, self.like, paths[0], overwrite=overwrite)
         else:
             to_nifti(values, self.like, paths[0], overwrite=overwrite)
+
+
+def map_paths(
+    folder: Path, prefix: str, label: str, stat: str, *, geometry: str, hemis: Sequence[str]
+) -> list[Path]:
+    """The file(s) of one map of a run of ``geometry`` (:func:`bigglm.io.geometry.geometry_of`).
+
+    Named by :func:`~bigglm.glm.contrasts.map_file_name`: NIfTI for ``voxel``, CIFTI-2
+    dense scalars for ``grayordinate``, and for ``vertex`` one GIFTI file per hemisphere
+    of ``hemis``, the BIDS ``hemi`` entity before ``space``.
+
+    Examples
+    --------
+    >>> for path in map_paths(Path("/o"), "sub-01_space-fsaverage5", "a", "z",
+    ...                       geometry="vertex", hemis=["L", "R"]):
+    ...     print(path.name)
+    sub-01_hemi-L_space-fsaverage5_contrast-a_stat-z_statmap.shape.gii
+    sub-01_hemi-R_space-fsaverage5_contrast-a_stat-z_statmap.shape.gii
+    """
+    if geometry == "vertex":
+        return [
+            folder / con.map_file_name(_with_hemi(prefix, h), label, stat, extension=".shape.gii")
+            for h in hemis
+        ]
+    extension = ".dscalar.nii" if geometry == "grayordinate" else ".nii.gz"
+    return [folder / con.map_file_name(prefix, label, stat, extension=extension)]
 
 
 def _with_hemi(prefix: str, hemi: str) -> str:

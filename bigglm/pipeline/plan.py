@@ -1,7 +1,8 @@
 """Plan an analysis: find its runs, group them into units, check every input cheaply.
 
-Nothing here reads voxel data: NIfTI headers, events, confounds and masks are enough to
-catch a bad configuration in seconds, before any long work.
+Nothing here reads voxel data: NIfTI and CIFTI-2 headers, events, confounds and masks
+are enough to catch a bad configuration in seconds, before any long work. (A GIFTI
+series has no header apart from its data: its files are parsed to count time points.)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "UnitPlan",
     "discover",
     "map_path",
+    "map_paths",
     "plan",
     "state_folder",
     "unit_folder",
@@ -78,13 +80,17 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 @dataclass
 class RunPlan:
-    """One run, checked: its TR, length, design and where its store goes."""
+    """One run, checked: its TR, length, design and where its store goes.
+
+    ``shape`` is the volume's shape, a GIFTI run's vertices per hemisphere, or a CIFTI-2
+    run's grayordinates; ``affine`` is None for surface runs.
+    """
 
     run: Run
     tr: float
     n_scans: int
-    shape: tuple[int, int, int]
-    affine: np.ndarray
+    shape: tuple[int, ...]
+    affine: np.ndarray | None
     slice_time_ref: float
     store: Path
     design: pd.DataFrame
@@ -103,6 +109,24 @@ class UnitPlan:
     def subject(self) -> str:
         """The subject label shared by the unit's runs."""
         return self.runs[0].run.subject
+
+    @property
+    def geometry(self) -> str:
+        """``voxel``, ``vertex`` (GIFTI) or ``grayordinate`` (CIFTI-2): the runs' columns."""
+        return self.runs[0].run.geometry
+
+    @property
+    def map_prefix(self) -> str:
+        """The BIDS entities of the unit's maps: its name, plus the space of surface runs
+        (``sub-01_task-x_space-fsaverage5``; volume maps are named by the unit alone)."""
+        return "_".join([self.name, *_surface_entities(self.runs[0].run)])
+
+
+def _surface_entities(run: Run) -> list[str]:
+    """``space-<label>`` and ``den-<label>`` of a surface run; none for a volume run."""
+    if run.geometry == "voxel":
+        return []
+    return [f"{key}-{run.entities[key]}" for key in ("space", "den") if key in run.entities]
 
 
 def discover(config: AnalysisConfig, subjects: Sequence[str] | None = None) -> list[Run]:
@@ -287,13 +311,30 @@ def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
     planned = [_plan_run(config, r) for r in runs]
     first = planned[0]
     for other in planned[1:]:
-        if other.shape != first.shape or not np.allclose(other.affine, first.affine, atol=1e-4):
+        if other.run.geometry != first.run.geometry:
+            raise ConfigError(
+                f"inputs: {other.run.bold.name} ({other.run.geometry} columns) and "
+                f"{first.run.bold.name} ({first.run.geometry} columns) are fitted together; "
+                "runs fitted together must be in one space"
+            )
+        if other.shape != first.shape or not _same_affine(other.affine, first.affine):
             raise ConfigError(
                 f"inputs: {other.run.bold.name} is not on the grid of {first.run.bold.name} "
                 f"(shape {other.shape} vs {first.shape}); runs fitted together must be "
                 "resampled to one grid"
             )
     masks = [p.run.mask for p in planned]
+    if first.affine is None and any(m is not None for m in masks):
+        raise ConfigError(
+            f"inputs: a mask is given for {first.run.bold.name}, a surface run; surface runs "
+            "take their own vertices (GIFTI: those varying over time; CIFTI-2: its brain "
+            "models): leave 'mask' out"
+        )
+    if first.affine is None and config.outputs.residuals is not None:
+        raise ConfigError(
+            f"outputs.residuals: {first.run.bold.name} is a surface run, and bigglm writes "
+            "residuals of volume runs only (on their voxel grid); leave 'residuals' out"
+        )
     for m in sorted({m for m in masks if m is not None}):
         _check_mask(m, first)
     _check_contrasts(config, planned)
@@ -301,13 +342,25 @@ def _plan_unit(config: AnalysisConfig, name: str, runs: list[Run]) -> UnitPlan:
     return UnitPlan(name, planned, unit_mask, unit_folder(config, name))
 
 
+def _same_affine(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(np.allclose(a, b, atol=1e-4))
+
+
 def _plan_run(config: AnalysisConfig, run: Run) -> RunPlan:
-    for path in (run.bold, run.events, run.confounds):
+    for path in (*run.files, run.events, run.confounds):
         problem = None if path is None else not_a_regular_file(path)
         if problem:
             raise ConfigError(f"inputs: {path} {problem}; check the path")
-    shape, affine, n_scans, header_tr = _bold_header(run.bold)
+    shape, affine, n_scans, header_tr = _series_header(run)
     tr = run.tr if run.tr is not None else header_tr
+    if tr is None and run.geometry == "vertex":
+        raise ConfigError(
+            f"inputs: no TR for {run.bold.name}: its JSON sidecar (or the raw bold's) has no "
+            "RepetitionTime, and a GIFTI series records none bigglm trusts; add "
+            "RepetitionTime (seconds) to the sidecar"
+        )
     if tr is None:
         raise ConfigError(
             f"inputs: no TR for {run.bold.name} (no sidecar RepetitionTime, header pixdim[4] "
@@ -347,13 +400,56 @@ def store_name(config: AnalysisConfig, run: Run) -> str:
     one path, each replacing the store the other is reading.
     """
     given = config.inputs.mask is not None or config.inputs.runs is not None
+    if run.geometry != "voxel":  # the space in the name: a volume run's store is another
+        return "_".join([run.name, *_surface_entities(run), "bold.zarr"])
     if run.mask is None or not given:
         return f"{run.name}_bold.zarr"
     digest = hashlib.sha256(str(Path(run.mask).resolve()).encode()).hexdigest()[:8]
     return f"{run.name}_mask-{digest}_bold.zarr"
 
 
-def _bold_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray, int, float | None]:
+def _series_header(run: Run) -> tuple[tuple[int, ...], np.ndarray | None, int, float | None]:
+    """Shape, affine (None on surfaces), time points and header TR of a run's series."""
+    if run.geometry == "vertex":
+        return _gifti_header(run)
+    if run.geometry == "grayordinate":
+        return _cifti_header(run.bold, run.tr)
+    return _bold_header(run.bold)
+
+
+def _gifti_header(run: Run) -> tuple[tuple[int, ...], None, int, None]:
+    """Vertices per hemisphere and time points of a GIFTI run, both files read and
+    checked as :func:`bigglm.convert` checks them (one run, time points in each)."""
+    from bigglm.io.gifti import read_hemispheres
+
+    if run.right is None:
+        raise ConfigError(
+            f"inputs: {run.bold.name} is one hemisphere's GIFTI series; the workflow fits "
+            "both hemispheres of a run, paired by BIDS discovery: give 'bids' inputs with "
+            "the surface 'space' (e.g. fsaverage5)"
+        )
+    try:
+        series = read_hemispheres({"L": run.bold, "R": run.right})
+    except StoreError as err:
+        raise ConfigError(f"inputs: {err}") from None
+    return tuple(s.n_vertices for s in series), None, series[0].n_volumes, None
+
+
+def _cifti_header(path: Path, tr: float | None) -> tuple[tuple[int, ...], None, int, float | None]:
+    """Grayordinates, time points and series step (in seconds, else None) of a CIFTI-2
+    dense series; ``tr`` (the sidecar's) stands in for a step not in seconds."""
+    from bigglm.io.cifti import inspect_dtseries
+
+    try:
+        series = inspect_dtseries(path, tr=tr)
+    except StoreError as err:
+        raise ConfigError(f"inputs: {err}") from None
+    axis = series.series
+    step = float(axis.step) if axis.unit == "SECOND" and axis.step > 0 else None
+    return (series.n_grayordinates,), None, series.n_volumes, step
+
+
+def _bold_header(path: Path) -> tuple[tuple[int, ...], np.ndarray, int, float | None]:
     try:
         img: Any = nib.load(path)
     except Exception as err:  # nibabel raises many kinds for a bad file
@@ -408,7 +504,7 @@ def _check_mask(mask: Path, run: RunPlan) -> None:
             f"inputs: mask {mask.name} has shape {tuple(img.shape)} but {run.run.bold.name} "
             f"has volumes of shape {run.shape}; use a mask on the bold grid"
         )
-    if not np.allclose(img.affine, run.affine, atol=1e-4):
+    if not _same_affine(np.asarray(img.affine), run.affine):
         raise ConfigError(
             f"inputs: mask {mask.name} has another affine than {run.run.bold.name} (another "
             "position or voxel size on the same shape); use a mask on the bold grid"
@@ -499,14 +595,53 @@ def map_path(config: AnalysisConfig, unit: str, contrast: str, stat: str) -> Pat
     >>> map_path(cfg, "sub-01_task-x", "any", "stat").name
     'sub-01_task-x_contrast-any_stat-F_statmap.nii.gz'
     """
-    from bigglm.glm.contrasts import default_kind, label, map_file_name, map_stat
+    from bigglm.glm.contrasts import label, map_file_name
+
+    name = map_file_name(unit, label(contrast), _stat_name(config, contrast, stat))
+    return unit_folder(config, unit) / name
+
+
+def _stat_name(config: AnalysisConfig, contrast: str, stat: str) -> str:
+    """A map's statistic as its file names it: ``stat`` is ``t`` or ``F`` by its kind."""
+    from bigglm.glm.contrasts import default_kind, map_stat
 
     if contrast in config.contrasts:
-        stat = map_stat(stat, default_kind(config.contrasts[contrast]))
-    elif stat == "stat":
+        return map_stat(stat, default_kind(config.contrasts[contrast]))
+    if stat == "stat":
         raise ConfigError(
             f"contrasts: no contrast {contrast!r} in the configuration, so the kind of its "
             f"statistic is unknown; use one of {', '.join(config.contrasts) or 'none'}"
         )
-    name = map_file_name(unit, label(contrast), stat)
-    return unit_folder(config, unit) / name
+    return stat
+
+
+def map_paths(config: AnalysisConfig, unit: UnitPlan, contrast: str, stat: str) -> list[Path]:
+    """The files of a contrast's map for a unit: :func:`map_path` for volume runs; for
+    surface runs, GIFTI files per hemisphere or one CIFTI-2 dense scalar file, named with
+    the runs' space (:func:`bigglm.glm.persistence.map_paths`).
+
+    Examples
+    --------
+    >>> from bigglm.config import parse_config
+    >>> cfg = parse_config({"inputs": {"runs": [{"bold": "b.nii"}]}, "outputs": {"folder": "/o"},
+    ...                     "contrasts": {"a": "a"}})
+    >>> bold = Path("/d/sub-01_task-x_space-fsLR_den-91k_bold.dtseries.nii")
+    >>> run = Run(bold, task="x", entities=parse_entities(bold))
+    >>> unit = UnitPlan("sub-01_task-x", [RunPlan(run, 2.0, 10, (5,), None, 0.0, bold,
+    ...                                           pd.DataFrame())], None, Path("/o/sub-01"))
+    >>> [p.name for p in map_paths(cfg, unit, "a", "stat")]
+    ['sub-01_task-x_space-fsLR_den-91k_contrast-a_stat-t_statmap.dscalar.nii']
+    """
+    from bigglm.glm import persistence
+    from bigglm.glm.contrasts import label
+
+    if unit.geometry == "voxel":
+        return [map_path(config, unit.name, contrast, stat)]
+    return persistence.map_paths(
+        unit.folder,
+        unit.map_prefix,
+        label(contrast),
+        _stat_name(config, contrast, stat),
+        geometry=unit.geometry,
+        hemis=["L", "R"],
+    )

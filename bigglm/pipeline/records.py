@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,7 +86,8 @@ def store_identity(path: Path) -> str:
 
     It covers what the store's values depend on: the SHA-256 of its sources, its grid
     (affine, volume shape), TR, conversion parameters (chunks, codec, dtype) and its
-    voxels (a digest of the mask array), not where it lies nor when it was made.
+    voxels (a digest of the mask array; for a surface store, of its geometry and the
+    arrays that say what each column is), not where it lies nor when it was made.
 
     Raises
     ------
@@ -97,8 +98,6 @@ def store_identity(path: Path) -> str:
 
     ds = open_run(path)
     attrs = ds.attrs
-    # read here by threads, not as a task of the default client's cluster: a small array
-    mask = np.asarray(ds["mask"].compute(scheduler="threads").values, dtype=bool)
     parameters = {k: v for k, v in dict(attrs.get("parameters", {})).items() if k != "mask"}
     return _digest(
         [source.get("sha256") for source in attrs.get("sources", [])],
@@ -107,8 +106,25 @@ def store_identity(path: Path) -> str:
         attrs.get("tr"),
         parameters,
         int(ds.sizes["time"]),
-        hashlib.sha256(np.packbits(mask).tobytes()).hexdigest(),
+        _columns_digest(ds),
     )
+
+
+def _columns_digest(ds: Any) -> str | list[Any]:
+    """What the store's columns are: its mask's digest (volumes), or its geometry and
+    a digest of each per-column array (surfaces)."""
+    from bigglm.io.geometry import GEOMETRY_ARRAYS, GEOMETRY_ATTRS, geometry_of
+
+    # read here by threads, not as a task of the default client's cluster: small arrays
+    if "mask" in ds:
+        mask = np.asarray(ds["mask"].compute(scheduler="threads").values, dtype=bool)
+        return hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()
+    arrays = GEOMETRY_ARRAYS[geometry_of(ds.attrs)]
+    digests = [
+        hashlib.sha256(np.ascontiguousarray(ds[name].values).tobytes()).hexdigest()
+        for name in arrays
+    ]
+    return [{key: ds.attrs.get(key) for key in GEOMETRY_ATTRS}, digests]
 
 
 class StepRecords:
@@ -256,17 +272,21 @@ class Checksums:
         return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 
 
-def store_matches(rp: RunPlan, sums: Checksums, mask: Path | None) -> bool:
-    """A complete store exists, made from a file with the same SHA-256 and the same TR.
+def store_matches(rp: RunPlan, sums: Checksums, mask: Path | Mapping[str, Path] | None) -> bool:
+    """A complete store exists, made from files with the same SHA-256 and the same TR.
 
     With ``mask``, the store's voxels must also be those of that mask (less the voxels
-    with non-finite values that conversion dropped, as its attributes record).
+    with non-finite values that conversion dropped, as its attributes record); with a
+    GIFTI mask per hemisphere, its vertices exactly.
     """
-    return store_holds(rp.store, sums(rp.run.bold), rp.tr, mask)
+    return store_holds(rp.store, [sums(path) for path in rp.run.files], rp.tr, mask)
 
 
-def store_holds(store: Path, sha256: str, tr: float, mask: Path | None) -> bool:
-    """:func:`store_matches` for a store, a source digest and a TR (on a worker too)."""
+def store_holds(
+    store: Path, sha256: str | Sequence[str], tr: float, mask: Path | Mapping[str, Path] | None
+) -> bool:
+    """:func:`store_matches` for a store, its sources' digests (the bold's, or a GIFTI
+    run's left and right series') and a TR (on a worker too)."""
     from bigglm.io import open_run
 
     if not store.exists():
@@ -276,9 +296,27 @@ def store_holds(store: Path, sha256: str, tr: float, mask: Path | None) -> bool:
     except StoreError:
         return False
     recorded = [s.get("sha256") for s in ds.attrs.get("sources", [])]
-    if recorded != [sha256] or abs(float(ds.attrs.get("tr", 0)) - tr) > 1e-9:
+    wanted = [sha256] if isinstance(sha256, str) else list(sha256)
+    if recorded != wanted or abs(float(ds.attrs.get("tr", 0)) - tr) > 1e-9:
         return False
-    return mask is None or _has_voxels_of(ds, mask)
+    if mask is None:
+        return True
+    return _has_voxels_of(ds, mask) if isinstance(mask, Path) else _has_vertices_of(ds, mask)
+
+
+def _has_vertices_of(ds: Any, mask: Mapping[str, Path]) -> bool:
+    """The store's vertices are exactly those of a GIFTI mask per hemisphere."""
+    from bigglm.io.geometry import HEMISPHERES
+
+    if "vertex" not in ds or set(ds.attrs.get("hemispheres", {})) != set(mask):
+        return False
+    codes, vertices = ds["hemisphere"].values, ds["vertex"].values
+    for hemi, path in mask.items():
+        image: Any = nib.load(path)
+        wanted = np.flatnonzero(np.asarray(image.darrays[0].data) != 0)
+        if not np.array_equal(vertices[codes == HEMISPHERES.index(hemi)], wanted):
+            return False
+    return True
 
 
 def _has_voxels_of(ds: Any, mask: Path) -> bool:

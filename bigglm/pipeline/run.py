@@ -19,12 +19,13 @@ from bigglm.pipeline.records import Checksums, StepRecords
 from bigglm.pipeline.steps import (
     Conversion,
     ProgressFactory,
+    RunMask,
     StepContext,
     UnitOutcome,
     convert_on_client,
     convert_step,
     design_step,
-    epi_mask,
+    first_run_mask,
     fit_step,
     intersection_mask,
     maps_step,
@@ -107,6 +108,12 @@ def run_analysis(
         logger.info("group level not run: it needs every subject, and --subject selects some")
     if level == "group" and config.group is None:
         raise ConfigError("level 'group': this configuration has no group section")
+    if with_group and any(u.geometry != "voxel" for u in units):
+        raise ConfigError(
+            "group: the workflow's group level reads volume maps, and these runs are on "
+            "surfaces; run the first level only (level 'first'), then fit the group on the "
+            "surface maps with the Python API"
+        )
     group_plan = plan_group(config, units) if with_group else None
     first = units if level != "group" else []
     outputs = config.outputs.folder
@@ -148,18 +155,22 @@ def _convert_up_front(
     """Convert the runs of every unit in parallel on the client's workers.
 
     Two waves: the runs whose mask is known (the configured mask, the intersection of
-    the runs' brain masks, or a unit's first run, which computes its EPI mask), then the
-    other runs of units whose later runs take the first run's mask. Files are hashed
+    the runs' brain masks, or a unit's first run, which computes its EPI mask; every
+    CIFTI-2 run), then the other runs of units whose later runs take the first run's
+    mask (volumes: its EPI mask; GIFTI: its vertices). Files are hashed
     on the workers too. With fewer than two conversions to do, the unit steps convert
     in this process as before (one conversion alone is as fast there, with finer
     progress).
     """
-    ctx.checksums.prefetch([rp.run.bold for u in units for rp in u.runs], ctx.client)
+    files = [path for u in units for rp in u.runs for path in rp.run.files]
+    ctx.checksums.prefetch(files, ctx.client)
     first: list[Conversion] = []
     later: list[UnitPlan] = []
     for unit in units:
         mask = masks[unit.name]
-        runs = unit.runs if mask is not None or len(unit.runs) == 1 else unit.runs[:1]
+        # CIFTI-2 runs keep their own grayordinates: none waits for the first run's mask
+        known = mask is not None or len(unit.runs) == 1 or unit.geometry == "grayordinate"
+        runs = unit.runs if known else unit.runs[:1]
         first += _pending(ctx, unit, runs, mask)
         if len(runs) < len(unit.runs):
             later.append(unit)
@@ -169,20 +180,21 @@ def _convert_up_front(
     for unit in later:
         if not unit.runs[0].store.exists():
             continue  # its first run was the only conversion: the unit converts in order
-        second += _pending(ctx, unit, unit.runs[1:], epi_mask(ctx, unit))
+        second += _pending(ctx, unit, unit.runs[1:], first_run_mask(ctx, unit))
     if len(second) > 1:
         convert_on_client(ctx, second)
 
 
 def _pending(
-    ctx: StepContext, unit: UnitPlan, runs: Sequence[RunPlan], mask: Path | None
+    ctx: StepContext, unit: UnitPlan, runs: Sequence[RunPlan], mask: RunMask | None
 ) -> list[Conversion]:
     """The runs among ``runs`` whose stores must be made."""
     jobs = []
     for rp in runs:
         key = pending_conversion(ctx, unit, rp, mask)
         if key is not None:
-            jobs.append(Conversion(rp, mask, unit.name, key, ctx.checksums(rp.run.bold)))
+            digests = [ctx.checksums(path) for path in rp.run.files]
+            jobs.append(Conversion(rp, mask, unit.name, key, digests))
     return jobs
 
 
@@ -203,15 +215,15 @@ def _client(config: AnalysisConfig, client: Any) -> Iterator[Any]:
         yield started
 
 
-def _run_unit(ctx: StepContext, unit: UnitPlan, mask: Path | None) -> UnitOutcome:
+def _run_unit(ctx: StepContext, unit: UnitPlan, mask: RunMask | None) -> UnitOutcome:
     from bigglm.io import open_run
 
     started = datetime.now(UTC).isoformat()
     outcome = UnitOutcome(unit.name, len(unit.runs), sum(rp.n_scans for rp in unit.runs))
     for index, rp in enumerate(unit.runs):
         convert_step(ctx, unit, rp, mask)
-        if mask is None and index == 0 and len(unit.runs) > 1:
-            mask = epi_mask(ctx, unit)
+        if mask is None and index == 0 and len(unit.runs) > 1 and unit.geometry != "grayordinate":
+            mask = first_run_mask(ctx, unit)
     design_step(ctx, unit)
     result, fit_key = fit_step(ctx, unit)
     outcome.n_voxels = int(open_run(unit.runs[0].store).sizes["voxel"])

@@ -28,7 +28,7 @@ import pandas as pd
 from bigglm.config import AnalysisConfig, ModelConfig
 from bigglm.exceptions import StoreDamaged, StoreError
 from bigglm.io.artefacts import kind_of, marker, remove_stale_staging, target_lock, writing
-from bigglm.pipeline.plan import RunPlan, UnitPlan, map_path
+from bigglm.pipeline.plan import RunPlan, UnitPlan, map_path, map_paths
 from bigglm.pipeline.records import (
     Checksums,
     StepRecords,
@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 #: ``progress_factory(description)`` returns a context manager yielding a callback.
 ProgressFactory = Callable[[str], AbstractContextManager[ProgressCallback]]
+
+#: The mask a run is converted with: a NIfTI (volumes), or a GIFTI file per hemisphere.
+RunMask = Path | Mapping[str, Path]
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class UnitOutcome:
 # --- the steps -----------------------------------------------------------------------------
 
 
-def convert_step(ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: Path | None) -> None:
+def convert_step(ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: RunMask | None) -> None:
     """Convert one run here, unless its store is up to date.
 
     The store's lock (:func:`bigglm.io.artefacts.target_lock`) is held from the check to
@@ -122,7 +125,7 @@ def convert_step(ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: Path | Non
             ctx.progress(f"convert {rp.run.name}") as cb,
         ):
             convert(
-                rp.run.bold,
+                series_sources(rp),
                 rp.store,
                 mask=mask,
                 tr=rp.tr,
@@ -133,7 +136,7 @@ def convert_step(ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: Path | Non
 
 
 def pending_conversion(
-    ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: Path | None
+    ctx: StepContext, unit: UnitPlan, rp: RunPlan, mask: RunMask | None
 ) -> str | None:
     """The convert step's key if the run's store must be made, None if it is up to date.
 
@@ -142,8 +145,10 @@ def pending_conversion(
     conversion of it is left (a live one's, e.g. another analysis's, is kept).
     """
     sums = ctx.checksums
-    mask_sum = sums(mask) if mask is not None else None
-    key = step_key("convert", sums(rp.run.bold), mask_sum, rp.tr, ctx.config.store.time_chunk)
+    mask_sum = _mask_digest(sums, mask)
+    digests = [sums(path) for path in rp.run.files]
+    source = digests[0] if len(digests) == 1 else digests  # a volume run's key as it was
+    key = step_key("convert", source, mask_sum, rp.tr, ctx.config.store.time_chunk)
     step = f"convert-{rp.run.name}"
     if not store_matches(rp, sums, mask):
         rp.store.parent.mkdir(parents=True, exist_ok=True)
@@ -155,15 +160,36 @@ def pending_conversion(
     return None
 
 
+def _mask_digest(sums: Checksums, mask: RunMask | None) -> str | dict[str, str] | None:
+    """The SHA-256 of a mask file, or of each hemisphere's."""
+    if mask is None or isinstance(mask, Path):
+        return None if mask is None else sums(mask)
+    return {hemi: sums(path) for hemi, path in mask.items()}
+
+
+def _absolute(mask: RunMask | None) -> RunMask | None:
+    if mask is None or isinstance(mask, Path):
+        return None if mask is None else mask.resolve()
+    return {hemi: path.resolve() for hemi, path in mask.items()}
+
+
+def series_sources(rp: RunPlan, *, absolute: bool = False) -> Any:
+    """What :func:`bigglm.convert` takes for a run: its bold, or a GIFTI run's
+    ``{"L": left, "R": right}``; ``absolute``: resolved (for a worker, whose working
+    directory need not be ours)."""
+    files = [path.resolve() if absolute else path for path in rp.run.files]
+    return files[0] if len(files) == 1 else dict(zip(("L", "R"), files, strict=True))
+
+
 @dataclass
 class Conversion:
     """One run to convert on a worker: the unit whose step it is, and with what key."""
 
     run: RunPlan
-    mask: Path | None
+    mask: RunMask | None
     unit: str
     key: str
-    sha256: str
+    sha256: list[str]
 
 
 def convert_on_client(ctx: StepContext, jobs: Sequence[Conversion]) -> None:
@@ -179,9 +205,9 @@ def convert_on_client(ctx: StepContext, jobs: Sequence[Conversion]) -> None:
     futures = {
         client.submit(  # absolute paths: a worker's working directory need not be ours
             _timed_convert,
-            job.run.run.bold.resolve(),
+            series_sources(job.run, absolute=True),
             job.run.store.resolve(),
-            None if job.mask is None else job.mask.resolve(),
+            _absolute(job.mask),
             job.run.tr,
             ctx.config.store.time_chunk,
             job.sha256,
@@ -206,7 +232,12 @@ def convert_on_client(ctx: StepContext, jobs: Sequence[Conversion]) -> None:
 
 
 def _timed_convert(
-    bold: Path, store: Path, mask: Path | None, tr: float, time_chunk: int | None, sha256: str
+    bold: Any,
+    store: Path,
+    mask: RunMask | None,
+    tr: float,
+    time_chunk: int | None,
+    sha256: str | list[str],
 ) -> float:
     """Convert one run (on a worker) and return how long it took.
 
@@ -253,6 +284,45 @@ def epi_mask(ctx: StepContext, unit: UnitPlan) -> Path:
     ds = open_run(unit.runs[0].store)
     _save_mask(path, np.asarray(ds["mask"].values), np.asarray(ds.attrs["affine"]))
     return path
+
+
+def vertex_mask(ctx: StepContext, unit: UnitPlan) -> dict[str, Path]:
+    """The vertices of a GIFTI unit's first store as a GIFTI mask per hemisphere, so that
+    every run of the unit has the same columns (:func:`epi_mask` for surfaces).
+
+    Rewritten only when they changed, as :func:`epi_mask` is.
+    """
+    from bigglm.io import open_run, to_gifti
+    from bigglm.io.geometry import HEMISPHERES
+
+    ds = open_run(unit.runs[0].store)
+    entities = unit.map_prefix[len(unit.name) :]  # _space-<label>
+    paths: dict[str, Path] = {}
+    wanted: dict[str, np.ndarray] = {}
+    for hemi, n_vertices in ds.attrs["hemispheres"].items():
+        name = f"{unit.name}_hemi-{hemi}{entities}_desc-epi_mask.shape.gii"
+        paths[hemi] = ctx.config.store_folder / name
+        inside = np.zeros(int(n_vertices), np.uint8)
+        inside[ds["vertex"].values[ds["hemisphere"].values == HEMISPHERES.index(hemi)]] = 1
+        wanted[hemi] = inside
+    if not all(_holds(paths[h], wanted[h]) for h in paths):
+        targets: dict[str, str | os.PathLike[str]] = dict(paths)
+        to_gifti(np.ones(ds.sizes["voxel"], bool), ds, targets, overwrite=True)
+    return paths
+
+
+def _holds(path: Path, values: np.ndarray) -> bool:
+    """``path`` is a GIFTI image bigglm wrote, holding exactly ``values``."""
+    if kind_of(path) != "image":
+        return False
+    arrays = _image(path).darrays
+    return len(arrays) == 1 and np.array_equal(arrays[0].data, values)
+
+
+def first_run_mask(ctx: StepContext, unit: UnitPlan) -> RunMask:
+    """The mask of a unit's later runs, made from its first run's store: the EPI mask
+    (volumes), or the first run's vertices (GIFTI)."""
+    return vertex_mask(ctx, unit) if unit.geometry == "vertex" else epi_mask(ctx, unit)
 
 
 def intersection_mask(ctx: StepContext, unit: UnitPlan) -> Path:
@@ -393,6 +463,9 @@ def maps_step(
 
     config, steps = ctx.config, ctx.steps(unit)
     like = unit.runs[0].store
+    if unit.geometry != "voxel":
+        _surface_maps(ctx, unit, result, fit_key, outcome)
+        return
     for name, expression in config.contrasts.items():
         kind: ContrastKind = default_kind(expression)
         paths = {stat: map_path(config, unit.name, name, stat) for stat in config.outputs.maps}
@@ -410,6 +483,43 @@ def maps_step(
             for stat, path in paths.items():
                 to_nifti(images[stat], like, path, overwrite=True)
         outcome.peaks[name] = _peak(np.asarray(values["z"]))
+
+
+def _surface_maps(
+    ctx: StepContext, unit: UnitPlan, result: Any, fit_key: str, outcome: UnitOutcome
+) -> None:
+    """:func:`maps_step` for surface runs: GIFTI maps per hemisphere, or CIFTI-2 dense
+    scalars, written as :meth:`bigglm.GLMResult.to_nifti` writes them."""
+    from bigglm.glm.contrasts import default_kind
+    from bigglm.glm.persistence import MapFormat
+    from bigglm.glm.result import contrast_maps
+
+    config, steps = ctx.config, ctx.steps(unit)
+    grid = MapFormat.of(unit.runs[0].store)
+    for name, expression in config.contrasts.items():
+        kind: ContrastKind = default_kind(expression)
+        paths = {stat: map_paths(config, unit, name, stat) for stat in config.outputs.maps}
+        files = [path for group in paths.values() for path in group]
+        key = step_key("contrast", fit_key, expression, kind, sorted(p.name for p in files))
+        outcome.maps.extend(files)
+        if steps.done(f"contrast-{name}", key, files):
+            if "z" in paths:
+                outcome.peaks[name] = _peak(np.concatenate([_map_values(p) for p in paths["z"]]))
+            continue
+        with steps.running(f"contrast-{name}", key):
+            values = result.contrast(expression, kind=kind)
+            images = contrast_maps(values)
+            for stat, group in paths.items():
+                grid.write(images[stat], group, overwrite=True)
+        outcome.peaks[name] = _peak(np.asarray(values["z"]))
+
+
+def _map_values(path: Path) -> np.ndarray:
+    """The values of a written map: a GIFTI file's data arrays, else the image's data."""
+    image = _image(path)
+    if isinstance(image, nib.GiftiImage):
+        return np.concatenate([np.ravel(d.data) for d in image.darrays])
+    return np.ravel(np.asarray(image.dataobj))
 
 
 def residuals_step(
@@ -444,7 +554,7 @@ def provenance_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome, star
     """The unit's provenance record: configuration, versions, inputs, steps, outputs."""
     inputs = []
     for rp in unit.runs:
-        for path in (rp.run.bold, rp.run.events, rp.run.confounds, rp.run.mask):
+        for path in (*rp.run.files, rp.run.events, rp.run.confounds, rp.run.mask):
             if path is not None:
                 record = file_record(path)
                 inputs.append(record)
@@ -514,8 +624,8 @@ def report_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome) -> Path:
         facts=facts,
         model=parameters,
         contrast_weights={rp.run.name: _weights(config, rp.design) for rp in unit.runs},
-        stat_maps=_report_maps(config, unit),
-        mask=_mask_image(first.store),
+        stat_maps=_report_maps(config, unit) if unit.geometry == "voxel" else [],
+        mask=_mask_image(first.store) if unit.geometry == "voxel" else None,
     )
 
 
