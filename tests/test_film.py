@@ -127,14 +127,16 @@ def test_bigglm_design_with_threshac1_reproduces_film_z(store: Path) -> None:
 
 
 def test_out_of_core_blocks_equal_in_memory(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small store chunks and FILM voxel blocks of a few voxels give the in-memory fit:
-    the blocks are independent (float64 round-off only, 1e-12)."""
+    """Small store chunks (16 voxels, 10 scans), each task's voxels whitened in slabs of a
+    few voxels, give the in-memory fit: voxels are independent (float64 round-off only,
+    1e-12)."""
     lazy = bigglm.open_run(store)
     whole = bigglm.fit(lazy.load(), design(), noise="film").compute()
-    monkeypatch.setattr(film, "BLOCK_BYTES", 64 * 6 * 16 * 3 * 7)  # 7 voxels per block
+    monkeypatch.setattr(film, "BLOCK_BYTES", 64 * 6 * 16 * 3 * 7)  # slabs of 7 voxels
     assert film.film_voxels_per_block(45, 5) == 7
     blocks = bigglm.fit(bigglm.open_run(store), design(), noise="film")
-    assert len(blocks.dataset["beta"].data.chunks[1]) == 12
+    # one task per store voxel chunk, whole series gathered from its time chunks
+    assert blocks.dataset["beta"].data.chunks[1] == bigglm.open_run(store)["bold"].data.chunks[1]
     blocks = blocks.compute()
     for name in ("beta", "sigma2", "film_covariance", "film_autocorrelation"):
         np.testing.assert_allclose(blocks.dataset[name], whole.dataset[name], rtol=1e-12, atol=0)

@@ -217,6 +217,7 @@ def _film_graph(
     import dask
 
     from bigglm.glm import film
+    from bigglm.glm.pooled import whole_series
 
     _check(ds, frame, 0, index)
     X = frame.to_numpy(dtype=np.float64)
@@ -226,7 +227,9 @@ def _film_graph(
     coords = {c: ds.coords[c].values for c in ("i", "j", "k") if c in ds.coords}
     ac = None if given is None else film.given_autocorrelation(given, coords, n_vox)
     n_lag = int(np.sqrt(n)) if ac is None else ac.shape[0]
-    bold = bold.rechunk({0: -1, 1: film.film_voxels_per_block(n, n_reg)})
+    # whole series in blocks of the store's own voxel chunks (about 64 MiB each);
+    # film_block whitens them a slab of voxels at a time
+    bold = whole_series(bold, n)
     design = dask.delayed(X, pure=True)
     if ac is None and smoothing is not None:
         ac = _film_smoothed(ds, bold, design, n_lag, smoothing, coords)

@@ -167,7 +167,6 @@ def film_block(
     constant = np.ptp(X, axis=0) == 0
     free = ~constant
     Xd = X[:, free] - X[:, free].mean(0)
-    p = Xd.shape[1]
     mean = y.mean(0)
     yd = y - mean
     if autocorrelation is None:
@@ -176,18 +175,16 @@ def film_block(
         ac = film_autocorrelation(residuals, m)
     else:
         ac = np.asarray(autocorrelation, dtype=np.float64)
-    n_pad = film_padding(n)
-    spectrum = _spectrum(ac, n_pad)
-    bad = ~np.all(spectrum > 0, axis=0) | ~np.all(np.isfinite(y), axis=0)
-    gain = np.where(spectrum > 0, 1.0 / np.sqrt(np.where(spectrum > 0, spectrum, 1.0)), 0.0)
-    yw = np.real(np.fft.ifft(np.fft.fft(yd, n_pad, axis=0) * gain, axis=0))[:n]
-    fx = np.fft.fft(Xd, n_pad, axis=0)
-    xw = np.real(np.fft.ifft(fx[:, :, None] * gain[:, None, :], axis=0))[:n]  # (n, p, v)
-    gram = np.einsum("tpv,tqv->vpq", xw, xw)
-    ginv = np.linalg.pinv(gram)
-    coef = np.einsum("vpq,tqv,tv->pv", ginv, xw, yw)
-    resid = yw - np.einsum("tpv,pv->tv", xw, coef)
-    sigma2 = (resid**2).sum(0) / (n - p)
+    full_rank = np.linalg.matrix_rank(Xd) == Xd.shape[1]
+    step = film_voxels_per_block(n, X.shape[1])
+    parts = [
+        _whitened_fit(yd[:, lo : lo + step], Xd, ac[:, lo : lo + step], full_rank)
+        for lo in range(0, n_vox, step)
+    ]
+    coef = np.concatenate([c for c, _, _, _ in parts], axis=1)
+    ginv = np.concatenate([g for _, g, _, _ in parts], axis=0)
+    sigma2 = np.concatenate([s for _, _, s, _ in parts])
+    bad = np.concatenate([b for _, _, _, b in parts]) | ~np.all(np.isfinite(y), axis=0)
     beta = np.zeros((X.shape[1], n_vox))
     beta[free] = coef
     covariance = np.zeros((X.shape[1], X.shape[1], n_vox))
@@ -206,6 +203,33 @@ def film_block(
         "film_covariance": covariance,
         "film_autocorrelation": ac,
     }
+
+
+def _whitened_fit(
+    yd: Array, Xd: Array, ac: Array, full_rank: bool
+) -> tuple[Array, Array, Array, NDArray[np.bool_]]:
+    """Whiten a slab of voxels and fit each: ``coef`` (p, v), ``(X~'X~)^+`` (v, p, p),
+    ``sigma2`` (v,) and the voxels whose spectrum is not positive.
+
+    The spectrum of a symmetric autocorrelation is real and even, so real FFTs carry it;
+    the design is whitened voxel-major ``(v, p, n)`` so that each transform runs along
+    contiguous memory, and the grams are batched products. With a design of full column
+    rank every gram is positive definite and is inverted directly (the whitening filter
+    is invertible); otherwise by pseudo-inverse, as FILM's own fit does."""
+    n, p = Xd.shape
+    n_pad = film_padding(n)
+    spectrum = _spectrum(ac, n_pad)[: n_pad // 2 + 1]  # (half, v)
+    bad = ~np.all(spectrum > 0, axis=0)
+    gain = 1.0 / np.sqrt(np.where(spectrum > 0, spectrum, 1.0))  # bad voxels: any gain
+    yw = np.fft.irfft(np.fft.rfft(yd, n_pad, axis=0) * gain, n_pad, axis=0)[:n].T  # (v, n)
+    fx = np.fft.rfft(Xd.T, n_pad, axis=1)  # (p, half)
+    xw = np.fft.irfft(fx[None, :, :] * gain.T[:, None, :], n_pad, axis=2)[:, :, :n]
+    gram = np.matmul(xw, xw.transpose(0, 2, 1))  # (v, p, p)
+    ginv = np.linalg.inv(gram) if full_rank else np.linalg.pinv(gram)
+    coef = np.matmul(ginv, np.matmul(xw, yw[:, :, None]))  # (v, p, 1)
+    resid = yw - np.matmul(xw.transpose(0, 2, 1), coef)[:, :, 0]
+    sigma2 = np.einsum("vt,vt->v", resid, resid) / (n - p)
+    return coef[:, :, 0].T, ginv, sigma2, bad
 
 
 def film_raw_block(bold: Array, design: Array, m: int) -> dict[str, Array]:

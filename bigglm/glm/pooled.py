@@ -63,7 +63,7 @@ from bigglm.glm.reml import ar_components, reml, whitening_matrix
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["SPM_UFP", "WhitenedRun", "spm_ar1_runs"]
+__all__ = ["SPM_UFP", "WhitenedRun", "spm_ar1_runs", "whole_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _pooled_covariance(
     trrv = sum(p.full.shape[0] - p.rank_filtered for p in plans)
     critical = float(stats.f.isf(ufp, trmv, trrv)) if trmv else -np.inf
     n_scans = sum(ds.sizes["time"] for ds in datasets)
-    arrays = [_whole_series(ds["bold"].data, n_scans) for ds in datasets]
+    arrays = [whole_series(ds["bold"].data, n_scans) for ds in datasets]
     starts = np.concatenate([[0], np.cumsum(arrays[0].chunks[1])[:-1]]).astype(int).tolist()
     blocks = zip(*(a.to_delayed()[0] for a in arrays), strict=True)
     part = dask.delayed(_pooled_block, pure=True)
@@ -279,7 +279,7 @@ def _selected(
     return chosen, np.sqrt(trrv / rss[chosen]), constant
 
 
-def _whole_series(array: da.Array, n_scans: int) -> da.Array:
+def whole_series(array: da.Array, n_scans: int) -> da.Array:
     """``array`` in blocks of whole time series: the store's own voxel blocks when
     ``n_scans`` rows of them fit in about :data:`BLOCK_BYTES` (float64), else a divisor of
     them that does, so every block is gathered from whole store chunks."""
