@@ -210,3 +210,13 @@ def test_bad_options_raise_design_error() -> None:
         fsl_design(10, 2.0, ev, high_pass=0.01)
     with pytest.raises(DesignError, match="unknown design option"):
         make_run_design(10, 2.0, events=ev, convention="fsl", microtime_resolution=16)
+
+
+def test_bad_events_get_one_message_each() -> None:
+    """The same event checks as the SPM convention: a missing timing column and a negative
+    duration are refused, naming the column or the row."""
+    with pytest.raises(DesignError, match=r"no column 'duration'.*fsl convention needs"):
+        fsl_design(10, 2.0, pd.DataFrame({"onset": [0.0], "trial_type": "a"}))
+    bad = pd.DataFrame({"onset": [0.0, 4.0], "duration": [1.0, -2.0], "trial_type": "a"})
+    with pytest.raises(DesignError, match="negative duration in row 1"):
+        fsl_design(10, 2.0, bad)

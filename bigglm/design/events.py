@@ -159,6 +159,33 @@ def trial_types(table: pd.DataFrame, label: str) -> NDArray[np.str_] | str:
     return names
 
 
+def timing_table(
+    events: str | Path | pd.DataFrame, convention: str, extra: Sequence[str] = ()
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Events for the SPM and FSL conventions: ``trial_type``, ``onset``, ``duration`` and
+    ``modulation`` (1 when absent) checked per value, with the table read and its label.
+
+    ``extra`` names further columns the convention needs (SPM's modulators); a missing
+    column or a negative duration is refused with one message."""
+    table, label = read_table(events, "events")
+    missing = [c for c in (*_REQUIRED, *extra) if c not in table.columns]
+    if missing:
+        needs = "'onset' and 'duration'" + (" and every modulator named" if extra else "")
+        raise DesignError(
+            f"{label} has no column {missing[0]!r} (found {list(table.columns)}); the "
+            f"{convention} convention needs {needs}"
+        )
+    out = pd.DataFrame({"trial_type": trial_types(table, label)}, index=table.index)
+    for column in _REQUIRED:
+        out[column] = numeric_column(table, column, label)
+    if np.any(out["duration"] < 0):
+        row = int(np.flatnonzero(out["duration"] < 0)[0])
+        raise DesignError(f"{label}: negative duration in row {row}; durations are >= 0")
+    has_height = "modulation" in table.columns
+    out["modulation"] = numeric_column(table, "modulation", label) if has_height else 1.0
+    return out, table, label
+
+
 def _warn_if_padded(names: NDArray[np.str_], label: str) -> None:
     """Warn about trial types with leading or trailing spaces: each is a condition apart."""
     padded = np.flatnonzero(np.char.strip(names) != names)

@@ -57,7 +57,7 @@ import pandas as pd
 from numpy.typing import NDArray
 from scipy.special import gammaln
 
-from bigglm.design.events import numeric_column, read_table, trial_types
+from bigglm.design.events import timing_table
 from bigglm.exceptions import DesignError
 
 __all__ = [
@@ -255,19 +255,7 @@ def _check_cutoff(cutoff: float, tr: float) -> float:
 
 
 def _events_table(events: object) -> pd.DataFrame:
-    table, label = read_table(events, "events")  # type: ignore[arg-type]
-    missing = [c for c in ("onset", "duration") if c not in table.columns]
-    if missing:
-        raise DesignError(
-            f"{label} has no column {missing[0]!r} (found {list(table.columns)}); the fsl "
-            "convention needs 'onset' and 'duration'"
-        )
-    out = pd.DataFrame({"trial_type": trial_types(table, label)}, index=table.index)
-    for column in ("onset", "duration"):
-        out[column] = numeric_column(table, column, label)
-    has_height = "modulation" in table.columns
-    out["modulation"] = numeric_column(table, "modulation", label) if has_height else 1.0
-    return out
+    return timing_table(events, "fsl", ())[0]  # type: ignore[arg-type]
 
 
 def _demean(x: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -44,7 +44,7 @@ import pandas as pd
 from numpy.typing import NDArray
 from scipy.special import gammaln
 
-from bigglm.design.events import numeric_column, read_table, trial_types
+from bigglm.design.events import timing_table
 from bigglm.design.orthogonal import orthogonalize_in_order
 from bigglm.exceptions import DesignError
 
@@ -241,21 +241,7 @@ def _check_cutoff(cutoff: float, tr: float) -> float:
 
 def _events_table(events: object, modulators: Sequence[str]) -> pd.DataFrame:
     """Trial types, onsets, durations, heights and modulator columns, checked per value."""
-    table, label = read_table(events, "events")  # type: ignore[arg-type]
-    missing = [c for c in ("onset", "duration", *modulators) if c not in table.columns]
-    if missing:
-        raise DesignError(
-            f"{label} has no column {missing[0]!r} (found {list(table.columns)}); SPM "
-            "conventions need 'onset' and 'duration' and every modulator named"
-        )
-    out = pd.DataFrame({"trial_type": trial_types(table, label)}, index=table.index)
-    for column in ("onset", "duration"):
-        out[column] = numeric_column(table, column, label)
-    if np.any(out["duration"] < 0):
-        row = int(np.flatnonzero(out["duration"] < 0)[0])
-        raise DesignError(f"{label}: negative duration in row {row}; durations are >= 0")
-    has_height = "modulation" in table.columns
-    out["modulation"] = numeric_column(table, "modulation", label) if has_height else 1.0
+    out, table, _ = timing_table(events, "SPM", modulators)  # type: ignore[arg-type]
     for m in modulators:
         out[f"modulator:{m}"] = pd.to_numeric(table[m], errors="coerce").to_numpy(float)
     return out
