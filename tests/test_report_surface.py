@@ -25,6 +25,8 @@ from bigglm.config import parse_config
 from bigglm.design import make_run_design
 from bigglm.pipeline import run_analysis
 
+pytestmark = pytest.mark.cluster
+
 TR = 2.0
 N_SCANS = 24
 CONTRASTS = {"a": "a", "a_minus_b": "a - b"}
@@ -59,7 +61,7 @@ def _write_dataset(root: Path, n_vertices: int) -> Path:
     return root
 
 
-def _report(root: Path) -> str:
+def _report(root: Path, client: Any) -> str:
     out = root / "out"
     config: Any = parse_config(
         {
@@ -75,7 +77,7 @@ def _report(root: Path) -> str:
             "store": {"folder": str(out / "stores")},
         }
     )
-    run_analysis(config)
+    run_analysis(config, client=client)
     (path,) = out.rglob("*_report.html")
     return path.read_text(encoding="utf-8")
 
@@ -88,8 +90,10 @@ def _pixels(data: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_an_fsaverage5_report_draws_each_contrasts_z_map_on_the_mesh(tmp_path: Path) -> None:
-    page = _report(_write_dataset(tmp_path, 10242))
+def test_an_fsaverage5_report_draws_each_contrasts_z_map_on_the_mesh(
+    tmp_path: Path, local_client: Any
+) -> None:
+    page = _report(_write_dataset(tmp_path, 10242), local_client)
     for name in CONTRASTS:
         found = re.findall(
             rf'<img alt="surface z map of {name}" src="data:image/png;base64,([^"]+)">', page
@@ -105,8 +109,10 @@ def test_an_fsaverage5_report_draws_each_contrasts_z_map_on_the_mesh(tmp_path: P
     assert "contrast-a_stat-z_statmap.shape.gii" in page  # the files are linked
 
 
-def test_a_mesh_nilearn_does_not_ship_gets_one_line_instead(tmp_path: Path) -> None:
-    page = _report(_write_dataset(tmp_path, 300))
+def test_a_mesh_nilearn_does_not_ship_gets_one_line_instead(
+    tmp_path: Path, local_client: Any
+) -> None:
+    page = _report(_write_dataset(tmp_path, 300), local_client)
     notes = re.findall(r"<p class='note'>([^<]*)</p>", page)
     assert notes == [
         "No surface figures: the mesh has 300 (L) and 300 (R) vertices; nilearn ships "

@@ -12,7 +12,6 @@ import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -54,6 +53,8 @@ def _gifti_values(path: Path) -> np.ndarray:
     import nibabel as nib
 
     image = nib.load(path)
+    if not isinstance(image, nib.GiftiImage):
+        raise TypeError(f"{path} is not a GIFTI image; the surface report draws GIFTI maps")
     values = np.concatenate([np.ravel(d.data) for d in image.darrays]).astype(np.float64)
     return np.where(np.isfinite(values), values, 0.0)
 
