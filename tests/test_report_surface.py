@@ -33,7 +33,7 @@ CONTRASTS = {"a": "a", "a_minus_b": "a - b"}
 STRUCTURES = {"L": "CortexLeft", "R": "CortexRight"}
 
 
-def _write_dataset(root: Path, n_vertices: int) -> Path:
+def write_dataset(root: Path, n_vertices: int) -> Path:
     """One run, a GIFTI series per hemisphere of ``n_vertices`` (the first 200: the wall)."""
     rng = np.random.default_rng(17)
     func, raw = root / "derivatives/sub-01/func", root / "raw/sub-01/func"
@@ -61,7 +61,8 @@ def _write_dataset(root: Path, n_vertices: int) -> Path:
     return root
 
 
-def _report(root: Path, client: Any) -> str:
+def report_path(root: Path, client: Any) -> Path:
+    """Run the study of the dataset at ``root``; its report."""
     out = root / "out"
     config: Any = parse_config(
         {
@@ -79,7 +80,11 @@ def _report(root: Path, client: Any) -> str:
     )
     run_analysis(config, client=client)
     (path,) = out.rglob("*_report.html")
-    return path.read_text(encoding="utf-8")
+    return path
+
+
+def _report(root: Path, client: Any) -> str:
+    return report_path(root, client).read_text(encoding="utf-8")
 
 
 def _pixels(data: str) -> np.ndarray:
@@ -93,7 +98,7 @@ def _pixels(data: str) -> np.ndarray:
 def test_an_fsaverage5_report_draws_each_contrasts_z_map_on_the_mesh(
     tmp_path: Path, local_client: Any
 ) -> None:
-    page = _report(_write_dataset(tmp_path, 10242), local_client)
+    page = _report(write_dataset(tmp_path, 10242), local_client)
     for name in CONTRASTS:
         found = re.findall(
             rf'<img alt="surface z map of {name}" src="data:image/png;base64,([^"]+)">', page
@@ -112,7 +117,7 @@ def test_an_fsaverage5_report_draws_each_contrasts_z_map_on_the_mesh(
 def test_a_mesh_nilearn_does_not_ship_gets_one_line_instead(
     tmp_path: Path, local_client: Any
 ) -> None:
-    page = _report(_write_dataset(tmp_path, 300), local_client)
+    page = _report(write_dataset(tmp_path, 300), local_client)
     notes = re.findall(r"<p class='note'>([^<]*)</p>", page)
     assert notes == [
         "No surface figures: the mesh has 300 (L) and 300 (R) vertices; nilearn ships "
