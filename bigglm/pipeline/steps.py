@@ -590,7 +590,8 @@ REPORT_HEIGHT_CONTROL: Literal["fpr"] = "fpr"
 
 def report_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome) -> Path:
     """The unit's HTML report (model, designs and their diagnostics, contrasts drawn over
-    the design, thresholded maps over the MNI template with their cluster tables, steps);
+    the design, thresholded maps over the MNI template with their cluster tables, or on
+    fsaverage5 for GIFTI runs, steps);
     cheap next to the fit, so always rewritten."""
     from bigglm.report.html import write_html_report
 
