@@ -428,4 +428,7 @@ def test_the_command_line_runs_a_surface_study(dataset: Path, tmp_path: Path) ->
     folder = tmp_path / "out/sub-02"
     z = folder / "sub-02_task-x_space-fsLR_den-91k_contrast-a_stat-z_statmap.dscalar.nii"
     assert nib.load(z).header.get_axis(1) == _brain_models()
-    assert (folder / "sub-02_task-x_report.html").is_file()
+    page = (folder / "sub-02_task-x_report.html").read_text()
+    note = "No surface figures: the maps are CIFTI-2 grayordinates (e.g. fsLR), a mesh nilearn"
+    assert f"<p class='note'>{note} does not ship.</p>" in page  # one line, no figure
+    assert "surface z map" not in page

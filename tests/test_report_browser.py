@@ -135,6 +135,18 @@ def test_first_level_report_loads_with_every_image(
     assert checked["tables"] >= 4 and _console_errors(log) == [], checked  # facts, model, VIF
 
 
+def test_a_surface_report_loads_with_its_surface_figures(tmp_path: Path, local_client: Any) -> None:
+    """A GIFTI study on fsaverage5: each contrast's z map on the mesh decodes and has a size."""
+    from tests.test_report_surface import CONTRASTS, report_path, write_dataset
+
+    report = report_path(write_dataset(tmp_path / "dataset", 10242), local_client)
+    checked, log = _load(report, tmp_path)
+    # design, contrast matrix, regressor correlations; a surface figure per contrast
+    assert checked["bad"] == [] and checked["images"] == 3 + len(CONTRASTS), checked
+    assert [f"Contrast {name}" for name in CONTRASTS] == checked["headings"][-2:], checked
+    assert _console_errors(log) == [], log[-2000:]
+
+
 def test_the_browser_check_sees_a_broken_image(reports: dict[str, Path], tmp_path: Path) -> None:
     """The control: the same report with one PNG's bytes damaged fails the check."""
     damaged = tmp_path / "damaged.html"

@@ -590,7 +590,8 @@ REPORT_HEIGHT_CONTROL: Literal["fpr"] = "fpr"
 
 def report_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome) -> Path:
     """The unit's HTML report (model, designs and their diagnostics, contrasts drawn over
-    the design, thresholded maps over the MNI template with their cluster tables, steps);
+    the design, thresholded maps over the MNI template with their cluster tables, or on
+    fsaverage5 for GIFTI runs, steps);
     cheap next to the fit, so always rewritten."""
     from bigglm.report.html import write_html_report
 
@@ -626,7 +627,42 @@ def report_step(ctx: StepContext, unit: UnitPlan, outcome: UnitOutcome) -> Path:
         contrast_weights={rp.run.name: _weights(config, rp.design) for rp in unit.runs},
         stat_maps=_report_maps(config, unit) if unit.geometry == "voxel" else [],
         mask=_mask_image(first.store) if unit.geometry == "voxel" else None,
+        **_surface_report(config, unit),
     )
+
+
+def _surface_report(config: Any, unit: UnitPlan) -> dict[str, Any]:
+    """The report's surface figures of a GIFTI unit on fsaverage5 (z on nilearn's mesh,
+    at the volume report's threshold), or its one-line note on any other mesh."""
+    from scipy.stats import norm
+
+    from bigglm.io import open_run
+    from bigglm.report.surface import FSAVERAGE5_VERTICES, SurfaceSection, surface_mesh
+
+    if unit.geometry == "voxel":
+        return {}
+    if unit.geometry != "vertex":
+        note = "No surface figures: the maps are CIFTI-2 grayordinates (e.g. fsLR), a mesh"
+        return {"surface_note": f"{note} nilearn does not ship."}
+    hemispheres = dict(open_run(unit.runs[0].store).attrs["hemispheres"])
+    if surface_mesh(hemispheres) is None:
+        counts = " and ".join(f"{n} ({h})" for h, n in hemispheres.items())
+        return {
+            "surface_note": f"No surface figures: the mesh has {counts} vertices; nilearn "
+            f"ships fsaverage5 ({FSAVERAGE5_VERTICES} per hemisphere), not this mesh."
+        }
+    if "z" not in config.outputs.maps:
+        return {"surface_note": "No surface figures: 'z' is not among outputs.maps."}
+    # REPORT_HEIGHT_CONTROL is "fpr": the cut is the z of alpha, whatever the map.
+    cut = float(norm.isf(REPORT_ALPHA))
+    rule = f"{REPORT_HEIGHT_CONTROL} at alpha {REPORT_ALPHA:g}, one-sided (nilearn's report)"
+    sections = []
+    for name in config.contrasts:
+        paths = map_paths(config, unit, name, "z")
+        z_maps = {h: p for h, p in zip(("L", "R"), paths, strict=True) if h in hemispheres}
+        files = [p for stat in config.outputs.maps for p in map_paths(config, unit, name, stat)]
+        sections.append(SurfaceSection(name, z_maps, cut, f"Parametric: {rule}.", files))
+    return {"surface_maps": sections}
 
 
 def _mask_image(store: Path) -> Any:

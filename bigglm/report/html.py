@@ -194,6 +194,8 @@ def write_html_report(
     contrast_weights: Mapping[str, pd.DataFrame] | None = None,
     stat_maps: Sequence[Any] = (),
     mask: Any = None,
+    surface_maps: Sequence[Any] = (),
+    surface_note: str = "",
 ) -> Path:
     """Write the HTML report of one unit, atomically.
 
@@ -220,6 +222,11 @@ def write_html_report(
         the threshold rule, the cluster table and the files.
     mask : nibabel image, optional
         The analysis mask, drawn as an outline over the MNI template.
+    surface_maps : sequence of bigglm.report.surface.SurfaceSection
+        Per contrast of a GIFTI run on fsaverage5: the z map on the inflated mesh, both
+        hemispheres, lateral and medial views, with the threshold rule and the files.
+    surface_note : str
+        One line in place of surface figures (maps on a mesh nilearn does not ship).
 
     Returns
     -------
@@ -237,6 +244,7 @@ def write_html_report(
     True
     """
     from bigglm.report.group import _STYLE, _contrast_html, _facts
+    from bigglm.report.surface import surface_html
 
     esc = html.escape
     rows = [
@@ -265,7 +273,11 @@ def write_html_report(
             )
         sections.append(_diagnostics_html(name, design))
     sections.append("<h2>Contrasts</h2>")
-    if stat_maps:
+    if surface_note:
+        sections.append(f"<p class='note'>{esc(surface_note)}</p>")
+    if surface_maps:
+        sections += [surface_html(section, Path(path).parent) for section in surface_maps]
+    elif stat_maps:
         sections += [_contrast_html(section, Path(path).parent) for section in stat_maps]
     else:
         sections += [
