@@ -125,3 +125,22 @@ def test_a_mesh_nilearn_does_not_ship_gets_one_line_instead(
     ]
     assert "surface z map" not in page
     assert "<h2>Design matrices</h2>" in page  # the rest of the report is there
+
+
+def _coloured(pixels: np.ndarray) -> int:
+    """Pixels of the colour map (saturated), not of the grey mesh or white page."""
+    spread = pixels.max(axis=2).astype(int) - pixels.min(axis=2).astype(int)
+    return int((spread > 80).sum())
+
+
+def test_the_figure_colours_the_suprathreshold_vertices_and_only_them() -> None:
+    """The same figure with every |z| under the threshold and with a patch of strong z on
+    each hemisphere: only the second colours the mesh (the colour bar is in both)."""
+    from bigglm.report.surface import surface_png
+
+    n = 10242
+    quiet = {"L": np.full(n, 2.0), "R": np.full(n, -2.0)}
+    loud = {"L": quiet["L"].copy(), "R": quiet["R"].copy()}
+    loud["L"][:4000], loud["R"][:4000] = 6.0, -6.0
+    drawn = [_coloured(_pixels(surface_png(z, 3.09, "test"))) for z in (quiet, loud)]
+    assert drawn[1] > drawn[0] + 5000, drawn
