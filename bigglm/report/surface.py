@@ -9,6 +9,7 @@ count) get a line saying why no figure is drawn.
 from __future__ import annotations
 
 import html
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,13 @@ def surface_png(z: Mapping[str, np.ndarray], threshold: float, title: str) -> st
     from bigglm.report.html import Z_LIMIT, _png
 
     mesh = load_fsaverage("fsaverage5")["inflated"]
+    # nilearn 0.12 and 0.13 darken the background by default and warn about it (None is
+    # the new behaviour); 0.14 removed the parameter
+    options = (
+        {"darkness": None}
+        if "darkness" in inspect.signature(plotting.plot_surf_stat_map).parameters
+        else {}
+    )
     sulcal = load_fsaverage_data(mesh="fsaverage5", mesh_type="inflated", data_type="sulcal")
     figure, axes = plt.subplots(
         len(z), 2, subplot_kw={"projection": "3d"}, figsize=(7, 3.2 * len(z)), squeeze=False
@@ -108,6 +116,7 @@ def surface_png(z: Mapping[str, np.ndarray], threshold: float, title: str) -> st
                     title=f"{side} {view}",
                     axes=axes[row, col],
                     figure=figure,
+                    **options,
                 )
         figure.suptitle(title)
         return _png(figure)
